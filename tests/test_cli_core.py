@@ -1,0 +1,35 @@
+"""CLI: user mistakes exit 2 with one line; the core commands work."""
+
+import json
+
+from tidar_bench.cli import main
+
+
+def test_generate_json(tiny_llama, capsys):
+    assert main(["generate", "--model", str(tiny_llama), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                 "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 5 and out["stats"]["nfe"] == 5
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_llama, capsys):
+    cases = [
+        ["generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1"],
+        ["generate", "--model", str(tiny_llama), "--prompt-ids", "1,x"],
+        ["generate", "--model", str(tiny_llama), "--prompt", "hi"],  # no tokenizer
+        ["generate", "--model", str(tiny_llama), "--prompt-ids", "1", "--decoder", "nope"],
+        ["generate", "--model", str(tiny_llama), "--prompt-ids", "1", "--decoder-arg", "x"],
+        ["speed", "--model", str(tiny_llama), "--config", "tiny"],
+        ["speed", "--config", "no-such-config"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+
+
+def test_speed_command_runs_paired(tiny_llama, capsys):
+    assert main(["speed", "--model", str(tiny_llama), "--decoders", "ar,hf", "--prompts", "2",
+                 "--prompt-len", "8", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ar" in out and "hf" in out and "speedup" in out

@@ -1,0 +1,116 @@
+"""Shared decoding rules: warps, verification, stopping; the AR decoder against transformers."""
+
+import pytest
+import torch
+
+from tidar_bench.decoding import (GenerationConfig, SamplingParams, StopChecker, greedy_verify,
+                                  speculative_verify, warp_probs)
+from tidar_bench.errors import UserError
+from tidar_bench.registry import DecoderContext, build_decoder
+
+
+def test_warp_probs_top_k_top_p_and_greedy():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    p = warp_probs(logits, SamplingParams(temperature=1.0))
+    assert torch.allclose(p, logits.softmax(-1))
+    pk = warp_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (pk[2:] == 0).all() and torch.isclose(pk.sum(), torch.tensor(1.0))
+    full = logits.softmax(-1)
+    pp = warp_probs(logits, SamplingParams(temperature=1.0, top_p=float(full[0] + 0.01)))
+    assert (pp > 0).tolist() == [True, True, False, False]  # first token alone is not enough mass
+    g = warp_probs(logits, SamplingParams())
+    assert g.tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0.0)
+
+
+def test_greedy_verify():
+    logits = torch.full((4, 5), -1.0)
+    for i, t in enumerate([3, 1, 4, 2]):
+        logits[i, t] = 1.0
+    assert greedy_verify(torch.tensor([3, 1, 4]), logits) == (3, 2)  # all accepted + bonus
+    assert greedy_verify(torch.tensor([3, 0, 4]), logits) == (1, 1)  # first mismatch at 1
+    assert greedy_verify(torch.tensor([0, 1, 4]), logits) == (0, 3)
+    assert greedy_verify(torch.tensor([], dtype=torch.long), logits[:1]) == (0, 3)
+
+
+
+
+def test_speculative_verify_keeps_target_distribution():
+    """One draft from q, verified against p: the first emitted token must be distributed as p.
+    An always-accept rule would emit q instead; the same test detects that."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+
+    def emitted(rule, n=20000, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        counts = torch.zeros(4)
+        for _ in range(n):
+            d = torch.multinomial(q, 1, generator=g)
+            acc, tok = rule(d, q[None], torch.stack([p, p]), g)
+            counts[int(d) if acc == 1 else tok] += 1
+        return counts / n
+
+    def always_accept(d, qp, tp, g):
+        return 1, int(torch.multinomial(tp[1], 1, generator=g))
+
+    good = emitted(speculative_verify)
+    bad = emitted(always_accept)
+    assert (good - p).abs().sum() / 2 < 0.02  # total variation
+    assert (bad - p).abs().sum() / 2 > 0.2
+
+
+class _CharTok:
+    """Minimal tokenizer: token i is chr(ord('a') + i)."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_stop_checker_rules():
+    tok = _CharTok()
+    c = StopChecker(GenerationConfig(max_new_tokens=10, stop_strings=("cd",)), tok)
+    assert not c.extend([0, 1])
+    assert c.extend([2, 3, 4])  # "abcde": stop completes at token 3, token 4 is dropped
+    g = c.result(__import__("tidar_bench.decoding", fromlist=["DecodeStats"]).DecodeStats())
+    assert g.tokens == [0, 1, 2, 3] and g.text == "ab" and g.finish_reason == "stop_string"
+    c = StopChecker(GenerationConfig(max_new_tokens=10, stop_token_ids=(7,)), tok)
+    assert c.extend([1, 7, 2]) and c.tokens == [1] and c.finish_reason == "stop_token"
+    c = StopChecker(GenerationConfig(max_new_tokens=3), tok)
+    assert c.extend([1, 2, 3, 4]) and c.tokens == [1, 2, 3] and c.finish_reason == "length"
+
+
+def test_ar_greedy_equals_hf_greedy(hf_checkpoint):
+    _, d = hf_checkpoint
+    ctx = DecoderContext(d, "cpu", "float32")
+    ar, hf = build_decoder("ar", ctx), build_decoder("hf", ctx)
+    g = torch.Generator().manual_seed(0)
+    V = ctx.model.config.vocab_size
+    for n in range(6):
+        prompt = torch.randint(0, V - 1, (3 + 4 * n,), generator=g).tolist()
+        cfg = GenerationConfig(max_new_tokens=30, stop_token_ids=(V - 1,))
+        a, h = ar.generate(prompt, cfg), hf.generate(prompt, cfg)
+        assert a.tokens == h.tokens
+        assert a.stats.nfe == len(a.tokens) or a.finish_reason != "length"
+
+
+def test_ar_sampling_is_seeded_and_follows_warps(tiny_llama):
+    ctx = DecoderContext(tiny_llama, "cpu", "float32")
+    ar = build_decoder("ar", ctx)
+    sp = SamplingParams(temperature=1.0, top_k=3, seed=7)
+    cfg = GenerationConfig(max_new_tokens=12, sampling=sp)
+    a, b = ar.generate([1, 2, 3], cfg), ar.generate([1, 2, 3], cfg)
+    assert a.tokens == b.tokens
+    # each sampled token is among the top-3 of the model's logits at its position
+    seq = [1, 2, 3] + a.tokens
+    logits = ctx.model(torch.tensor([seq])).logits[0]
+    for i, t in enumerate(a.tokens):
+        assert t in logits[2 + i].topk(3).indices.tolist()
+
+
+def test_registry_errors(tiny_llama):
+    ctx = DecoderContext(tiny_llama, "cpu", "float32")
+    with pytest.raises(UserError, match="unknown decoder 'nope'; valid: .*ar"):
+        build_decoder("nope", ctx)
+    with pytest.raises(UserError, match="has no option"):
+        build_decoder("ar", ctx, {"block_size": "4"})

@@ -1,0 +1,86 @@
+"""Attention backends. All take q [B, H, q, D], k/v [B, Hkv, T, D] and a mask that is None
+(attend to every key), the string "causal" (causal over the last q keys, full access to the
+earlier ones) or a bool tensor [B|1, 1, q, T] (True = attend), and return [B, H, q, D].
+
+- "sdpa": torch.nn.functional.scaled_dot_product_attention with boolean masks (every device).
+- "flex": FlexAttention with a block mask built from the same boolean mask (CUDA; also runs on
+  CPU, where tests compare it with sdpa). Opt-in (TIDAR_BENCH_ATTN=flex): without compiled
+  kernels and a cached block mask it is not faster than sdpa for per-step masks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def _dense(mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if isinstance(mask, str):  # "causal" with a cached prefix
+        i = torch.arange(q_len, device=device)[:, None]
+        j = torch.arange(kv_len, device=device)[None, :]
+        return (j <= i + (kv_len - q_len))[None, None]
+    return mask
+
+
+def sdpa(q, k, v, mask):
+    q_len, kv_len = q.shape[2], k.shape[2]
+    kw = {}
+    if _HAS_GQA and k.shape[1] != q.shape[1]:
+        kw["enable_gqa"] = True
+    else:
+        k, v = _expand_kv(q, k, v)
+    if isinstance(mask, str) and q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(mask, q_len, kv_len, q.device), **kw)
+
+
+def flex(q, k, v, mask):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q_len, kv_len = q.shape[2], k.shape[2]
+    dense = _dense(mask, q_len, kv_len, q.device)
+    block_mask = None
+    if dense is not None:
+        d = dense[0, 0]
+
+        def mask_mod(b, h, qi, kvi):
+            return d[qi, kvi]
+
+        block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=q.device)
+    k, v = _expand_kv(q, k, v)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = {"sdpa": sdpa, "flex": flex}
+
+
+def select_backend(name: str = "auto", device: torch.device | str = "cpu"):
+    """`auto` honours TIDAR_BENCH_ATTN, else sdpa."""
+    if name == "auto":
+        name = os.environ.get("TIDAR_BENCH_ATTN", "sdpa")
+    if name == "flex" and not flex_available():
+        raise ValueError("FlexAttention is not available in this torch build")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[name]

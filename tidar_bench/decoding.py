@@ -1,0 +1,301 @@
+"""The one interface every decoder implements, plus the rules they share.
+
+A decoder turns prompt token ids into new token ids:
+
+    gen = decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=64, stop_strings=["\\n\\n"]))
+    gen.tokens, gen.text, gen.stats.nfe, gen.stats.tokens_per_nfe
+
+Shared here so that AR, TiDAR, EAGLE and block diffusion apply them identically:
+- sampling warps (temperature, top-k, top-p) -> `warp_probs`, `sample`;
+- stop handling (stop token ids, stop strings, max_new_tokens) -> `StopChecker`;
+- verification of drafted tokens: `greedy_verify` (argmax match) and `speculative_verify`
+  (rejection sampling that keeps the target distribution exactly).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 disable those warps."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop_strings", tuple(s for s in self.stop_strings if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass
+class DecodeStats:
+    """Per-call statistics. `accepted_lengths` holds, per target forward after the prefill, the
+    number of tokens that step committed to the output (drafts accepted + the always-kept token),
+    i.e. EAGLE's tau counts the same way (accepted + 1 bonus)."""
+
+    nfe: int = 0  # target-model forward passes, prefill included
+    new_tokens: int = 0
+    wall_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    accepted_lengths: list[int] = field(default_factory=list)
+    tokens_fed: list[int] = field(default_factory=list)  # tokens per forward (slots spent)
+    draft_forwards: int = 0  # forwards of a separate draft model (EAGLE head), not counted in nfe
+
+    @property
+    def tokens_per_nfe(self) -> float:
+        return self.new_tokens / self.nfe if self.nfe else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        a = self.accepted_lengths
+        return sum(a) / len(a) if a else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "nfe": self.nfe,
+            "new_tokens": self.new_tokens,
+            "wall_time_s": self.wall_time_s,
+            "prefill_time_s": self.prefill_time_s,
+            "tokens_per_nfe": self.tokens_per_nfe,
+            "tokens_per_s": self.tokens_per_s,
+            "mean_accepted_length": self.mean_accepted_length,
+            "accepted_lengths": list(self.accepted_lengths),
+            "tokens_fed": list(self.tokens_fed),
+            "draft_forwards": self.draft_forwards,
+        }
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str | None
+    stats: DecodeStats
+    finish_reason: str  # "stop_token" | "stop_string" | "length"
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Batch-1 decoder. `lossless` is True when greedy outputs must equal AR greedy outputs."""
+
+    name: str
+    lossless: bool
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation: ...
+
+    def options(self) -> dict:
+        """The settings that define this decoder's behaviour (recorded in run outputs)."""
+        ...
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, over the last dim (float32).
+
+    With temperature 0 this is the one-hot of the argmax, so greedy decoding is the special case
+    of sampling from this distribution and verification rules need no separate greedy branch for
+    correctness (decoders still use `greedy_verify` for speed)."""
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token if the mass before it already reaches top_p (always keeps the first)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else torch.seed() % (2**63))
+    return g
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of `probs` [..., V] (argmax when the row is one-hot)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    return out.reshape(probs.shape[:-1])
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """The AR rule: argmax when greedy, else a sample from the warped distribution."""
+    if params.greedy:
+        return logits.argmax(-1)
+    return sample(warp_probs(logits, params), generator)
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def greedy_verify(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
+    """drafts [k] token ids; target_logits [k+1, V]: row i is the target's prediction for the
+    position of drafts[i] (row k predicts the bonus position).
+
+    Returns (n_accepted, next_token): the longest prefix of drafts equal to the target argmax, and
+    the target argmax at the first mismatch (or the bonus position). One host sync."""
+    k = drafts.shape[0]
+    target = target_logits.argmax(-1)
+    if k == 0:
+        return 0, int(target[0])
+    match = (target[:k] == drafts).int()
+    row = torch.cat([match.cumprod(0).sum().reshape(1), target])
+    row = row.tolist()
+    n = row[0]
+    return n, row[1 + n]
+
+
+def speculative_verify(
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    drafts [k] were sampled from draft_probs [k, V]; target_probs [k+1, V] are the (warped) target
+    distributions at the same positions plus the bonus position. Draft i is accepted with
+    probability min(1, p(x)/q(x)); at the first rejection the token is resampled from
+    norm(max(p - q, 0)); if all are accepted a bonus token is drawn from target_probs[k].
+    The returned tokens are distributed exactly as sampling from the target one token at a time."""
+    k = drafts.shape[0]
+    if k:
+        idx = torch.arange(k, device=drafts.device)
+        p = target_probs[idx, drafts]
+        q = draft_probs[idx, drafts]
+        u = torch.rand(k, generator=generator, device=drafts.device)
+        # accept iff u * q < p  (== u < p/q for q > 0; a draft with q == 0 is never produced)
+        accepted = (u * q < p).int().cumprod(0)
+        n = int(accepted.sum())
+    else:
+        n = 0
+    if n < k:
+        residual = (target_probs[n] - draft_probs[n]).clamp_min(0)
+        total = residual.sum()
+        # p == q exactly leaves no residual mass; then rejection had probability 0 anyway
+        dist = residual / total if float(total) > 0 else target_probs[n]
+        tok = int(sample(dist, generator))
+    else:
+        tok = int(sample(target_probs[k], generator))
+    return n, tok
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class StopChecker:
+    """Applies max_new_tokens, stop token ids and stop strings to a growing token list.
+
+    The rule (identical for every decoder, so equal token streams give equal outputs):
+    - output tokens stop before the first stop token id (which is not emitted);
+    - for stop strings, the output keeps the shortest token prefix whose decoded text contains a
+      stop string, and `text` is cut right before the stop string;
+    - at most max_new_tokens tokens are kept.
+    Decoders that accept several tokens per step call `extend` with the whole chunk."""
+
+    def __init__(self, config: GenerationConfig, tokenizer=None):
+        if config.stop_strings and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self._stop_ids = set(config.stop_token_ids)
+        self._max_stop = max((len(s) for s in config.stop_strings), default=0)
+        self._text_len_checked = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def extend(self, new_tokens: Sequence[int]) -> bool:
+        """Append tokens; returns True when generation must stop."""
+        if self.done:
+            return True
+        for t in new_tokens:
+            if t in self._stop_ids:
+                self.finish_reason = "stop_token"
+                return True
+            self.tokens.append(int(t))
+            if self.config.stop_strings and self._hit_stop_string():
+                self.finish_reason = "stop_string"
+                return True
+            if len(self.tokens) >= self.config.max_new_tokens:
+                self.finish_reason = "length"
+                return True
+        return False
+
+    def _hit_stop_string(self) -> bool:
+        text = self.tokenizer.decode(self.tokens)
+        start = max(0, self._text_len_checked - self._max_stop)
+        self._text_len_checked = len(text)
+        return any(s in text[start:] for s in self.config.stop_strings)
+
+    def text(self) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(self.tokens)
+        if self.finish_reason == "stop_string":
+            cut = min((i for i in (text.find(s) for s in self.config.stop_strings) if i >= 0), default=len(text))
+            text = text[:cut]
+        return text
+
+    def result(self, stats: DecodeStats) -> Generation:
+        stats.new_tokens = len(self.tokens)
+        return Generation(self.tokens, self.text(), stats, self.finish_reason or "length")
+
+
+class Timer:
+    """Wall-clock timer that synchronises CUDA before reading the clock."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()

@@ -1,0 +1,109 @@
+"""Every attention mask the project uses, as pure functions returning bool tensors.
+
+Convention: mask[i, j] is True when query i may attend to key j. Queries are the tokens fed in
+this forward; keys are [cached tokens | fed tokens], so a mask for q fed tokens over a cache of
+length C has shape [q, C + q]. Every row attends at least to itself, so SDPA never sees an empty row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def causal(q: int, cached: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Plain causal mask for q new tokens after `cached` tokens: [q, cached + q]."""
+    i = torch.arange(q, device=device)[:, None]
+    j = torch.arange(cached + q, device=device)[None, :]
+    return j <= i + cached
+
+
+def tree(parents: list[int], cached: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Tree attention: node i attends to the cache and to its ancestors (and itself).
+
+    parents[i] is the index of node i's parent among the fed nodes, or -1 for a root (a root sees
+    only the cache). Nodes must be listed parents-first (parents[i] < i)."""
+    n = len(parents)
+    m = torch.zeros(n, cached + n, dtype=torch.bool, device=device)
+    m[:, :cached] = True
+    for i, p in enumerate(parents):
+        if p >= i:
+            raise ValueError("tree nodes must come after their parents")
+        m[i, cached + i] = True
+        if p >= 0:
+            m[i, cached : cached + n] |= m[p, cached : cached + n]
+    return m
+
+
+# ----------------------------------------------------------------------------- TiDAR
+
+
+def tidar_training(seq_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """TiDAR "full mask" training mask over [clean x_0..x_{S-1} | S mask tokens]: [2S, 2S].
+
+    Clean token i attends causally to clean tokens <= i. Mask token i (row S + i) is in block
+    b = i // k; it attends to clean tokens before position b*k and to every mask token of its own
+    block (bidirectional). Mask tokens never see clean tokens of their own block or later."""
+    S, k = seq_len, block_size
+    idx = torch.arange(S, device=device)
+    blk = idx // k
+    m = torch.zeros(2 * S, 2 * S, dtype=torch.bool, device=device)
+    m[:S, :S] = idx[None, :] <= idx[:, None]
+    m[S:, :S] = idx[None, :] < (blk * k)[:, None]
+    m[S:, S:] = blk[:, None] == blk[None, :]
+    return m
+
+
+@dataclass(frozen=True)
+class TidarStepLayout:
+    """Where every fed token of one TiDAR decoding step sits.
+
+    Fed tokens: [x, d_1..d_m] (causal segment, positions P..P+m, x is the last kept token whose KV
+    is not cached yet, d_i are last step's drafts) followed by one pre-draft block of k mask tokens
+    per outcome j in `outcomes` (j = number of drafts that will be accepted). Block j starts at
+    position P + j + 1, the position of the token the AR head samples after d_j, and sees the cache,
+    x and d_1..d_j: exactly what a training block starting there sees."""
+
+    cached: int  # P: cache length before this step
+    n_drafts: int  # m
+    block_size: int  # k
+    outcomes: tuple[int, ...]  # which j get a pre-draft block, ascending, subset of 0..m
+
+    @property
+    def n_causal(self) -> int:
+        return self.n_drafts + 1
+
+    @property
+    def n_fed(self) -> int:
+        return self.n_causal + len(self.outcomes) * self.block_size
+
+    def block_start(self, b: int) -> int:
+        """Index (among fed tokens) of the first mask token of the b-th pre-draft block."""
+        return self.n_causal + b * self.block_size
+
+    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        P, k = self.cached, self.block_size
+        causal_pos = torch.arange(P, P + self.n_causal, device=device)
+        blocks = [torch.arange(P + j + 1, P + j + 1 + k, device=device) for j in self.outcomes]
+        return torch.cat([causal_pos, *blocks])
+
+
+def tidar_step(layout: TidarStepLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The decoding-step mask for `layout`: [n_fed, cached + n_fed]."""
+    P, c, k = layout.cached, layout.n_causal, layout.block_size
+    n = layout.n_fed
+    m = torch.zeros(n, P + n, dtype=torch.bool, device=device)
+    m[:, :P] = True
+    m[:c, P : P + c] = causal(c, device=device)
+    for b, j in enumerate(layout.outcomes):
+        s = layout.block_start(b)
+        m[s : s + k, P : P + j + 1] = True  # x and the first j drafts
+        m[s : s + k, P + s : P + s + k] = True  # own block, bidirectional
+    return m
+
+
+def tidar_first_step(prompt_len: int, block_size: int, device: torch.device | str = "cpu") -> TidarStepLayout:
+    """The prefill step: the prompt is the causal segment (nothing cached) and one pre-draft block
+    follows it, starting at the position the AR head fills next."""
+    return TidarStepLayout(cached=0, n_drafts=prompt_len - 1, block_size=block_size, outcomes=(prompt_len - 1,))

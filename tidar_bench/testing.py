@@ -1,0 +1,50 @@
+"""Small checkpoints for tests and smoke runs, built with transformers (the reference) and saved
+in HF layout, so our loader reads exactly what users' checkpoints look like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def hf_config(family: str, vocab_size: int = 96, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-6, eos_token_id=vocab_size - 1, bos_token_id=None, pad_token_id=None)
+    if family == "llama":
+        base.update(rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                    rope_theta=50000.0)
+        cls = LlamaConfig
+    elif family == "qwen2":
+        base.update(tie_word_embeddings=True, rope_theta=1e6)
+        cls = Qwen2Config
+    elif family == "qwen3":
+        base.update(head_dim=32, rope_theta=1e6)
+        cls = Qwen3Config
+    else:
+        raise ValueError(family)
+    base.update(overrides)
+    return cls(**base)
+
+
+def make_hf_model(family: str, path: str | Path, seed: int = 0, vocab_size: int = 96, **overrides):
+    """Random-init HF model of `family`, saved to `path`; returns the HF model (fp32, eval).
+    Weights are drawn with a larger std than HF's default so logits are far from uniform."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08 if p.dim() > 1 else 0.02)
+    model.eval()
+    model.save_pretrained(str(path))
+    return model
