@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +20,7 @@ from .errors import UserError
 DECODER_MODULES = (
     "baselines.ar",
     "baselines.hf",
+    "tidar_bench.tidar",
 )
 
 
@@ -91,7 +93,7 @@ def decoders() -> dict[str, DecoderSpec]:
 
 def _convert(value: str, typ) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value.lower() in ("none", "null"):
             return None

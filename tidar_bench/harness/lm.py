@@ -1,0 +1,280 @@
+"""lm-eval model adapter: any registered decoder as an lm-eval `LM` named "tidar-bench".
+
+    lm_eval --model tidar-bench --model_args pretrained=DIR,decoder=tidar,block_size=8 --tasks ...
+
+(`import tidar_bench.harness.lm` registers the name; see `tidar-bench run` for the full harness.)
+
+`generate_until` decodes at batch 1, one request at a time, through `decoder.generate`, and keeps a
+record per request (tokens, NFE, accepted lengths, latency, finish reason). With a `SampleCache`
+a request already decoded (same prompt, generation kwargs, decoder options, model, seed) is
+answered from the cache, which makes re-runs and interrupted runs resume without new decoding.
+`loglikelihood*` use the model core's causal forward without a cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from ..decoding import GenerationConfig, SamplingParams, Timer
+from ..errors import UserError
+from ..model import resolve_device
+from ..registry import DecoderContext, build_decoder
+from .results import SampleCache, stable_hash
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task sets no max_gen_toks
+WARMUP_TOKENS = 8
+
+
+def item_hash(context: str, gen_kwargs: dict, repeat: int = 0) -> str:
+    """Identity of a request independent of the decoder (pairs outputs across decoders);
+    `repeat` tells apart the copies of a request that a task asks for several times."""
+    return stable_hash({"context": context, "gen_kwargs": gen_kwargs, "repeat": repeat})
+
+
+def prompt_hash(context: str) -> str:
+    return stable_hash(context)[:16]
+
+
+def sampling_from(gen_kwargs: dict, seed: int, item: str) -> SamplingParams:
+    """lm-eval's do_sample/temperature/top_p/top_k as our SamplingParams; greedy unless do_sample
+    (or a positive temperature) is asked for. The seed is per item, so any shard order gives the
+    same samples."""
+    temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+    do_sample = bool(gen_kwargs.get("do_sample", temperature > 0))
+    if not do_sample:
+        return SamplingParams()
+    return SamplingParams(temperature=temperature if temperature > 0 else 1.0,
+                          top_k=int(gen_kwargs.get("top_k") or 0),
+                          top_p=float(gen_kwargs.get("top_p") or 1.0),
+                          seed=(seed * 1_000_003 + int(item[:12], 16)) % (2**63))
+
+
+@register_model("tidar-bench")
+class TidarBenchLM(LM):
+    """Batch-1 lm-eval LM over one decoder.
+
+    decoder_factory builds the decoder on first need (a fully cached run loads no model);
+    key_info (decoder name, options, model, seed) goes into every cache key; shard=(rank, world)
+    makes this LM decode only every world-th request of each task (others answer "")."""
+
+    def __init__(self, ctx: DecoderContext, decoder_name: str, options: dict | None = None, *,
+                 decoder_factory: Callable | None = None, seed: int = 0, max_length: int | None = None,
+                 store: SampleCache | None = None, shard: tuple[int, int] = (0, 1), progress=None):
+        super().__init__()
+        self.ctx = ctx
+        self.decoder_name = decoder_name
+        self.decoder_options = dict(options or {})
+        self._factory = decoder_factory or (lambda: build_decoder(decoder_name, ctx, self.decoder_options))
+        self._decoder = None
+        self.seed = seed
+        self._max_length = max_length
+        self.store = store
+        self.shard = shard
+        self.progress = progress  # rich Progress or None
+        self.records: list[dict] = []  # requests answered in this LM's life (decoded or cached)
+        self.decoded = 0  # requests actually decoded (not from the cache)
+        self.key_info = {"decoder": decoder_name, "options": self.decoder_options,
+                         "model": str(Path(ctx.model_path).resolve()), "seed": seed}
+
+    # ------------------------------------------------------------------ construction from lm-eval
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "TidarBenchLM":
+        """model_args `pretrained=DIR,decoder=NAME,draft=DIR,device=..,dtype=..,seed=..,
+        max_length=..,<decoder option>=..`."""
+        args: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in (arg_string or "").split(","))):
+            if "=" not in part:
+                raise UserError(f"model_args entry {part!r} is not key=value")
+            k, v = part.split("=", 1)
+            args[k.strip()] = v.strip()
+        return cls.create_from_arg_obj(args, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "TidarBenchLM":
+        """The same keys as a dict (lm-eval's CLI passes parsed model_args this way)."""
+        args = {k: str(v) for k, v in arg_dict.items()}
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "pretrained" not in args:
+            raise UserError("model_args needs pretrained=DIR")
+        ctx = DecoderContext(Path(args.pop("pretrained")), args.pop("device", extra.get("device", "auto")),
+                             args.pop("dtype", "auto"), Path(args["draft"]) if "draft" in args else None)
+        args.pop("draft", None)
+        name = args.pop("decoder", "ar")
+        seed = int(args.pop("seed", 0))
+        max_length = int(args.pop("max_length")) if "max_length" in args else None
+        return cls(ctx, name, args, seed=seed, max_length=max_length)
+
+    @property
+    def decoder(self):
+        if self._decoder is None:
+            self._decoder = self._factory()
+            self._warm_up()
+        return self._decoder
+
+    @property
+    def tokenizer(self):
+        tok = self.ctx.tokenizer
+        if tok is None:
+            raise UserError(f"{self.ctx.model_path} has no tokenizer; lm-eval tasks need one")
+        return tok
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = self._config().get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) else eos
+        return eos
+
+    def _config(self) -> dict:
+        from ..model import read_config
+
+        return read_config(self.ctx.model_path)
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length is None:
+            self._max_length = int(self._config().get("max_position_embeddings") or 2048)
+        return self._max_length
+
+    def _warm_up(self) -> None:
+        """One short generate before anything is timed (kernels, allocator, caches)."""
+        ids = self.tokenizer.encode("Warm up.", add_special_tokens=False) or [0]
+        self._decoder.generate(ids, GenerationConfig(max_new_tokens=WARMUP_TOKENS))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str] = []
+        index_in_task: dict[str, int] = {}
+        bars: dict[str, object] = {}
+        if self.progress is not None:
+            for r in requests:
+                name = getattr(r, "task_name", None) or "task"
+                if name not in bars:
+                    total = sum(1 for q in requests if (getattr(q, "task_name", None) or "task") == name)
+                    bars[name] = self.progress.add_task(f"{self.decoder_name} × {name}", total=total)
+        repeats: dict[int, int] = {}  # lm-eval repeats a request by listing the same object again
+        for req in requests:
+            task = getattr(req, "task_name", None) or "task"
+            i = index_in_task[task] = index_in_task.get(task, -1) + 1
+            repeat = repeats[id(req)] = repeats.get(id(req), -1) + 1
+            mine = i % self.shard[1] == self.shard[0]
+            out.append(self._generate_one(req, task, repeat, mine))
+            if task in bars:
+                self.progress.advance(bars[task])
+        return out
+
+    def _generate_one(self, req, task: str, repeat: int, mine: bool) -> str:
+        t_start = time.perf_counter()
+        context, gen_kwargs = req.args[0], dict(req.args[1] or {})
+        item = item_hash(context, gen_kwargs, repeat)
+        key = stable_hash({"item": item, **self.key_info})
+        cached = self.store.get(key) if self.store is not None else None
+        if cached is not None:
+            self.records.append(cached)
+            return cached["output"]
+        if not mine:
+            return ""
+        if self._decoder is None:  # build + warm-up are not per-request bookkeeping: keep them out
+            t_build = time.perf_counter()
+            _ = self.decoder
+            t_start += time.perf_counter() - t_build
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        sampling = sampling_from(gen_kwargs, self.seed, item)
+        ids = self.tokenizer.encode(context, add_special_tokens=False)
+        max_new = max(1, min(max_new, self.max_length - 1))
+        keep = self.max_length - max_new
+        truncated = len(ids) > keep
+        ids = ids[-keep:] if truncated else ids
+        eos = self.eos_token_id
+        cfg = GenerationConfig(max_new_tokens=max_new, stop_strings=tuple(until),
+                               stop_token_ids=(eos,) if eos is not None else (), sampling=sampling)
+        decoder = self.decoder
+        timer = Timer(resolve_device(self.ctx.device))
+        t0 = timer.now()
+        gen = decoder.generate(ids, cfg)
+        latency = timer.now() - t0
+        s = gen.stats
+        text = gen.text if gen.text is not None else self.tokenizer.decode(gen.tokens)
+        record = {
+            "key": key, "item": item, "task": task, "doc_id": getattr(req, "doc_id", None),
+            "prompt_hash": prompt_hash(context), "prompt_tokens": len(ids), "truncated": truncated,
+            "output": text, "tokens": list(gen.tokens), "new_tokens": s.new_tokens, "nfe": s.nfe,
+            "accepted_lengths": list(s.accepted_lengths), "latency_s": latency,
+            "decoder_wall_s": s.wall_time_s, "prefill_time_s": s.prefill_time_s,
+            "tokens_per_s": s.new_tokens / latency if latency > 0 else 0.0,
+            "tokens_per_nfe": s.tokens_per_nfe, "draft_forwards": s.draft_forwards,
+            "finish_reason": gen.finish_reason, "greedy": sampling.greedy,
+            "lossless": bool(getattr(decoder, "lossless", False)), "max_new_tokens": max_new,
+        }
+        # everything outside decoder.generate for this request (the store's fsync included)
+        record["harness_s"] = (time.perf_counter() - t_start) - latency
+        if self.store is not None:
+            t1 = time.perf_counter()
+            self.store.append(record)
+            record["harness_s"] += time.perf_counter() - t1
+        self.records.append(record)
+        self.decoded += 1
+        return text
+
+    # ------------------------------------------------------------------ scoring
+
+    def _model(self):
+        return self.ctx.model
+
+    @torch.inference_mode()
+    def _continuation_logprob(self, context_ids: list[int], cont_ids: list[int]) -> tuple[float, bool]:
+        """log p(cont | context) and whether cont is the greedy continuation (causal forward, no cache).
+        The input is left-truncated to max_length tokens."""
+        model = self._model()
+        ids = (context_ids + cont_ids)[-(self.max_length + 1):]
+        inp = torch.tensor([ids[:-1]], device=model.device)
+        n = len(cont_ids)
+        logits = model(inp, logits_index=slice(-n, None)).logits[0]
+        target = torch.tensor(cont_ids, device=model.device)
+        logprobs = torch.log_softmax(logits, -1)
+        total = float(logprobs.gather(-1, target[:, None]).sum())
+        return total, bool((logits.argmax(-1) == target).all())
+
+    def _prefix_token(self) -> int:
+        eos = self.eos_token_id
+        return eos if eos is not None else 0
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        for req in requests:
+            context, continuation = req.args
+            n_spaces = len(context) - len(context.rstrip())  # lm-eval convention: move trailing spaces
+            if n_spaces:
+                continuation = context[-n_spaces:] + continuation
+                context = context[:-n_spaces]
+            whole = self.tokenizer.encode(context + continuation, add_special_tokens=False)
+            ctx_ids = self.tokenizer.encode(context, add_special_tokens=False) if context else []
+            cont_ids = whole[len(ctx_ids):]
+            if not ctx_ids:
+                ctx_ids = [self._prefix_token()]
+            out.append(self._continuation_logprob(ctx_ids, cont_ids) if cont_ids else (0.0, True))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in requests:
+            ids = self.tokenizer.encode(req.args[0], add_special_tokens=False)
+            windows = get_rolling_token_windows(token_list=ids, prefix_token=self._prefix_token(),
+                                                max_seq_len=self.max_length, context_len=1)
+            total = 0.0
+            for ctx_ids, pred in map(make_disjoint_window, windows):
+                total += self._continuation_logprob(list(ctx_ids), list(pred))[0]
+            out.append(total)
+        return out

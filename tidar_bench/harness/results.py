@@ -1,0 +1,182 @@
+"""Run-folder bookkeeping: atomic writes, the per-sample decode cache (resume + sharding), and the
+per decoder x task speed/quality summary.
+
+A cache record is one decoded request, appended and fsync'd as soon as it is decoded:
+
+    {"key": hash(item, decoder, options, model, seed), "item": hash(prompt, gen_kwargs),
+     "task", "doc_id", "prompt_hash", "output", "tokens", "new_tokens", "nfe", "accepted_lengths",
+     "latency_s", "prefill_time_s", "finish_reason", "greedy", "lossless", "harness_s", ...}
+
+`item` does not depend on the decoder, so records of two decoders on the same item can be paired
+(lossless decoders vs `ar`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def stable_hash(obj) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys), hex."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (interrupted append) is skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+class SampleCache:
+    """Decoded requests of one decoder: `cache/<decoder>/<task>.jsonl` (a sharded rank writes
+    `<task>.rank<R>.jsonl`, merged by rank 0). Lookups read every file of the folder."""
+
+    def __init__(self, folder: Path, suffix: str = ""):
+        self.folder = Path(folder)
+        self.suffix = suffix
+        self.records: dict[str, dict] = {}
+        if self.folder.is_dir():
+            for f in sorted(self.folder.glob("*.jsonl")):
+                for r in read_jsonl(f):
+                    self.records[r["key"]] = r
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def append(self, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{_safe(record['task'])}{self.suffix}.jsonl"
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[record["key"]] = record
+
+    @staticmethod
+    def merge_shards(folder: Path) -> None:
+        """Fold `<task>.rank<R>.jsonl` files into `<task>.jsonl` (deduplicated by key)."""
+        folder = Path(folder)
+        shards = sorted(folder.glob("*.rank*.jsonl"))
+        by_task: dict[str, list[Path]] = {}
+        for s in shards:
+            by_task.setdefault(s.name.split(".rank")[0], []).append(s)
+        for task, files in by_task.items():
+            main = folder / f"{task}.jsonl"
+            rows = {r["key"]: r for f in ([main] if main.exists() else []) + files for r in read_jsonl(f)}
+            write_jsonl(main, rows.values())
+            for f in files:
+                f.unlink()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def speed_stats(records: list[dict]) -> dict:
+    """Totals over decoded requests: tokens/s = total new tokens / total decode wall time,
+    T/NFE = total tokens / total NFE, mean accepted length averaged over all decoding steps."""
+    tokens = sum(r["new_tokens"] for r in records)
+    time_s = sum(r["latency_s"] for r in records)
+    nfe = sum(r["nfe"] for r in records)
+    steps = [a for r in records for a in r["accepted_lengths"]]
+    return {
+        "n": len(records),
+        "new_tokens": tokens,
+        "decode_s": time_s,
+        "nfe": nfe,
+        "tokens_per_s": tokens / time_s if time_s > 0 else 0.0,
+        "tokens_per_nfe": tokens / nfe if nfe else 0.0,
+        "mean_accepted_length": sum(steps) / len(steps) if steps else 0.0,
+        "harness_s": sum(r.get("harness_s", 0.0) for r in records),
+    }
+
+
+def lossless_mismatches(records: list[dict], ar_records: list[dict]) -> int | None:
+    """How many greedy outputs of a lossless decoder differ from `ar`'s on the same items
+    (None when not applicable: decoder not lossless, or no greedy item decoded by both)."""
+    ref = {r["item"]: r["tokens"] for r in ar_records if r["greedy"]}
+    pairs = [(r, ref[r["item"]]) for r in records if r["greedy"] and r["item"] in ref]
+    if not pairs or not all(r.get("lossless") for r, _ in pairs):
+        return None
+    return sum(r["tokens"] != tokens for r, tokens in pairs)
+
+
+SUMMARY_COLUMNS = ("task", "decoder", "metric", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
+                   "mean_accepted_length", "speedup_vs_ar", "n", "mismatches_vs_ar")
+
+
+def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dict]]], decoders: list[str]) -> list[dict]:
+    """One row per task x decoder x metric. `results[decoder]` is lm-eval's result dict,
+    `records[decoder][task]` the decoded requests of that task (groups: of their subtasks)."""
+    rows = []
+    for dec in decoders:
+        res = results[dec]
+        for task, metrics in res["results"].items():
+            subtasks = res.get("group_subtasks", {}).get(task) or [task]
+            recs = [r for t in subtasks for r in records[dec].get(t, [])]
+            sp = speed_stats(recs)
+            ar = [r for t in subtasks for r in records.get("ar", {}).get(t, [])]
+            ar_tps = speed_stats(ar)["tokens_per_s"] if ar else 0.0
+            mism = None if dec == "ar" or not ar else lossless_mismatches(recs, ar)
+            for key, score in metrics.items():
+                if "," not in key or "_stderr," in key or not isinstance(score, (int, float)):
+                    continue
+                metric, flt = key.split(",", 1)
+                stderr = metrics.get(f"{metric}_stderr,{flt}")
+                rows.append({
+                    "task": task, "decoder": dec, "metric": key, "score": score,
+                    "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                    "tokens_per_s": sp["tokens_per_s"], "tokens_per_nfe": sp["tokens_per_nfe"],
+                    "mean_accepted_length": sp["mean_accepted_length"],
+                    "speedup_vs_ar": sp["tokens_per_s"] / ar_tps if ar_tps > 0 else None,
+                    "n": sp["n"], "mismatches_vs_ar": mism,
+                })
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], columns=SUMMARY_COLUMNS) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    write_atomic(path, buf.getvalue())

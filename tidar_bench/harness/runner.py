@@ -1,0 +1,418 @@
+"""`tidar-bench run`: every decoder on the same lm-eval tasks, one run folder.
+
+For each decoder, lm-eval builds the same requests (same task configs, few-shot, seeds, limit), and
+`TidarBenchLM` decodes them at batch 1 (one warm-up generate first), caching each decoded request
+in `cache/<decoder>/<task>.jsonl`. The run folder then gets:
+
+    run_spec.json                    identity of the command (written first; guards the folder)
+    results_<decoder>.json           lm-eval results
+    samples_<decoder>_<task>.jsonl   per-sample output + decode stats
+    summary.csv                      task, decoder, metric, score, ..., speedup_vs_ar, n
+    run.json                         command, environment, options, overhead, lossless mismatches
+
+Resume: re-running the same command into the same folder answers every decoded request from the
+cache. Sharding (`torchrun --nproc_per_node N tidar-bench run ...`): rank r decodes every N-th
+request of each task into `cache/<decoder>/<task>.rank<r>.jsonl`; after a barrier rank 0 merges the
+shards and runs the resume pass, so the folder looks exactly like a single-process run."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .results import (SampleCache, lossless_mismatches, speed_stats, summary_rows, write_csv, write_json,
+                      write_jsonl)
+
+SPEC_FILE = "run_spec.json"
+
+
+@dataclass
+class RunSpec:
+    model: Path
+    decoders: list[str]
+    tasks: list[str]
+    out: Path
+    draft: Path | None = None
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    decoder_args: list[str] = field(default_factory=list)  # "key=value" (every decoder having it) or "decoder.key=value"
+    allow_code_exec: bool = False
+    hub_datasets: bool = False
+    include_path: Path | None = None  # extra lm-eval task YAMLs instead of the shipped tasks
+
+    def identity(self) -> dict:
+        """What makes two invocations 'the same command' (the folder's own path, so a moved folder
+        still resumes, and sharding excluded)."""
+        d = asdict(self)
+        del d["out"]
+        for k in ("model", "draft", "include_path"):
+            d[k] = str(Path(d[k]).resolve()) if d[k] is not None else None
+        return d
+
+    def command_line(self) -> str:
+        parts = ["tidar-bench", "run", "--model", str(self.model), "--decoders", ",".join(self.decoders),
+                 "--tasks", ",".join(self.tasks), "--out", str(self.out), "--device", self.device,
+                 "--dtype", self.dtype, "--seed", str(self.seed)]
+        if self.draft:
+            parts += ["--draft", str(self.draft)]
+        if self.limit is not None:
+            parts += ["--limit", str(self.limit)]
+        for a in self.decoder_args:
+            parts += ["--decoder-arg", a]
+        if self.include_path:
+            parts += ["--include-path", str(self.include_path)]
+        parts += ["--allow-code-exec"] * self.allow_code_exec + ["--hub-datasets"] * self.hub_datasets
+        return " ".join(parts)
+
+
+@dataclass
+class Plan:
+    """A validated RunSpec: nothing is written before one exists."""
+
+    spec: RunSpec
+    options: dict[str, dict]  # decoder -> full options (factory defaults + given)
+    given: dict[str, dict]  # decoder -> options as given (parsed)
+    lm_tasks: list[str]
+    task_manager: object
+    confirm_unsafe_code: bool
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _decoder_options(spec: RunSpec) -> tuple[dict[str, dict], dict[str, dict]]:
+    from ..registry import decoders, parse_options
+
+    specs = decoders()
+    unknown = [d for d in spec.decoders if d not in specs]
+    if unknown:
+        raise UserError(f"unknown decoder(s) {', '.join(unknown)}; valid: {', '.join(sorted(specs))}")
+    if len(set(spec.decoders)) != len(spec.decoders):
+        raise UserError("--decoders lists a decoder twice")
+    for d in spec.decoders:
+        if specs[d].needs_draft and spec.draft is None:
+            raise UserError(f"decoder {d!r} needs a draft model: pass --draft DIR")
+    raw: dict[str, dict[str, str]] = {d: {} for d in spec.decoders}
+    for item in spec.decoder_args:
+        if "=" not in item:
+            raise UserError(f"--decoder-arg expects key=value or decoder.key=value, got {item!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        scope, _, key = k.rpartition(".")
+        if scope:
+            if scope not in raw:
+                raise UserError(f"--decoder-arg {item!r} names decoder {scope!r}, which is not in --decoders")
+            raw[scope][key] = v
+        else:
+            takers = [d for d in spec.decoders if key in specs[d].option_types()]
+            if not takers:
+                raise UserError(f"no decoder in --decoders has option {key!r}")
+            for d in takers:
+                raw[d][key] = v
+    given = {d: parse_options(specs[d], raw[d]) for d in spec.decoders}
+    full = {}
+    for d in spec.decoders:
+        params = inspect.signature(specs[d].factory).parameters
+        defaults = {n: p.default for n, p in params.items()
+                    if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+        full[d] = {**defaults, **given[d]}
+    return full, given
+
+
+def _resolve_tasks(spec: RunSpec) -> tuple[list[str], object, bool]:
+    """(lm-eval task names, TaskManager, whether the tasks execute generated code)."""
+    if spec.include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        if not Path(spec.include_path).is_dir():
+            raise UserError(f"--include-path {spec.include_path} is not a directory")
+        tm = TaskManager(include_path=str(spec.include_path), include_defaults=False)
+        unknown = [t for t in spec.tasks if t not in tm.all_tasks]
+        if unknown:
+            raise UserError(f"unknown task(s) {', '.join(unknown)}; tasks in {spec.include_path}: "
+                            f"{', '.join(sorted(tm.all_tasks)) or 'none'}")
+        unsafe = any(tm.task_index[t].cfg and tm.task_index[t].cfg.get("unsafe_code") for t in spec.tasks
+                     if getattr(tm.task_index[t], "cfg", None))
+        if unsafe and not spec.allow_code_exec:
+            raise UserError("these tasks execute generated code: pass --allow-code-exec to allow it")
+        return list(spec.tasks), tm, unsafe
+    try:
+        from . import tasks as ours
+    except ImportError as e:
+        raise UserError(f"the shipped task definitions are not available ({e}); use --include-path DIR")
+    hub = {"hub": True} if spec.hub_datasets and "hub" in inspect.signature(ours.resolve_tasks).parameters else {}
+    lm_names = ours.resolve_tasks(spec.tasks, **hub)
+    needs = bool(ours.needs_code_exec(lm_names))
+    if needs and not ours.code_exec_allowed(spec.allow_code_exec):
+        raise UserError(f"task(s) {', '.join(spec.tasks)} execute generated code: pass --allow-code-exec to allow it")
+    if not spec.hub_datasets:
+        ours.verify_data()
+    return lm_names, ours.task_manager(), needs
+
+
+def check_out_folder(out: Path, identity: dict) -> None:
+    """A new/empty folder, or a run folder of the same command; never a foreign folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    marker = out / SPEC_FILE
+    if not marker.is_file():
+        raise UserError(f"--out {out} is not empty and is not a tidar-bench run folder; choose another --out")
+    try:
+        old = json.loads(marker.read_text())["identity"]
+    except (json.JSONDecodeError, KeyError):
+        raise UserError(f"--out {out}: {SPEC_FILE} is unreadable; choose another --out")
+    if old != identity:
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        raise UserError(f"--out {out} holds a run of a different command (differs in: {', '.join(diff)}); "
+                        "choose another --out")
+
+
+def prepare(spec: RunSpec) -> Plan:
+    """Validate everything a run needs; raises UserError and writes nothing on bad input."""
+    from ..model import read_config, resolve_device, resolve_dtype
+
+    if spec.limit is not None and spec.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {spec.limit}")
+    if not spec.decoders:
+        raise UserError("--decoders is empty")
+    if not spec.tasks:
+        raise UserError("--tasks is empty")
+    read_config(spec.model)
+    if spec.draft is not None:
+        read_config(spec.draft)
+    resolve_dtype(spec.dtype, resolve_device(spec.device))
+    options, given = _decoder_options(spec)
+    check_out_folder(spec.out, spec.identity())
+    lm_tasks, tm, unsafe = _resolve_tasks(spec)
+    return Plan(spec, options, given, lm_tasks, tm, unsafe)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "git_commit": commit, "hostname": platform.node(), "platform": platform.platform(),
+        "python": sys.version.split()[0], "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "transformers": version("transformers"), "lm_eval": version("lm_eval") or version("lm-eval"),
+    }
+
+
+class _Dist:
+    """torchrun environment: rank/world size and a gloo barrier (no-op for one process)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._pg = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+                self._pg = True
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self):
+        if self._pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _evaluate(plan: Plan, decoder: str, ctx, store: SampleCache, shard: tuple[int, int], progress):
+    import lm_eval
+
+    from .lm import TidarBenchLM
+
+    lm = TidarBenchLM(ctx, decoder, plan.given[decoder], seed=plan.spec.seed, store=store, shard=shard,
+                      progress=progress)
+    lm.key_info["options"] = plan.options[decoder]
+    s = plan.spec.seed
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(plan.lm_tasks), task_manager=plan.task_manager,
+                                  limit=plan.spec.limit, log_samples=True, bootstrap_iters=1000,
+                                  random_seed=s, numpy_random_seed=s, torch_random_seed=s, fewshot_random_seed=s,
+                                  confirm_run_unsafe_code=plan.confirm_unsafe_code)
+    return res, lm
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True))
+
+
+def run(spec: RunSpec) -> dict:
+    """Run the benchmark; returns run.json's content on rank 0 (None on other ranks)."""
+    from ..registry import DecoderContext
+
+    t_start = time.perf_counter()
+    dist = _Dist()
+    try:
+        err, plan = None, None
+        if dist.rank == 0:
+            try:
+                plan = prepare(spec)
+                write_json(Path(spec.out) / SPEC_FILE, {"identity": spec.identity(), "command": spec.command_line()})
+            except UserError as e:
+                err = str(e)
+        err = dist.broadcast(err)
+        if err:
+            raise UserError(err)
+        if dist.rank != 0:
+            plan = prepare(spec)
+        device = spec.device
+        if dist.world > 1 and device in ("auto", "cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{dist.local_rank}"
+        ctx = DecoderContext(Path(spec.model), device, spec.dtype, spec.draft)
+        cache_dir = Path(spec.out) / "cache"
+        decoded: dict[str, int] = {}
+        if dist.world > 1:  # shard pass: decode this rank's share
+            with _progress() as progress:
+                for d in spec.decoders:
+                    store = SampleCache(cache_dir / d, suffix=f".rank{dist.rank}")
+                    _, lm = _evaluate(plan, d, ctx, store, (dist.rank, dist.world), progress)
+                    decoded[d] = lm.decoded
+                    del lm
+            dist.barrier()
+            if dist.rank != 0:
+                return None
+            for d in spec.decoders:
+                SampleCache.merge_shards(cache_dir / d)
+        results, records, lms = {}, {}, {}
+        with _progress() as progress:
+            for d in spec.decoders:
+                res, lm = _evaluate(plan, d, ctx, SampleCache(cache_dir / d), (0, 1), progress)
+                results[d], lms[d] = res, lm
+                records[d] = {}
+                for r in lm.records:
+                    records[d].setdefault(r["task"], []).append(r)
+                decoded[d] = decoded.get(d, 0) + lm.decoded
+                lm._decoder = None  # free the decoder's model before the next one
+        info = _write_outputs(plan, results, records, lms, decoded, dist.world, time.perf_counter() - t_start)
+        return info
+    finally:
+        dist.close()
+
+
+def _sample_rows(res: dict, task: str, records: list[dict]) -> list[dict]:
+    by_doc: dict = {}
+    for r in records:
+        by_doc.setdefault(r["doc_id"], []).append(r)
+    rows = []
+    for s in res.get("samples", {}).get(task, []):
+        recs = by_doc.get(s["doc_id"], [])
+        row = {"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash"), "prompt_hash": s.get("prompt_hash"),
+               "target": s.get("target"), "output": [x[0] if isinstance(x, list) and x else x for x in s.get("resps", [])],
+               "filtered": s.get("filtered_resps"), "filter": s.get("filter"),
+               "metrics": {m: s.get(m) for m in s.get("metrics", [])}}
+        if recs:
+            row.update({
+                "new_tokens": sum(r["new_tokens"] for r in recs), "nfe": sum(r["nfe"] for r in recs),
+                "accepted_lengths": [a for r in recs for a in r["accepted_lengths"]],
+                "latency_s": sum(r["latency_s"] for r in recs),
+                "finish_reason": [r["finish_reason"] for r in recs],
+                "prompt_tokens": recs[0]["prompt_tokens"], "truncated": recs[0]["truncated"],
+                "cache_key": [r["key"] for r in recs],
+            })
+        rows.append(row)
+    return rows
+
+
+def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_s: float) -> dict:
+    spec, out = plan.spec, Path(plan.spec.out)
+    decoders = spec.decoders
+    for d in decoders:
+        res = results[d]
+        write_json(out / f"results_{d}.json", {k: v for k, v in res.items() if k != "samples"})
+        for task in res.get("samples", {}):
+            write_jsonl(out / f"samples_{d}_{task}.jsonl", _sample_rows(res, task, records[d].get(task, [])))
+    rows = summary_rows(results, records, decoders)
+    write_csv(out / "summary.csv", rows)
+    all_recs = {d: [r for rs in records[d].values() for r in rs] for d in decoders}
+    ar = all_recs.get("ar")
+    mismatches = {d: (lossless_mismatches(all_recs[d], ar) if ar and d != "ar" else None) for d in decoders}
+    speed = {d: speed_stats(all_recs[d]) for d in decoders}
+    decode_s = sum(s["decode_s"] for s in speed.values())
+    harness_s = sum(s["harness_s"] for s in speed.values())
+    info = {
+        "command": spec.command_line(),
+        "identity": spec.identity(),
+        "environment": environment(),
+        "seed": spec.seed,
+        "batch_size": 1,
+        "world_size": world,
+        "limit": spec.limit,
+        "tasks": spec.tasks,
+        "lm_eval_tasks": plan.lm_tasks,
+        "decoders": {d: {"options": plan.options[d], "given": plan.given[d],
+                         "lossless": bool(all_recs[d] and all(r.get("lossless") for r in all_recs[d])),
+                         "decoded_this_invocation": decoded.get(d, 0), **speed[d]} for d in decoders},
+        "mismatches_vs_ar": mismatches,
+        # per-request bookkeeping outside decoder.generate (tokenising, hashing, cache fsync, progress)
+        "harness_s": harness_s,
+        "decode_s": decode_s,
+        "overhead_fraction": harness_s / decode_s if decode_s > 0 else None,
+        # the whole invocation, model loading, task building and lm-eval scoring included
+        "wall_s_this_invocation": wall_s,
+    }
+    write_json(out / "run.json", info)
+    return {"info": info, "rows": rows}

@@ -1,0 +1,331 @@
+"""TiDAR decoding (arXiv 2511.08923): one model, drafting in diffusion and verifying in AR, in
+ONE forward per step.
+
+Step layout (`masks.TidarStepLayout`, P = cache length, k = block size):
+
+    fed = [x, d_1..d_m | block_0 | block_1 | ... ]   (one k-long mask block per outcome j)
+           causal        block j starts at position P+j+1 and sees cache + x + d_1..d_j
+
+x is the newest committed token (its KV is not cached yet), d_i are last step's drafts. The causal
+rows give the AR distributions that verify d_1..d_m (row m is the bonus position). If j drafts are
+accepted, the AR head's token at the first rejected / bonus position (position P+j+1) is always
+kept, so block j, which starts exactly there, is the one whose predictions at offsets 1..k-1 become
+the next k-1 drafts. Then the cache is cropped to P+j+1 (x + accepted drafts): the rejected drafts
+and every mask block are evicted, and the cache again equals a causal prefill of all committed
+tokens except the newest. The prefill is `masks.tidar_first_step`: prompt + one block.
+
+Options (see docs/tidar.md): `block_size` k, `beta` (verification target = beta*p_AR +
+(1-beta)*q_diffusion at the draft positions; beta < 1 is lossy), `max_blocks` (fewer pre-draft
+blocks for large k, spent on the likeliest outcomes), `mode="diffusion"` (pure block diffusion of
+the same checkpoint, `steps` denoising forwards per block, no AR verification; lossy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .checkpoint import TidarConfig
+from .decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer, greedy_verify,
+                       make_generator, next_token, sample, speculative_verify, warp_probs)
+from .errors import UserError
+from .masks import TidarStepLayout, tidar_first_step, tidar_step
+from .registry import DecoderContext, register_decoder
+
+MODES = ("tidar", "diffusion")
+
+
+@dataclass
+class _StepShape:
+    """Everything about a step that depends only on (m, outcomes), not on the cache length P:
+    cached once per shape and shifted by P each step."""
+
+    n: int  # tokens fed
+    local_mask: torch.Tensor  # [n, n] the fed-to-fed part of the mask (the cache part is all True)
+    rel_positions: torch.Tensor  # [n] positions relative to P
+    logits_index: torch.Tensor  # which fed rows get logits
+
+
+class TidarDecoder:
+    name = "tidar"
+
+    def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 8, beta: float = 1.0,
+                 max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None):
+        vocab = model.config.vocab_size
+        if not 0 <= mask_token_id < vocab:
+            raise UserError(f"mask_token_id {mask_token_id} outside the vocabulary [0, {vocab})")
+        if block_size < 1:
+            raise UserError(f"block_size must be >= 1, got {block_size}")
+        if not 0.0 <= beta <= 1.0:
+            raise UserError(f"beta must be in [0, 1], got {beta}")
+        if max_blocks is not None and max_blocks < 1:
+            raise UserError(f"max_blocks must be >= 1 (or None for one block per outcome), got {max_blocks}")
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if steps is not None and not 1 <= steps <= block_size:
+            raise UserError(f"steps must be in [1, block_size={block_size}], got {steps}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mask_id = mask_token_id
+        self.k = block_size
+        self.beta = beta
+        self.max_blocks = max_blocks
+        self.mode = mode
+        self.steps = steps if steps is not None else block_size
+        # tests observe every TiDAR step: on_step(cache, prompt + committed tokens)
+        self.on_step: Callable | None = None
+        self._cache = None
+        self._shapes: dict[tuple, _StepShape] = {}
+        self._mask_buf = torch.empty(0, dtype=torch.bool, device=model.device)
+        self._pos_buf = torch.empty(0, dtype=torch.long, device=model.device)
+        self._ids_buf = torch.full((1, block_size * (block_size + 1)), mask_token_id, device=model.device)
+
+    @property
+    def lossless(self) -> bool:
+        return self.mode == "tidar" and self.beta == 1.0
+
+    def options(self) -> dict:
+        opts = {"mode": self.mode, "block_size": self.k, "mask_token_id": self.mask_id, "lossless": self.lossless}
+        if self.mode == "tidar":
+            opts.update(beta=self.beta, max_blocks=self.max_blocks, drafts_per_step=self.k - 1)
+        else:
+            opts.update(steps=self.steps)
+        return opts
+
+    # ------------------------------------------------------------------------- buffers
+
+    def cache_for(self, needed: int):
+        if self._cache is None or self._cache.max_len < needed:
+            self._cache = self.model.new_cache(needed)
+        self._cache.reset()
+        return self._cache
+
+    def _ensure_buffers(self, max_rows: int, max_len: int) -> None:
+        if self._mask_buf.numel() < max_rows * max_len:
+            self._mask_buf = torch.empty(max_rows * max_len, dtype=torch.bool, device=self.model.device)
+        if self._pos_buf.numel() < max_rows:
+            self._pos_buf = torch.empty(max_rows, dtype=torch.long, device=self.model.device)
+
+    def _shape(self, m: int, outcomes: tuple[int, ...], diffusion: bool = False) -> _StepShape:
+        key = (m, outcomes, diffusion)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._make_shape(TidarStepLayout(0, m, self.k, outcomes), diffusion)
+            self._shapes[key] = shape
+        return shape
+
+    def _make_shape(self, layout: TidarStepLayout, diffusion: bool, prefill: bool = False) -> _StepShape:
+        """Logits rows. TiDAR: the causal rows (verification; only the last one at prefill) and
+        block offsets 1..k-1 (next drafts). Diffusion: every row of the (single) block."""
+        dev = self.model.device
+        k = self.k
+        if diffusion:
+            rows = list(range(layout.block_start(0), layout.block_start(0) + k))
+        else:
+            rows = [layout.n_causal - 1] if prefill else list(range(layout.n_causal))
+            for b in range(len(layout.outcomes)):
+                rows += range(layout.block_start(b) + 1, layout.block_start(b) + k)
+        return _StepShape(layout.n_fed, tidar_step(layout, dev), layout.positions(dev),
+                          torch.tensor(rows, dtype=torch.long, device=dev))
+
+    def _forward(self, cache, ids: torch.Tensor, shape: _StepShape) -> torch.Tensor:
+        """One forward of `ids` [1, n] laid out as `shape`, after the P cached tokens. The mask is
+        [all-True over the cache | shape.local_mask], written into a reused buffer."""
+        P, n = cache.length, shape.n
+        pos = torch.add(shape.rel_positions, P, out=self._pos_buf[:n])
+        mask = self._mask_buf[: n * (P + n)].view(n, P + n)
+        mask[:, :P] = True
+        mask[:, P:] = shape.local_mask
+        return self.model(ids, pos, mask, cache, logits_index=shape.logits_index).logits[0]
+
+    # ------------------------------------------------------------------------- generate
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
+        if len(prompt_ids) == 0:
+            raise UserError("TiDAR needs a non-empty prompt")
+        if self.mode == "diffusion":
+            return self._generate_diffusion(list(prompt_ids), config)
+        return self._generate_tidar(list(prompt_ids), config)
+
+    def _generate_tidar(self, prompt: list[int], config: GenerationConfig) -> Generation:
+        sp, k, dev = config.sampling, self.k, self.model.device
+        timer = Timer(dev)
+        t0 = timer.now()
+        stats = DecodeStats()
+        stop = StopChecker(config, self.tokenizer)
+        gen = make_generator(sp, dev)
+        L = len(prompt)
+        step_rows = k * (k + 1)  # at most x + k-1 drafts + k blocks of k
+        cache = self.cache_for(L + config.max_new_tokens + step_rows + 1)
+        self._ensure_buffers(max(L + k, step_rows), cache.max_len)
+        history = list(prompt) if self.on_step is not None else None
+
+        # prefill: prompt causal + one pre-draft block at position L (where the first token goes)
+        first = tidar_first_step(L, k, dev)
+        ids = torch.tensor([prompt + [self.mask_id] * k], device=dev)
+        logits = self._forward(cache, ids, self._make_shape(first, diffusion=False, prefill=True))
+        stats.nfe, stats.tokens_fed = 1, [first.n_fed]
+        t = int(next_token(logits[0], sp, gen))
+        cache.crop(L)
+        drafts, draft_logits, draft_probs, conf = self._draft(logits[1:], sp, gen)
+        stats.prefill_time_s = timer.now() - t0
+        done = stop.extend([t])
+        committed = [t]
+
+        ids_buf = self._ids_buf
+        while not done:
+            if history is not None:
+                history += committed
+                self.on_step(cache, history)
+            P, m = cache.length, drafts.shape[0]
+            outcomes = self._outcomes(m, conf)
+            shape = self._shape(m, outcomes)
+            ids_buf[0, 0] = t
+            ids_buf[0, 1 : 1 + m] = drafts
+            ids_buf[0, 1 + m : shape.n] = self.mask_id
+            logits = self._forward(cache, ids_buf[:, : shape.n], shape)
+            ar = logits[: m + 1]
+            target = self._mixed_target(ar, draft_logits) if self.beta < 1.0 and m else ar
+            if sp.greedy:
+                n, t = greedy_verify(drafts, target)
+            else:
+                n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
+            committed = drafts[:n].tolist() + [t]
+            stats.nfe += 1
+            stats.tokens_fed.append(shape.n)
+            stats.accepted_lengths.append(n + 1)
+            cache.crop(P + n + 1)  # keep x + accepted drafts; t's KV is computed next step
+            done = stop.extend(committed)
+            if not done:
+                if n in outcomes:  # block n starts at t's position: offsets 1..k-1 are the next drafts
+                    b = outcomes.index(n)
+                    blocks = logits[m + 1 :].view(len(outcomes), k - 1, logits.shape[-1])
+                    drafts, draft_logits, draft_probs, conf = self._draft(blocks[b], sp, gen)
+                else:  # no block for this outcome (max_blocks): the next step verifies nothing
+                    drafts, draft_logits, draft_probs, conf = self._draft(logits[:0], sp, gen)
+        stats.wall_time_s = timer.now() - t0
+        return stop.result(stats)
+
+    def _draft(self, block_logits: torch.Tensor, sp, gen):
+        """Drafts from a pre-draft block's logits at offsets 1..k-1 [k-1, V]: argmax (greedy) or
+        samples from the warped diffusion distribution (kept for verification). `conf` is the
+        diffusion probability of each draft, used only to rank outcomes under max_blocks."""
+        if block_logits.shape[0] == 0:
+            return block_logits.argmax(-1), block_logits, block_logits, None
+        if sp.greedy:
+            probs = None
+            drafts = block_logits.argmax(-1)
+            conf = block_logits.softmax(-1).amax(-1) if self.max_blocks is not None else None
+        else:
+            probs = warp_probs(block_logits, sp)
+            drafts = sample(probs, gen)
+            conf = probs.gather(-1, drafts[:, None]).squeeze(-1)
+        return drafts, block_logits, probs, conf
+
+    def _mixed_target(self, ar_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Verification logits: log(beta*p_AR + (1-beta)*q_diff) at the m draft positions (raw
+        distributions, warped afterwards like any logits); the bonus row stays pure AR."""
+        m = draft_logits.shape[0]
+        mix = self.beta * ar_logits[:m].softmax(-1) + (1.0 - self.beta) * draft_logits.softmax(-1)
+        return torch.cat([mix.clamp_min(1e-30).log(), ar_logits[m:]])
+
+    def _outcomes(self, m: int, conf: torch.Tensor | None) -> tuple[int, ...]:
+        """Which outcomes j (= drafts accepted) get a pre-draft block: all 0..m, or under
+        max_blocks the j = m block plus the likeliest others. P(exactly j) is estimated as
+        a_1..a_j (1 - a_{j+1}) with a_i the diffusion probability of draft i as a stand-in for
+        its acceptance probability (independence assumed). Costs one small host read."""
+        if self.max_blocks is None or m + 1 <= self.max_blocks:
+            return tuple(range(m + 1))
+        a = conf.tolist()
+        prefix, probs = 1.0, []
+        for j in range(m):
+            probs.append(prefix * (1.0 - a[j]))
+            prefix *= a[j]
+        ranked = sorted(range(m), key=lambda j: -probs[j])[: self.max_blocks - 1]
+        return tuple(sorted(ranked + [m]))
+
+    # ------------------------------------------------------------------------- pure diffusion
+
+    def _generate_diffusion(self, prompt: list[int], config: GenerationConfig) -> Generation:
+        """Block-by-block iterative denoising with the diffusion rows only (no AR verification).
+        Each block of k masks (seeing every committed token before it, as in training) takes
+        `steps` forwards; each unmasks the most confident still-masked positions (ceil of the
+        remaining / steps left). The forward that starts block b+1 also writes block b's KV
+        causally (the same one-step layout as TiDAR with m = k-1 and one block)."""
+        sp, k, dev = config.sampling, self.k, self.model.device
+        timer = Timer(dev)
+        t0 = timer.now()
+        stats = DecodeStats()
+        stop = StopChecker(config, self.tokenizer)
+        gen = make_generator(sp, dev)
+        L = len(prompt)
+        n_blocks = -(-config.max_new_tokens // k)
+        cache = self.cache_for(L + (n_blocks + 1) * k + 1)
+        self._ensure_buffers(max(L + k, 2 * k), cache.max_len)
+
+        first = tidar_first_step(L, k, dev)
+        ids = torch.tensor([prompt + [self.mask_id] * k], device=dev)
+        logits = self._forward(cache, ids, self._make_shape(first, diffusion=True))
+        stats.nfe, stats.tokens_fed = 1, [first.n_fed]
+        cache.crop(L)
+        commit_shape = self._shape(k - 1, (k - 1,), diffusion=True)
+        # a block alone (while denoising): it sees the cache and all of itself
+        denoise_shape = _StepShape(k, torch.ones(k, k, dtype=torch.bool, device=dev), torch.arange(k, device=dev),
+                                   torch.arange(k, device=dev))
+        ids_buf = self._ids_buf[:, : 2 * k]
+        while True:
+            P = cache.length
+            block = torch.full((k,), self.mask_id, device=dev)
+            masked = torch.ones(k, dtype=torch.bool, device=dev)
+            remaining = k
+            for it in range(self.steps):
+                if it > 0:
+                    logits = self._forward(cache, block[None], denoise_shape)
+                    cache.crop(P)
+                    stats.nfe += 1
+                    stats.tokens_fed.append(k)
+                u = math.ceil(remaining / (self.steps - it))
+                self._unmask(logits, block, masked, u, sp, gen)
+                remaining -= u
+                if stats.nfe > 1:
+                    stats.accepted_lengths.append(u)
+            if stats.nfe == 1:
+                stats.prefill_time_s = timer.now() - t0
+            if stop.extend(block.tolist()):
+                break
+            ids_buf[0, :k] = block
+            ids_buf[0, k:] = self.mask_id
+            logits = self._forward(cache, ids_buf, commit_shape)  # commits block b, starts block b+1
+            cache.crop(P + k)
+            stats.nfe += 1
+            stats.tokens_fed.append(2 * k)
+        stats.wall_time_s = timer.now() - t0
+        return stop.result(stats)
+
+    @staticmethod
+    def _unmask(logits, block, masked, u, sp, gen) -> None:
+        """Fill the u most confident masked positions of `block` in place."""
+        if sp.greedy:
+            probs = logits.softmax(-1)
+            tokens = probs.argmax(-1)
+        else:
+            probs = warp_probs(logits, sp)
+            tokens = sample(probs, gen)
+        conf = probs.gather(-1, tokens[:, None]).squeeze(-1).masked_fill(~masked, -1.0)
+        idx = conf.topk(u).indices
+        block[idx] = tokens[idx]
+        masked[idx] = False
+
+
+@register_decoder("tidar", help="TiDAR: diffusion drafts + AR verification in one forward per step "
+                  "(options: block_size, beta, max_blocks, mode=tidar|diffusion, steps)")
+def build(ctx: DecoderContext, *, block_size: int | None = None, beta: float = 1.0,
+          max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None) -> TidarDecoder:
+    cfg = TidarConfig.load(ctx.model_path)
+    return TidarDecoder(ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
+                        block_size=block_size if block_size is not None else cfg.block_size,
+                        beta=beta, max_blocks=max_blocks, mode=mode, steps=steps)
