@@ -53,9 +53,9 @@ def run_cmd(
     t = Table(title=f"tidar-bench run -> {out}  (batch 1, seed {seed}, world size {info['world_size']})")
     for col in ("task", "decoder", "metric", "score", "± stderr", "tokens/s", "T/NFE", "mean acc. len",
                 "speedup vs ar", "n", "lossless mismatches"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(r["task"], r["decoder"], r["metric"], fmt(r["score"], ".4f"), fmt(r["stderr"], ".4f"),
+        t.add_row(r["task"].removeprefix("tb_"), r["decoder"], r["metric"], fmt(r["score"], ".4f"), fmt(r["stderr"], ".4f"),
                   fmt(r["tokens_per_s"], ".1f"), fmt(r["tokens_per_nfe"], ".2f"), fmt(r["mean_accepted_length"], ".2f"),
                   fmt(r["speedup_vs_ar"], ".2f") + ("x" if r["speedup_vs_ar"] is not None else ""), str(r["n"]),
                   "-" if r["mismatches_vs_ar"] is None else str(r["mismatches_vs_ar"]))

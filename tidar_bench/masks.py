@@ -107,3 +107,45 @@ def tidar_first_step(prompt_len: int, block_size: int, device: torch.device | st
     """The prefill step: the prompt is the causal segment (nothing cached) and one pre-draft block
     follows it, starting at the position the AR head fills next."""
     return TidarStepLayout(cached=0, n_drafts=prompt_len - 1, block_size=block_size, outcomes=(prompt_len - 1,))
+
+
+# ----------------------------------------------------------------------------- block diffusion
+
+
+def block_causal(n: int, block_size: int, cached: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Block-causal mask for n fed tokens at absolute positions [cached, cached + n): [n, cached + n].
+
+    Blocks are aligned to absolute positions (block of position p = p // block_size). A token
+    attends to every key whose block is <= its own: bidirectional inside its block, causal across
+    blocks. This is both the clean stream of block-diffusion training and every block-diffusion
+    decoding step (see `block_diffusion_step`)."""
+    qb = torch.arange(cached, cached + n, device=device)[:, None] // block_size
+    kb = torch.arange(cached + n, device=device)[None, :] // block_size
+    return kb <= qb
+
+
+def block_diffusion_training(seq_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """BD3-LM training mask over [x_t (noised copy, S) | x_0 (clean, S)]: [2S, 2S].
+
+    Noised token i (block b = i // B) attends bidirectionally to its own noised block and to clean
+    blocks < b; clean token i attends to clean blocks <= b (block-causal, bidirectional inside).
+    Clean tokens never see noised ones. Both copies use positions 0..S-1."""
+    S, B = seq_len, block_size
+    blk = torch.arange(S, device=device) // B
+    m = torch.zeros(2 * S, 2 * S, dtype=torch.bool, device=device)
+    m[:S, :S] = blk[:, None] == blk[None, :]
+    m[:S, S:] = blk[None, :] < blk[:, None]
+    m[S:, S:] = blk[None, :] <= blk[:, None]
+    return m
+
+
+def block_diffusion_step(cached: int, n_fed: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A block-diffusion decoding step: [n_fed, cached + n_fed].
+
+    The cache holds committed tokens [0, cached); the fed tokens are at [cached, cached + n_fed):
+    typically the current block (B tokens, some still masks), which attends to the whole cached
+    prefix and bidirectionally within itself; optionally preceded by the just-finished block that
+    is being committed (it must not see the next block). Exactly the rows of the training mask's
+    noised copy once the clean prefix is cached, and the block-causal mask restricted to the fed
+    rows, so committed KV equals a fresh block-causal prefill."""
+    return block_causal(n_fed, block_size, cached, device)

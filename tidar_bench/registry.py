@@ -21,6 +21,7 @@ DECODER_MODULES = (
     "baselines.ar",
     "baselines.hf",
     "tidar_bench.tidar",
+    "baselines.block_diffusion",
 )
 
 
