@@ -27,9 +27,7 @@ class ARDecoder:
         return {}
 
     def cache_for(self, needed: int):
-        if self._cache is None or self._cache.max_len < needed:
-            self._cache = self.model.new_cache(needed)
-        self._cache.reset()
+        self._cache = self.model.new_cache(needed, reuse=self._cache)
         return self._cache
 
     @torch.inference_mode()

@@ -123,9 +123,7 @@ class BlockDiffusionDecoder:
                 "block_cache": self.block_cache, "token_shift": self.token_shift}
 
     def cache_for(self, needed: int):
-        if self._cache is None or self._cache.max_len < needed:
-            self._cache = self.model.new_cache(needed)
-        self._cache.reset()
+        self._cache = self.model.new_cache(needed, reuse=self._cache)
         return self._cache
 
     # ------------------------------------------------------------------------- one forward

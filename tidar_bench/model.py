@@ -219,7 +219,12 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+    def new_cache(self, max_len: int, batch: int = 1, reuse: KVCache | None = None) -> KVCache:
+        """A static cache for max_len tokens; `reuse` (a decoder's cache from its last call) is
+        reset and returned when it is big enough, so repeated calls allocate nothing."""
+        if reuse is not None and reuse.max_len >= max_len and reuse.k.shape[1] == batch:
+            reuse.reset()
+            return reuse
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_len,
                        batch=batch, dtype=self.dtype, device=self.device)

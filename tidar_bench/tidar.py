@@ -98,9 +98,7 @@ class TidarDecoder:
     # ------------------------------------------------------------------------- buffers
 
     def cache_for(self, needed: int):
-        if self._cache is None or self._cache.max_len < needed:
-            self._cache = self.model.new_cache(needed)
-        self._cache.reset()
+        self._cache = self.model.new_cache(needed, reuse=self._cache)
         return self._cache
 
     def _ensure_buffers(self, max_rows: int, max_len: int) -> None:

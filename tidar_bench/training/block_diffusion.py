@@ -24,14 +24,15 @@ A checkpoint saved by this objective = config.json + model.safetensors (+ tokeni
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import SideConfig
 from ..errors import UserError
 from ..masks import block_diffusion_training
 
@@ -40,31 +41,14 @@ LOSS_WEIGHTINGS = ("none", "inv_t")
 
 
 @dataclass
-class BDConfig:
+class BDConfig(SideConfig):
     mask_token_id: int
     block_size: int = 32
     token_shift: bool = False
 
-    def save(self, path: str | Path) -> None:
-        p = Path(path) / BD_CONFIG
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(p)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "BDConfig":
-        p = Path(path) / BD_CONFIG
-        if not p.is_file():
-            raise UserError(f"{path} is not a block-diffusion checkpoint: no {BD_CONFIG} "
-                            "(train one with `tidar-bench train block-diffusion`)")
-        try:
-            return cls(**json.loads(p.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise UserError(f"invalid {p}: {e}")
-
-    @classmethod
-    def exists(cls, path: str | Path) -> bool:
-        return (Path(path) / BD_CONFIG).is_file()
+    FILE: ClassVar[str] = BD_CONFIG
+    KIND: ClassVar[str] = "block-diffusion"
+    HOW: ClassVar[str] = "train one with `tidar-bench train block-diffusion`"
 
 
 class BlockDiffusionObjective:
