@@ -138,6 +138,7 @@ def speed_cmd(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the table, command and environment to this JSON file"),
 ) -> None:
     """Paired speed benchmark: each prompt is decoded greedily by every decoder in turn (after one
     warm-up each), and tokens/s ratios vs the first decoder are printed, with a check that
@@ -165,8 +166,8 @@ def speed_cmd(
         ctx = DecoderContext(path, device, dtype, draft)
         decs = [build_decoder(n, ctx, scoped[n]) for n in names]
         vocab = ctx.model.config.vocab_size
-        g = torch.Generator().manual_seed(seed)
-        batch = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
+        rng = torch.Generator().manual_seed(seed)
+        batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
         cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
         for d in decs:
             d.generate(batch[0], cfg)  # warm-up
@@ -174,16 +175,16 @@ def speed_cmd(
         for p in batch:
             ref = None
             for n, d in zip(names, decs):
-                out = d.generate(p, cfg)
+                g = d.generate(p, cfg)
                 r = rows[n]
-                r["tokens"] += out.stats.new_tokens
-                r["time"] += out.stats.wall_time_s
-                r["nfe"] += out.stats.nfe
+                r["tokens"] += g.stats.new_tokens
+                r["time"] += g.stats.wall_time_s
+                r["nfe"] += g.stats.nfe
                 if ref is None:
-                    ref = out
+                    ref = g
                 else:
-                    r["ratios"].append(out.stats.tokens_per_s / ref.stats.tokens_per_s)
-                    if d.lossless and out.tokens != ref.tokens:
+                    r["ratios"].append(g.stats.tokens_per_s / ref.stats.tokens_per_s)
+                    if d.lossless and g.tokens != ref.tokens:
                         r["mismatch"] += 1
     t = Table(title=f"speed: {prompts} prompts x {max_new_tokens} new tokens, prompt {prompt_len}, "
                     f"{'random ' + config if config else path}, {ctx.model.device}, {ctx.model.dtype}, "
@@ -198,5 +199,20 @@ def speed_cmd(
         mm = str(r["mismatch"]) if (d.lossless and n != names[0]) else "-"
         t.add_row(n, f"{tps:.1f}", f"{r['tokens'] / r['nfe']:.2f}", f"{tps / ref_tps:.3f}x", med, mm)
     Console().print(t)
+    if out is not None:
+        import sys
+
+        from .provenance import environment, write_atomic
+
+        record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
+                  "model": str(model) if model else f"random weights, config {config}", "seed": seed,
+                  "prompts": prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+                  "dtype": str(ctx.model.dtype), "device": str(ctx.model.device),
+                  "decoders": {n: {"options": d.options(), "tokens": rows[n]["tokens"], "decode_s": rows[n]["time"],
+                                   "nfe": rows[n]["nfe"], "tokens_per_s": rows[n]["tokens"] / rows[n]["time"],
+                                   "speedup_vs_first": (rows[n]["tokens"] / rows[n]["time"]) / ref_tps,
+                                   "paired_ratios": rows[n]["ratios"], "lossless_mismatches": rows[n]["mismatch"]}
+                               for n, d in zip(names, decs)}}
+        write_atomic(out, json.dumps(record, indent=2) + "\n")
     if any(rows[n]["mismatch"] for n in names):
         raise UserError("a lossless decoder's greedy tokens differ from the reference decoder's")

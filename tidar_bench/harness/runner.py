@@ -20,14 +20,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..provenance import environment
 from .results import (SampleCache, lossless_mismatches, speed_stats, summary_rows, write_csv, write_json,
                       write_jsonl)
 
@@ -200,40 +198,6 @@ def prepare(spec: RunSpec) -> Plan:
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def environment() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    cpu = platform.processor() or None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "git_commit": commit, "hostname": platform.node(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "cpu": cpu, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "transformers": version("transformers"), "lm_eval": version("lm_eval") or version("lm-eval"),
-    }
 
 
 class _Dist:
