@@ -142,8 +142,8 @@ def write_jsonl(items: list[dict], path: str | Path) -> None:
 SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "[MASK]"}
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
-    """Byte-level BPE trained on `texts` with EOS, PAD and MASK specials, saved as an HF
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path, with_mask: bool = True):
+    """Byte-level BPE trained on `texts` with EOS, PAD (and MASK) specials, saved as an HF
     tokenizer in out_dir; returns the transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -151,9 +151,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+    specials = {k: v for k, v in SPECIAL_TOKENS.items() if with_mask or k != "mask_token"}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **specials)
     hf.save_pretrained(str(out_dir))
     return hf

@@ -1,0 +1,167 @@
+"""Training: the TiDAR doubled-sequence loss is exact, loss decreases, DDP on 2 gloo processes
+equals one process, and the `train` CLI writes checkpoints the decoders load."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tidar_bench import masks
+from tidar_bench.checkpoint import TidarConfig
+from tidar_bench.cli import main
+from tidar_bench.corpus import make_splits, train_tokenizer, write_jsonl
+from tidar_bench.model import ModelConfig, Transformer, init_weights, load_model, save_model
+from tidar_bench.training.data import PackedDataset, add_mask_token, read_texts
+from tidar_bench.training.loop import TrainConfig, train
+from tidar_bench.training.tidar import TidarObjective
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny AR base checkpoint with a BPE tokenizer trained on the synthetic corpus."""
+    d = tmp_path_factory.mktemp("base")
+    items, _ = make_splits(300, 5, seed=0)
+    write_jsonl(items, d / "train.jsonl")
+    tok = train_tokenizer([it["text"] for it in items], 300, d / "ckpt", with_mask=False)
+    cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 48, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+           "max_position_embeddings": 512}
+    # no [MASK] in the base: the TiDAR recipe must add it to the tokenizer and the embeddings
+    save_model(init_weights(Transformer(ModelConfig.from_dict(cfg)), std=0.05), d / "ckpt")
+    return d
+
+
+def test_tidar_loss_equals_separate_forwards(base):
+    """The one-forward doubled sequence gives exactly the AR loss of a plain causal forward and
+    the diffusion loss of forwards where each block b sees x_{<bk} followed by k mask tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base / "ckpt"))
+    model = load_model(base / "ckpt", "float32", "cpu")
+    obj = TidarObjective(model, tok, block_size=4, alpha=0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 200, (2, 12), generator=g)
+    loss, metrics = obj.loss(model, x)
+    V = model.config.vocab_size
+    ar = F.cross_entropy(model(x).logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
+    diff_terms = []
+    for b in range(3):
+        s = b * 4
+        ids = torch.cat([x[:, :s], torch.full((2, 4), obj.mask_id)], 1)
+        m = torch.ones(s + 4, s + 4, dtype=torch.bool)
+        m[:s, :s] = masks.causal(s)
+        m[:s, s:] = False
+        logits = model(ids, torch.arange(s + 4), m).logits[:, s:]
+        diff_terms.append(F.cross_entropy(logits.reshape(-1, V), x[:, s : s + 4].reshape(-1), reduction="sum"))
+    diff = sum(diff_terms) / x.numel()
+    assert torch.allclose(metrics["ar"], ar, atol=1e-5)
+    assert torch.allclose(metrics["diff"], diff, atol=1e-5)
+    assert torch.allclose(loss, (0.5 * ar + diff) / 1.5, atol=1e-5)
+
+
+def test_add_mask_token_grows_tied_embedding(base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base / "ckpt"))
+    model = load_model(base / "ckpt", "float32", "cpu")
+    old = model.config.vocab_size
+    mid = add_mask_token(model, tok)
+    assert mid == tok.mask_token_id and mid >= old
+    assert model.config.vocab_size == mid + 1 == model.model.embed_tokens.weight.shape[0]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_loss_decreases_and_checkpoint_decodes(base, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base / "ckpt"))
+    obj = TidarObjective.from_checkpoint(base / "ckpt", tok, "cpu", block_size=4)
+    data = PackedDataset(read_texts([base / "train.jsonl"]), tok, 64, seed=0)
+    hist = train(obj, data, tmp_path / "out", TrainConfig(seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=4,
+                                                           log_every=1, progress=False))
+    first = sum(h["loss"] for h in hist[:3]) / 3
+    last = sum(h["loss"] for h in hist[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert hist[-1]["ar"] < hist[0]["ar"] and hist[-1]["diff"] < hist[0]["diff"]
+    out = tmp_path / "out"
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "train_log.jsonl").exists()
+    cfg = TidarConfig.load(out)
+    assert cfg.block_size == 4 and cfg.mask_token_id == tok.mask_token_id
+    from tidar_bench.decoding import GenerationConfig
+    from tidar_bench.registry import DecoderContext, build_decoder
+
+    ctx = DecoderContext(out, "cpu", "float32")
+    prompt = ctx.tokenizer.encode("Question: Ava has 3 apples.")
+    a = build_decoder("ar", ctx).generate(prompt, GenerationConfig(max_new_tokens=16))
+    t = build_decoder("tidar", ctx).generate(prompt, GenerationConfig(max_new_tokens=16))
+    assert a.tokens == t.tokens
+
+
+def _train_cmd(base: Path, out: Path, steps: int = 1) -> list[str]:
+    return ["train", "tidar", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--out", str(out),
+            "--block-size", "4", "--steps", str(steps), "--seq-len", "32", "--batch-size", "4", "--lr", "1e-3",
+            "--warmup-steps", "0", "--seed", "3", "--device", "cpu"]
+
+
+def test_ddp_two_gloo_processes_equal_single_process(base, tmp_path):
+    """One optimiser step with the global batch split over 2 gloo processes gives the same
+    weights as one process on the whole batch. (Adam's first step is ~lr*sign(g), so summation-order
+    noise on near-zero gradients moves single weights by a small fraction of lr; a wrong split or
+    missing gradient averaging moves all of them by ~lr = 1e-3.)"""
+    assert main(_train_cmd(base, tmp_path / "single")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tidar_bench.cli", *_train_cmd(base, tmp_path / "ddp")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "single" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    base_w = load_file(str(base / "ckpt" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        if k in base_w and base_w[k].shape == a[k].shape:
+            moved += int(not torch.allclose(a[k], base_w[k]))
+    assert moved > 0  # the step really changed the weights
+
+
+def test_train_cli_errors(base, tmp_path, capsys):
+    non_empty = tmp_path / "full"
+    non_empty.mkdir()
+    (non_empty / "x").write_text("x")
+    cases = [
+        ["train", "tidar", "--base", str(tmp_path / "nope"), "--data", str(base / "train.jsonl"), "--out", str(tmp_path / "o")],
+        ["train", "tidar", "--base", str(base / "ckpt"), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+        ["train", "tidar", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--out", str(non_empty)],
+        ["train", "tidar", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--out", str(tmp_path / "o"),
+         "--block-size", "0"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+    assert not (tmp_path / "o").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["train", "tidar", "--base", str(base / "ckpt"), "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert json.loads((base / "ckpt" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_block_diffusion_cli_trains_and_decodes(base, tmp_path):
+    out = tmp_path / "bd"
+    argv = ["train", "block-diffusion", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--out", str(out),
+            "--block-size", "4", "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    from tidar_bench.decoding import GenerationConfig
+    from tidar_bench.registry import DecoderContext, build_decoder
+
+    g = build_decoder("bd", DecoderContext(out, "cpu", "float32")).generate([5, 6, 7], GenerationConfig(max_new_tokens=8))
+    assert len(g.tokens) == 8

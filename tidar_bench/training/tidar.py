@@ -1,0 +1,72 @@
+"""TiDAR dual-mode objective ("full mask"), arXiv 2511.08923.
+
+Each sequence x_0..x_{S-1} is doubled into [x | S mask tokens] with position ids [0..S-1, 0..S-1]
+and read in ONE forward under `masks.tidar_training(S, k)`:
+- clean position i attends causally and predicts x_{i+1}   -> L_AR  (mean over S-1 positions);
+- mask position i (block b = i // k) attends to clean tokens before b*k and to its own block,
+  and predicts x_i, the clean token at the same position   -> L_Diff (mean over S positions).
+loss = (alpha * L_AR + L_Diff) / (1 + alpha).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import TidarConfig
+from ..masks import tidar_training
+from ..model import Transformer, load_model, save_model
+from .data import add_mask_token
+
+
+class TidarObjective:
+    name = "tidar"
+
+    def __init__(self, model: Transformer, tokenizer, block_size: int = 8, alpha: float = 1.0,
+                 mask_token_id: int | None = None):
+        if block_size < 1:
+            raise ValueError(f"block size must be >= 1, got {block_size}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.alpha = alpha
+        self.mask_id = mask_token_id if mask_token_id is not None else add_mask_token(model, tokenizer)
+        self._masks: dict[int, torch.Tensor] = {}
+        model.requires_grad_(True)
+
+    @classmethod
+    def from_checkpoint(cls, base: str | Path, tokenizer, device: str = "auto", **kw) -> "TidarObjective":
+        return cls(load_model(base, "float32", device), tokenizer, **kw)
+
+    def module(self) -> Transformer:
+        return self.model
+
+    def inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [B, 2S], position ids [2S], mask [2S, 2S]) of the doubled sequence."""
+        B, S = batch.shape
+        mask = self._masks.get(S)
+        if mask is None:
+            mask = self._masks[S] = tidar_training(S, self.block_size, batch.device)
+        ids = torch.cat([batch, torch.full_like(batch, self.mask_id)], 1)
+        pos = torch.arange(S, device=batch.device).repeat(2)
+        return ids, pos, mask
+
+    def loss(self, trainable, batch: torch.Tensor):
+        S = batch.shape[1]
+        ids, pos, mask = self.inputs(batch)
+        logits = trainable(ids, pos, mask).logits
+        V = logits.shape[-1]
+        l_ar = F.cross_entropy(logits[:, : S - 1].reshape(-1, V), batch[:, 1:].reshape(-1))
+        l_diff = F.cross_entropy(logits[:, S:].reshape(-1, V), batch.reshape(-1))
+        loss = (self.alpha * l_ar + l_diff) / (1 + self.alpha)
+        return loss, {"ar": l_ar.detach(), "diff": l_diff.detach()}
+
+    def save(self, out_dir: Path) -> None:
+        save_model(self.model, out_dir)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out_dir))
+        TidarConfig(self.mask_id, self.block_size, self.alpha).save(out_dir)
