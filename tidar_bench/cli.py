@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "tidar_bench.cli_core",
     "tidar_bench.cli_train",
     "tidar_bench.cli_run",
+    "tidar_bench.cli_profile",
 )
 
 
