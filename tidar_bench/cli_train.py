@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import typer
 
@@ -22,8 +22,11 @@ DATA_HELP = "training text: .jsonl (field --field) or plain text files (document
 
 def run_recipe(make_objective: Callable[[object, str], object], base: Path, data: list[Path], out: Path, *,
                field: str, seq_len: int, batch_size: int, grad_accum: int, lr: float, warmup_steps: int, steps: int,
-               seed: int, device: str, save_every: int = 0) -> list[dict]:
-    """Shared by every `train` command: checks, tokenizer, data, objective, loop."""
+               seed: int, device: str, dtype: str = "auto", save_every: int = 0) -> list[dict]:
+    """Shared by every `train` command: checks, tokenizer, data, objective, loop.
+
+    `make_objective(tokenizer, device)` builds the objective on `device` (under torchrun on CUDA,
+    this process's GPU). Warm-up is capped at a tenth of the steps so short runs reach the peak lr."""
     import torch
 
     from .model import read_config, resolve_device
@@ -43,13 +46,14 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
-    torch.manual_seed(seed)
-    objective = make_objective(tokenizer, str(dev))
-    texts = read_texts(data, field)
-    dataset = PackedDataset(texts, tokenizer, seq_len, seed)
     cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       warmup_steps=min(warmup_steps, max(1, steps // 10)) if warmup_steps else 0, steps=steps,
-                      seed=seed, save_every=save_every, progress=rank == 0)
+                      seed=seed, save_every=save_every, dtype=dtype, progress=rank == 0)
+    cfg.autocast(dev)  # a bad --dtype fails before the model is loaded
+    texts = read_texts(data, field)
+    torch.manual_seed(seed)
+    objective = make_objective(tokenizer, str(dev))
+    dataset = PackedDataset(texts, tokenizer, seq_len, seed)
     if rank == 0:
         print(f"{dataset.n_tokens} tokens in {len(dataset)} sequences of {seq_len}; "
               f"{steps} steps x {batch_size * grad_accum} sequences")
@@ -72,11 +76,13 @@ def train_tidar(
     batch_size: int = typer.Option(16, help="global batch (split across torchrun processes)"),
     grad_accum: int = typer.Option(1),
     lr: float = typer.Option(3e-4),
-    warmup_steps: int = typer.Option(20),
+    warmup_steps: int = typer.Option(20, help="linear warm-up steps (at most steps/10), then cosine decay to lr/10"),
     steps: int = typer.Option(200),
     save_every: int = typer.Option(0, help="also checkpoint every N steps (0 = only at the end)"),
     seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (torchrun: each process its LOCAL_RANK GPU)"),
+    dtype: str = typer.Option("auto", help="compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16; "
+                                            "weights and optimiser stay fp32"),
 ) -> None:
     """TiDAR dual-mode training ("full mask"): [clean | mask copy], AR + diffusion loss in one forward."""
     from .training.tidar import TidarObjective
@@ -90,7 +96,8 @@ def train_tidar(
         return TidarObjective.from_checkpoint(base, tokenizer, dev, block_size=block_size, alpha=alpha)
 
     run_recipe(make, base, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, save_every=save_every)
+               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
+               save_every=save_every)
 
 
 @train_app.command("block-diffusion")
@@ -113,6 +120,7 @@ def train_block_diffusion(
     save_every: int = typer.Option(0),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
 ) -> None:
     """Block diffusion (BD3-LM / Fast-dLLM v2 style), continued from an AR checkpoint."""
     from .model import load_model
@@ -125,4 +133,5 @@ def train_block_diffusion(
                                        token_shift=token_shift, complementary=complementary)
 
     run_recipe(make, base, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, save_every=save_every)
+               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
+               save_every=save_every)

@@ -211,6 +211,13 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.attn = select_backend("auto")
 
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) & co would cast the RoPE frequencies too; they must stay fp32 (HF keeps them
+        # fp32 as well), so recompute them on the new device after any cast or move.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -370,7 +377,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=dev)
-    model.inv_freq = rope_inv_freq(cfg).to(dev)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -17,29 +17,38 @@ from ..errors import UserError
 
 
 def read_texts(files: Sequence[str | Path], field: str = "text") -> list[str]:
-    """`.jsonl`: one document per line, taken from `field`; any other file: the whole file is one
-    document per blank-line-separated paragraph group (`\\n\\n\\n` separates documents)."""
+    """Documents of the training files. `.jsonl`: one document per non-empty line, the string in
+    `field`. Any other file: plain UTF-8 text whose documents are separated by two blank lines
+    ("\\n\\n\\n"; single blank lines stay inside a document, a file without separators is one
+    document). Empty documents are skipped; no documents at all is a UserError."""
     texts: list[str] = []
     for f in files:
         p = Path(f)
         if not p.is_file():
             raise UserError(f"training data file not found: {p}")
         if p.suffix == ".jsonl":
-            for i, line in enumerate(p.read_text().splitlines()):
+            for i, line in enumerate(_read(p).splitlines()):
                 if not line.strip():
                     continue
                 try:
                     doc = json.loads(line)
                 except json.JSONDecodeError:
                     raise UserError(f"{p}:{i + 1}: not valid JSON")
-                if field not in doc:
+                if not isinstance(doc, dict) or field not in doc:
                     raise UserError(f"{p}:{i + 1}: no field {field!r}")
                 texts.append(str(doc[field]))
         else:
-            texts.extend(d for d in p.read_text().split("\n\n\n") if d.strip())
+            texts.extend(d for d in _read(p).split("\n\n\n") if d.strip())
     if not texts:
         raise UserError("the training corpus is empty")
     return texts
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"training data file {p} is not UTF-8 text: {e}")
 
 
 class PackedDataset:
@@ -80,30 +89,44 @@ class PackedDataset:
 
 
 def add_mask_token(model, tokenizer, token: str = "[MASK]") -> int:
-    """The tokenizer's mask token id, adding `token` to the tokenizer (and a row to the model's
-    embedding and untied LM head, initialised to the mean row) if it has none."""
-    if tokenizer.mask_token_id is None:
+    """The tokenizer's mask token id, adding `token` to the tokenizer if it has none.
+
+    When the id has no row in the model (id >= vocab_size), the embedding and the untied LM head
+    grow to id + 1 rows (a tied head stays tied) and config.vocab_size / config.json follow. A row
+    for a newly added token (grown, or an unused padding row of a padded vocabulary) starts as the
+    mean of the rows before it, so the new token begins as an "average" input."""
+    added = tokenizer.mask_token_id is None
+    if added:
         tokenizer.add_special_tokens({"mask_token": token})
     mid = tokenizer.mask_token_id
     cfg = model.config
-    if mid >= cfg.vocab_size:
-        new = mid + 1
-        emb = model.model.embed_tokens
-        grown = nn.Embedding(new, cfg.hidden_size, device=emb.weight.device, dtype=emb.weight.dtype)
-        with torch.no_grad():
-            grown.weight[: cfg.vocab_size] = emb.weight
-            grown.weight[cfg.vocab_size :] = emb.weight.mean(0)
-        model.model.embed_tokens = grown
+    old = cfg.vocab_size
+    if mid >= old:
+        model.model.embed_tokens = _grown(model.model.embed_tokens, mid + 1)
         if cfg.tie_word_embeddings:
-            model.lm_head = nn.Linear(cfg.hidden_size, new, bias=False, device=grown.weight.device, dtype=grown.weight.dtype)
-            model.lm_head.weight = grown.weight
+            model.lm_head = nn.Linear(cfg.hidden_size, mid + 1, bias=False, device=model.lm_head.weight.device,
+                                      dtype=model.lm_head.weight.dtype)
+            model.lm_head.weight = model.model.embed_tokens.weight
         else:
-            head = model.lm_head
-            grown_head = nn.Linear(cfg.hidden_size, new, bias=False, device=head.weight.device, dtype=head.weight.dtype)
-            with torch.no_grad():
-                grown_head.weight[: cfg.vocab_size] = head.weight
-                grown_head.weight[cfg.vocab_size :] = head.weight.mean(0)
-            model.lm_head = grown_head
-        cfg.vocab_size = new
-        cfg.extra["vocab_size"] = new
+            model.lm_head = _grown(model.lm_head, mid + 1)
+        cfg.vocab_size = mid + 1
+        cfg.extra["vocab_size"] = mid + 1
+    if added or mid >= old:
+        first = min(mid, old)  # rows [first, mid] are new
+        with torch.no_grad():
+            for w in {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+                w[first : mid + 1] = w[:first].mean(0)
     return mid
+
+
+def _grown(layer: nn.Embedding | nn.Linear, rows: int) -> nn.Module:
+    """A copy of an embedding / bias-free linear layer with `rows` output rows (extra rows zero,
+    set by the caller)."""
+    w = layer.weight
+    new = (nn.Embedding(rows, w.shape[1], device=w.device, dtype=w.dtype) if isinstance(layer, nn.Embedding)
+           else nn.Linear(w.shape[1], rows, bias=False, device=w.device, dtype=w.dtype))
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[: w.shape[0]] = w
+    new.weight.requires_grad_(w.requires_grad)
+    return new

@@ -5,11 +5,15 @@ the result is saved (`save`); this loop does the rest: AdamW, linear warm-up + c
 gradient accumulation, clipping, bf16 autocast on CUDA, a progress bar with the objective's
 metrics, `train_log.jsonl` + `loss.png`, and an atomic checkpoint. Multi-process data parallel
 (DDP) when launched by `torchrun`: each rank takes its rows of every global batch, gradients are
-averaged, only rank 0 writes.
+averaged (once per optimiser step: accumulation micro-steps run under `no_sync`), only rank 0
+writes, and the logged metrics are rank 0's (its shard of each batch). Metrics are deliberately not
+all-reduced: a gloo collective on a Python-owned tensor right before teardown can deadlock
+torch's process-group destructor against its work thread (seen with torch 2.13).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,7 +61,19 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 0
+    dtype: str = "auto"  # compute dtype of the forward: auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     progress: bool = True
+
+    def autocast(self, device: torch.device):
+        """The autocast context for `dtype` on `device` (weights stay in their own dtype, fp32 for
+        the recipes here, so the optimiser updates full-precision master weights)."""
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+            raise UserError(f"unknown training dtype {self.dtype!r}; use auto, float32 or bfloat16 "
+                            "(float16 would need loss scaling, which this loop does not do)")
+        bf16 = self.dtype in ("bfloat16", "bf16") or (self.dtype == "auto" and device.type == "cuda")
+        if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("bfloat16 is not supported on this GPU; use --dtype float32")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -120,11 +136,13 @@ def train(objective: Objective, data: PackedDataset, out_dir: str | Path, cfg: T
     module = objective.module()
     device = next(module.parameters()).device
     trainable: nn.Module = module
+    own_group = False
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            own_group = True
         trainable = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -134,7 +152,7 @@ def train(objective: Objective, data: PackedDataset, out_dir: str | Path, cfg: T
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas)
     batches = data.batches(cfg.batch_size, rank, world)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = cfg.autocast(device)
     history: list[dict] = []
     bar = None
     if cfg.progress and rank == 0:
@@ -146,11 +164,15 @@ def train(objective: Objective, data: PackedDataset, out_dir: str | Path, cfg: T
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
         sums: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next(batches).to(device)
-            with autocast:
-                loss, metrics = objective.loss(trainable, batch)
-            (loss / cfg.grad_accum).backward()
+            # DDP: all-reduce gradients only on the last micro-step (they accumulate locally before)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if world == 1 or last else trainable.no_sync()
+            with sync:
+                with autocast:
+                    loss, metrics = objective.loss(trainable, batch)
+                (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         if cfg.grad_clip:
@@ -171,8 +193,8 @@ def train(objective: Objective, data: PackedDataset, out_dir: str | Path, cfg: T
     if rank == 0:
         _save(objective, out, history, cfg)
     if world > 1:
-        import torch.distributed as dist
-
+        del trainable  # DDP's reducer goes first, while its process group is still registered
         dist.barrier()
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
     return history
