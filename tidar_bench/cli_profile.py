@@ -1,12 +1,12 @@
 """`tidar-bench profile-latency`: forward latency vs token slots, the free-slot knee, and the
-TiDAR speedup it predicts (tidar_bench/profiling.py)."""
+TiDAR speedup it predicts (the measuring lives in tidar_bench/profiling.py)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import sys
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -18,12 +18,32 @@ from .cli_core import parse_list
 from .errors import UserError
 
 
-def _ints(value: str, what: str) -> list[int]:
+def parse_ints(value: str, what: str) -> list[int]:
+    """Comma-separated integers; `a,b,...,z` continues the geometric (b/a) or, failing that, the
+    arithmetic (b-a) progression up to z: `1,2,4,...,512` is every power of two to 512."""
+    items = parse_list(value, what)
     try:
-        out = [int(x) for x in parse_list(value, what)]
+        if "..." in items:
+            i = items.index("...")
+            if i < 2 or i != len(items) - 2 or items.count("...") > 1:
+                raise UserError(f"{what}: write a progression as a,b,...,z (at least two terms before ...), got {value!r}")
+            head = [int(x) for x in items[:i]]
+            a, b, end = head[-2], head[-1], int(items[-1])
+            out = list(head)
+            if a > 0 and b > a and b % a == 0:
+                while out[-1] * (b // a) <= end:
+                    out.append(out[-1] * (b // a))
+            elif b > a:
+                while out[-1] + (b - a) <= end:
+                    out.append(out[-1] + (b - a))
+            else:
+                raise UserError(f"{what}: a progression a,b,...,z needs b > a, got {value!r}")
+            if out[-1] != end:
+                out.append(end)
+            return out
+        return [int(x) for x in items]
     except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got {value!r}")
-    return out
+        raise UserError(f"{what} must be comma-separated integers (a,b,...,z allowed), got {value!r}")
 
 
 @app.command("profile-latency")
@@ -32,113 +52,159 @@ def profile_latency(
     config: Optional[str] = typer.Option(None, "--config", help="a shipped architecture with random weights: "
                                          "qwen2.5-1.5b, qwen3-4b, qwen3-8b, llama-3.1-8b, cpu-5m, tiny"),
     context: str = typer.Option("512,1024,4096", help="cached context lengths"),
-    slots: str = typer.Option("1,2,4,8,16,32,64,128,256,512", help="new tokens per forward (causal mask)"),
-    mask: str = typer.Option("tidar", help="causal: causal curve only; tidar: also the exact TiDAR step for each --block-size"),
-    block_size: str = typer.Option("4,8,16", help="TiDAR block sizes k (a step feeds k + k*k tokens)"),
+    slots: str = typer.Option("1,2,4,...,512", help="new tokens per forward for the causal curve "
+                              "(1 is always added: the knee and speedups are relative to it)"),
+    mask: str = typer.Option("tidar", help="causal: the causal curve only (TiDAR steps approximated by causal "
+                             "forwards of k + k*k tokens); tidar: also the exact TiDAR step mask for each block size"),
+    block_size: str = typer.Option("4,8,16", help="TiDAR block sizes k (a steady-state step feeds k + k*k tokens)"),
     dtype: str = typer.Option("auto", help="auto = bf16 on CUDA, fp32 on CPU"),
     device: str = typer.Option("auto"),
     repeats: int = typer.Option(20, min=1),
     warmup: int = typer.Option(3, min=0),
-    tolerance: float = typer.Option(0.1, help="knee: largest n with latency <= (1 + tolerance) x latency(1)"),
-    tnfe: Optional[str] = typer.Option(None, help="T/NFE per block size (4=3.1,8=5.2 or a CSV / run folder) to predict speedups"),
+    tolerance: float = typer.Option(0.1, min=0.0, help="knee: largest n with latency <= (1 + tolerance) x latency(1)"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="time replays of a captured CUDA graph of each forward"),
+    tnfe: Optional[str] = typer.Option(None, help="T/NFE per block size to predict speedups: 4=3.1,8=5.2, a CSV "
+                                       "(k, tidar_T_per_NFE) and/or `tidar-bench run` folders, comma-separated"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "--out", help="output folder (latency.csv, latency.json, latency.png, latency.svg)"),
 ) -> None:
     """Latency of one batch-1 forward vs the number of tokens fed, per context length: the
-    "free token slots" TiDAR spends on drafting, the knee where they stop being free, and
-    (with --tnfe) the predicted tokens/s speedup per block size."""
+    "free token slots" TiDAR drafts in, the knee where they stop being free, and (with --tnfe)
+    the predicted tokens/s speedup per block size and the block size to use."""
     import torch
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
 
     from . import profiling as prof
-    from .model import load_model, resolve_device, resolve_dtype
+    from .model import read_config, resolve_device, resolve_dtype
 
+    # ---- validate everything before loading anything
     if (model is None) == (config is None):
-        raise UserError("give exactly one of --model or --config")
+        raise UserError("give exactly one of --model DIR or --config NAME")
     if mask not in ("causal", "tidar"):
         raise UserError(f"--mask must be causal or tidar, got {mask!r}")
-    contexts = _ints(context, "--context")
-    ns = sorted(set(_ints(slots, "--slots")) | {1})
-    ks = _ints(block_size, "--block-size") if mask == "tidar" else []
-    if min(ns) < 1:
-        raise UserError("--slots must all be >= 1")
-    if ks and min(ks) < 1:
-        raise UserError("--block-size must all be >= 1")
-    if min(contexts) < 0:
-        raise UserError("--context must all be >= 0")
+    contexts = sorted(set(parse_ints(context, "--context")))
+    ns = sorted(set(parse_ints(slots, "--slots")))
+    ks = sorted(set(parse_ints(block_size, "--block-size")))
+    if ns[0] < 1:
+        raise UserError(f"--slots must all be >= 1, got {ns[0]}")
+    if ks[0] < 1:
+        raise UserError(f"--block-size must all be >= 1, got {ks[0]}")
+    if contexts[0] < 0:
+        raise UserError(f"--context must all be >= 0, got {contexts[0]}")
+    if tolerance < 0:
+        raise UserError("--tolerance must be >= 0")
+    ns = sorted(set(ns) | {1})
+    tnfe_table = prof.parse_tnfe(tnfe) if tnfe else {}
+    # the speedup needs each k's step latency: measure it rather than interpolate
+    if mask == "tidar":
+        ks = sorted(set(ks) | set(tnfe_table))
+    else:
+        ns = sorted(set(ns) | {prof.tidar_slots(k) for k in tnfe_table})
+        ks = []
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    predicted_tnfe = prof.parse_tnfe(tnfe) if tnfe else None
-    if out.exists() and any(out.iterdir()) and not (out / "latency.json").exists():
-        raise UserError(f"--out {out} is a non-empty folder of something else")
-    if config is not None:
-        if config not in prof.config_names():
-            raise UserError(f"unknown config {config!r}; shipped configs: {', '.join(prof.config_names())}")
-        cfg_max = json.loads((prof.CONFIGS_DIR / f"{config}.json").read_text())["max_position_embeddings"]
-    else:
-        from .model import read_config
+    if cuda_graphs and dev.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+    notes = []
+    if dev.type == "cpu" and dt != torch.float32:
+        notes.append(f"{str(dt).replace('torch.', '')} on CPU: CPU kernels for it are often slower than fp32; "
+                     "these timings say nothing about a GPU")
+    cfg = prof.shipped_config(config) if config is not None else read_config(model)
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    biggest = max([*ns, *(prof.tidar_slots(k) for k in ks)])
+    if contexts[-1] + biggest > max_pos:
+        raise UserError(f"context {contexts[-1]} + {biggest} slots exceeds the model's max_position_embeddings {max_pos}")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "latency.json").exists())):
+        raise UserError(f"--out {out} exists and is not a profile-latency folder")
 
-        cfg_max = read_config(model).get("max_position_embeddings", 4096)
-    biggest = max(ns + [prof.tidar_slots(k) for k in ks])
-    if max(contexts) + biggest > cfg_max:
-        raise UserError(f"context {max(contexts)} + {biggest} slots exceeds the model's max_position_embeddings {cfg_max}")
-    m = prof.random_model(config, dt, dev, seed) if config else load_model(model, dt, dev)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console()
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if config is not None:
+        m = prof.random_model(config, dt, dev, seed)
+    else:
+        from .model import load_model
+
+        m = load_model(model, dt, dev)
     name = config or str(model)
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, console=console) as bar:
         task = bar.add_task("timing forwards", total=len(contexts) * (len(ns) + len(ks)))
-        points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, progress=lambda: bar.advance(task))
+        points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=lambda: bar.advance(task))
     info = prof.device_info(dev)
-    knees, predictions = {}, {}
+
+    # ---- analysis per context
+    knees, lat1, ratios, predictions, best = {}, {}, {}, {}, {}
     for C in contexts:
         curve = {p.slots: p.median_ms for p in points if p.context == C and p.mask == "causal"}
-        knees[C] = prof.knee(curve, tolerance)
-        if predicted_tnfe:
-            step = {p.block_size: p.median_ms for p in points if p.context == C and p.mask == "tidar"}
-            for k in predicted_tnfe:
-                if k not in step:
-                    lat = prof.interpolate(curve, prof.tidar_slots(k))
-                    if lat is not None:
-                        step[k] = lat
-            predictions[C] = prof.predict_speedup({k: v for k, v in predicted_tnfe.items() if k in step}, curve[1], step)
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(asdict(points[0])))
-    w.writeheader()
-    w.writerows(asdict(p) for p in points)
+        knees[C], lat1[C] = prof.knee(curve, tolerance), curve[1]
+        ratios[C] = {n: v / curve[1] for n, v in curve.items()}
+        if tnfe_table:
+            if mask == "tidar":
+                step = {p.block_size: p.median_ms for p in points if p.context == C and p.mask == "tidar"}
+            else:
+                step = {k: curve[prof.tidar_slots(k)] for k in tnfe_table}
+            predictions[C] = prof.predict_speedup(tnfe_table, curve[1], step)
+            best[C] = prof.best_block_size(predictions[C])
+
+    # ---- outputs
     from .provenance import write_atomic
 
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(asdict(points[0])), lineterminator="\n")
+    w.writeheader()
+    w.writerows(asdict(p) for p in points)
     write_atomic(out / "latency.csv", buf.getvalue())
-    record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "model": name, "dtype": str(dt), "device": str(dev),
-              "label": "GPU" if dev.type == "cuda" else "CPU", "tolerance": tolerance, "seed": seed,
-              "environment": info, "points": [asdict(p) for p in points],
-              "knee": {str(C): k for C, k in knees.items()},
-              "lat_ratio_vs_1": {str(C): {str(p.slots): p.median_ms / next(q.median_ms for q in points if q.context == C and q.mask == "causal" and q.slots == 1)
-                                          for p in points if p.context == C and p.mask == "causal"} for C in contexts}}
-    if predicted_tnfe:
-        record["tnfe"] = {str(k): v for k, v in predicted_tnfe.items()}
+    argv = ["tidar-bench", "profile-latency", *(["--model", str(model)] if model else ["--config", config]),
+            "--context", ",".join(map(str, contexts)), "--slots", slots, "--mask", mask, "--block-size", block_size,
+            "--dtype", dtype, "--device", device, "--repeats", str(repeats), "--warmup", str(warmup),
+            "--tolerance", str(tolerance), *(["--cuda-graphs"] if cuda_graphs else []),
+            *(["--tnfe", tnfe] if tnfe else []), "--seed", str(seed), "--out", str(out)]
+    dtype_name = str(dt).replace("torch.", "")
+    label = "GPU" if dev.type == "cuda" else "CPU"
+    record = {
+        "command": shlex.join(argv), "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
+        "timer": info["timer"], "cuda_graphs": cuda_graphs, "repeats": repeats, "warmup": warmup,
+        "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "notes": notes,
+        "environment": info, "points": [asdict(p) for p in points],
+        "knee": {str(C): k for C, k in knees.items()},
+        "latency_1_ms": {str(C): v for C, v in lat1.items()},
+        "latency_ratio_vs_1": {str(C): {str(n): r for n, r in sorted(rs.items())} for C, rs in ratios.items()},
+    }
+    if tnfe_table:
+        record["tnfe"] = {str(k): v for k, v in sorted(tnfe_table.items())}
+        record["step_latency_source"] = "TiDAR step mask" if mask == "tidar" else "causal forward of k + k*k tokens"
         record["predicted_speedup"] = {str(C): {str(k): v for k, v in p.items()} for C, p in predictions.items()}
-        record["recommended_block_size"] = {str(C): max(p, key=p.get) for C, p in predictions.items() if p}
+        record["recommended_block_size"] = {str(C): k for C, k in best.items()}
     write_atomic(out / "latency.json", json.dumps(record, indent=2) + "\n")
-    title = f"{name} · {info['device_name']} · {str(dt).replace('torch.', '')} · batch 1 · {info.get('torch')}"
-    prof.plot(points, knees, title, out / "latency")
-    t = Table(title=f"forward latency (ms, median of {repeats}) — {'GPU' if dev.type == 'cuda' else 'CPU'}: {info['device_name']}")
-    t.add_column("slots")
-    for C in contexts:
-        t.add_column(f"ctx {C}")
-    for n in ns:
-        t.add_row(str(n), *[f"{next(p.median_ms for p in points if p.context == C and p.mask == 'causal' and p.slots == n):.2f}"
-                            for C in contexts])
-    for k in ks:
-        t.add_row(f"TiDAR k={k} ({prof.tidar_slots(k)})",
-                  *[f"{next(p.median_ms for p in points if p.context == C and p.block_size == k):.2f}" for C in contexts])
-    t.add_row("knee", *[str(knees[C]) for C in contexts])
-    console = Console()
-    console.print(t)
+    title = f"{name} · {label}: {info['device_name']} · {dtype_name} · batch 1 · torch {info.get('torch')}"
+    prof.plot(points, knees, tolerance, title, out / "latency")
+    _print_table(console, points, contexts, ns, ks, knees, repeats, label, info["device_name"])
     for C, p in predictions.items():
         if p:
-            best = max(p, key=p.get)
-            console.print(f"context {C}: predicted speedup " + ", ".join(f"k={k}: {v:.2f}x" for k, v in p.items())
-                          + f" -> recommended block size {best}")
+            console.print(f"context {C}: predicted speedup over AR " + ", ".join(f"k={k}: {v:.2f}x" for k, v in p.items())
+                          + f" -> recommended block size {best[C]}")
     console.print(f"wrote {out}/latency.csv, latency.json, latency.png, latency.svg")
+
+
+def _print_table(console, points, contexts, ns, ks, knees, repeats, label, device_name) -> None:
+    from rich.table import Table
+
+    med = {(p.context, p.mask, p.block_size if p.mask == "tidar" else p.slots): p.median_ms for p in points}
+    t = Table(title=f"forward latency, ms (median of {repeats}) — {label}: {device_name}")
+    t.add_column("slots")
+    for C in contexts:
+        t.add_column(f"ctx {C}", justify="right")
+        t.add_column("x lat(1)", justify="right")
+    for n in ns:
+        t.add_row(str(n), *[x for C in contexts for x in (f"{med[C, 'causal', n]:.2f}",
+                                                          f"{med[C, 'causal', n] / med[C, 'causal', 1]:.2f}")])
+    from .profiling import tidar_slots
+
+    for k in ks:
+        t.add_row(f"TiDAR k={k} ({tidar_slots(k)})",
+                  *[x for C in contexts for x in (f"{med[C, 'tidar', k]:.2f}", f"{med[C, 'tidar', k] / med[C, 'causal', 1]:.2f}")])
+    t.add_row("knee", *[x for C in contexts for x in (str(knees[C]), "")])
+    console.print(t)

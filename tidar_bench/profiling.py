@@ -1,50 +1,73 @@
 """Forward latency vs token slots at batch 1 (the paper's Figure 1), the free-slot knee, and the
 TiDAR speedup it predicts.
 
-For each context length C: a KV cache prefilled to C, then timed forwards over n fed tokens, with
-either a causal mask (`masks.causal`) or the exact TiDAR decoding-step mask (`masks.tidar_step` on
-the steady-state layout the decoder uses: x + k-1 drafts + one k-block per outcome, k(k+1) slots).
-The cache is cropped back to C after each forward. Timing: CUDA events after warm-up on GPU,
-perf_counter on CPU; median and interquartile range over repeats.
+For each context length C: a KV cache prefilled to C with random token ids, then timed forwards
+of the model core (Transformer.forward, its real attention path) over n fed tokens, cropping the
+cache back to C after each one. Two kinds of forward:
+
+- "causal": n new tokens, causal among themselves, full access to the cache. Fed with the model's
+  own causal path (mask=None), which is `masks.causal(n, C)` (tested) and is exactly what the AR
+  decoder feeds, so latency(1) is the AR baseline step.
+- "tidar": the exact steady-state TiDAR decoding step for block size k: x + k-1 drafts (causal),
+  then one k-long pre-draft block per outcome 0..k-1, i.e. k + k*k slots, with the mask
+  `masks.tidar_step`, positions `layout.positions()` and the logits rows the decoder computes.
+
+Timing: CUDA events around each forward after warm-up (optionally replaying a captured CUDA graph
+of the fixed-shape forward); on CPU `time.perf_counter`. Median and interquartile range over the
+repeats. Knee: the largest n such that every measured n' <= n costs <= (1 + tolerance) x latency(1).
+Predicted TiDAR speedup in tokens/s over AR: T/NFE(k) x latency(1) / latency(TiDAR step with k).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import masks
 from .errors import UserError
-from .model import ModelConfig, Transformer
+from .model import ModelConfig, Transformer, init_weights, rope_inv_freq
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
+PREFILL_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------- models
 
 
 def config_names() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
 
 
-def random_model(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
-    """A shipped architecture with random weights, built directly on `device` in `dtype`."""
+def shipped_config(name: str) -> dict:
+    """The config.json contents of a shipped architecture (tidar_bench/configs/<name>.json)."""
     f = CONFIGS_DIR / f"{name}.json"
     if not f.is_file():
         raise UserError(f"unknown config {name!r}; shipped configs: {', '.join(config_names())}")
-    cfg = ModelConfig.from_dict(json.loads(f.read_text()))
-    torch.manual_seed(seed)
-    with torch.device(device):
+    return json.loads(f.read_text())
+
+
+def random_model(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
+    """A shipped architecture with random weights (`init_weights`), allocated once on `device` in
+    `dtype` (built on the meta device first, so an 8B model never exists in fp32)."""
+    cfg = ModelConfig.from_dict(shipped_config(name))
+    with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
+    model = model.to_empty(device=device)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    init_weights(model, seed=seed)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- what one forward feeds
 
 
 def tidar_slots(k: int) -> int:
@@ -53,83 +76,160 @@ def tidar_slots(k: int) -> int:
 
 
 def tidar_layout(context: int, k: int) -> masks.TidarStepLayout:
+    """The steady-state step the TiDAR decoder takes after `context` cached tokens."""
     return masks.TidarStepLayout(cached=context, n_drafts=k - 1, block_size=k, outcomes=tuple(range(k)))
 
 
-def step_inputs(kind: str, context: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions [n], mask [n, context + n]) of a timed forward. kind "causal": n new tokens;
-    kind "tidar": n is the block size k and the step feeds tidar_slots(k) tokens."""
+def tidar_logits_rows(layout: masks.TidarStepLayout) -> list[int]:
+    """Fed rows the decoder computes logits for in a steady-state step: the causal rows (verification)
+    and offsets 1..k-1 of every pre-draft block (the next drafts). Checked against the decoder in tests."""
+    rows = list(range(layout.n_causal))
+    for b in range(len(layout.outcomes)):
+        s = layout.block_start(b)
+        rows += range(s + 1, s + layout.block_size)
+    return rows
+
+
+@dataclass
+class Forward:
+    """The inputs of one timed forward (besides token ids): positions [n], mask [n, C+n] or None
+    (the model's causal path), logits rows or None (all)."""
+
+    kind: str  # "causal" | "tidar"
+    n: int  # slots = tokens fed
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    logits_index: torch.Tensor | None
+    block_size: int | None = None
+
+
+def step_inputs(kind: str, context: int, n: int, device: torch.device | str = "cpu") -> Forward:
+    """kind "causal": n new tokens; kind "tidar": n is the block size k (the step feeds k + k*k)."""
     if kind == "causal":
-        return torch.arange(context, context + n, device=device), masks.causal(n, context, device)
+        return Forward("causal", n, torch.arange(context, context + n, device=device), None, None)
+    if kind != "tidar":
+        raise ValueError(f"unknown forward kind {kind!r}")
     layout = tidar_layout(context, n)
-    return layout.positions(device), masks.tidar_step(layout, device)
+    rows = torch.tensor(tidar_logits_rows(layout), dtype=torch.long, device=device)
+    return Forward("tidar", layout.n_fed, layout.positions(device), masks.tidar_step(layout, device), rows, n)
+
+
+# ----------------------------------------------------------------------------- timing
 
 
 @dataclass
 class Point:
     context: int
     slots: int
-    mask: str
-    block_size: int | None
     median_ms: float
     q1_ms: float
     q3_ms: float
     repeats: int
+    mask: str
+    block_size: int | None
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(median, q1, q3), quartiles by linear interpolation between order statistics."""
+    if len(xs) == 1:
         return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[1], q[0], q[2]
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return med, q1, q3
+
+
+def _cuda_graph(run: Callable[[], None], reset: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    """Capture one call of `run` (a fixed-shape forward at a fixed cache length) into a CUDA graph.
+    Warm-up runs on a side stream first, as torch.cuda.graphs requires; `reset` crops the cache
+    back before every run so the captured kernels write the same KV slots as the replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            reset()
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    reset()
+    with torch.cuda.graph(graph):
+        run()
+    reset()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _time_ms(run: Callable[[], None], reset: Callable[[], None], repeats: int, warmup: int, cuda: bool) -> list[float]:
+    times = []
+    for r in range(warmup + repeats):
+        reset()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            run()
+            ms = (time.perf_counter() - t0) * 1e3
+        if r >= warmup:
+            times.append(ms)
+    reset()
+    return times
 
 
 @torch.inference_mode()
 def measure(model: Transformer, contexts: list[int], slots: list[int], block_sizes: list[int], repeats: int,
-            warmup: int, seed: int = 0, progress=None) -> list[Point]:
-    """Causal latency at every n in `slots` and TiDAR-step latency for every k in `block_sizes`."""
+            warmup: int, seed: int = 0, cuda_graphs: bool = False, progress: Callable[[], None] | None = None) -> list[Point]:
+    """Causal latency at every n in `slots` and TiDAR-step latency for every k in `block_sizes`,
+    at every context length."""
     dev = model.device
     cuda = dev.type == "cuda"
+    if cuda_graphs and not cuda:
+        raise UserError("--cuda-graphs needs a CUDA device")
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     jobs = [("causal", n) for n in slots] + [("tidar", k) for k in block_sizes]
-    biggest = max([n for n in slots] + [tidar_slots(k) for k in block_sizes])
+    biggest = max([*slots, *(tidar_slots(k) for k in block_sizes)])
     points = []
+    cache = model.new_cache(max(contexts) + biggest)
     for C in contexts:
-        cache = model.new_cache(C + biggest)
-        for s in range(0, C, 512):  # prefill in chunks
-            ids = torch.randint(0, V, (1, min(512, C - s)), generator=g).to(dev)
+        cache.reset()
+        for s in range(0, C, PREFILL_CHUNK):
+            ids = torch.randint(0, V, (1, min(PREFILL_CHUNK, C - s)), generator=g).to(dev)
             model(ids, cache=cache, return_logits=False)
         for kind, n in jobs:
-            pos, mask = step_inputs(kind, C, n, dev)
-            ids = torch.randint(0, V, (1, pos.numel()), generator=g).to(dev)
-            times = []
-            for r in range(warmup + repeats):
+            f = step_inputs(kind, C, n, dev)
+            ids = torch.randint(0, V, (1, f.n), generator=g).to(dev)
+
+            def run():
+                model(ids, f.positions, f.mask, cache, logits_index=f.logits_index)
+
+            def reset():
                 cache.crop(C)
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    model(ids, pos, mask, cache)
-                    end.record()
-                    torch.cuda.synchronize()
-                    ms = start.elapsed_time(end)
-                else:
-                    t0 = time.perf_counter()
-                    model(ids, pos, mask, cache)
-                    ms = (time.perf_counter() - t0) * 1e3
-                if r >= warmup:
-                    times.append(ms)
-            med, q1, q3 = _quartiles(times)
-            points.append(Point(C, pos.numel(), kind, n if kind == "tidar" else None, med, q1, q3, repeats))
+
+            if cuda:
+                torch.cuda.synchronize(dev)
+            if cuda_graphs:
+                graph = _cuda_graph(run, reset)
+                times = _time_ms(graph.replay, reset, repeats, warmup, cuda)
+                del graph
+            else:
+                times = _time_ms(run, reset, repeats, warmup, cuda)
+            med, q1, q3 = quartiles(times)
+            points.append(Point(C, f.n, med, q1, q3, repeats, kind, f.block_size))
             if progress is not None:
                 progress()
-        cache.crop(0)
     return points
 
 
+# ----------------------------------------------------------------------------- analysis
+
+
 def knee(curve: dict[int, float], tolerance: float = 0.1) -> int:
-    """The largest n such that every measured n' <= n has latency <= (1 + tolerance) * latency(1).
-    `curve` maps slots -> latency and must contain 1."""
+    """The largest measured n such that every measured n' <= n (walking up from n = 1, stopping
+    at the first miss) has latency(n') <= (1 + tolerance) * latency(1). 1 when even the next
+    measured point is over the limit. `curve` maps slots -> latency and must contain 1."""
     if 1 not in curve:
         raise ValueError("the curve needs latency(1)")
     limit = (1 + tolerance) * curve[1]
@@ -141,101 +241,147 @@ def knee(curve: dict[int, float], tolerance: float = 0.1) -> int:
     return best
 
 
-def interpolate(curve: dict[int, float], n: int) -> float | None:
-    """Latency at n by linear interpolation between measured slots (None outside the range)."""
-    xs = sorted(curve)
-    if n < xs[0] or n > xs[-1]:
-        return None
-    for a, b in zip(xs, xs[1:]):
-        if a <= n <= b:
-            return curve[a] + (curve[b] - curve[a]) * (n - a) / (b - a)
-    return curve[xs[-1]]
-
-
 def predict_speedup(tnfe: dict[int, float], lat1: float, step_latency: dict[int, float]) -> dict[int, float]:
-    """tokens/s speedup over AR per block size k: T/NFE(k) * lat(1) / lat(TiDAR step with k)."""
+    """Predicted tokens/s speedup over AR per block size k: T/NFE(k) x lat(1) / lat(step with k).
+    Block sizes without a step latency are left out."""
     return {k: tnfe[k] * lat1 / step_latency[k] for k in sorted(tnfe) if step_latency.get(k)}
 
 
-def parse_tnfe(spec: str) -> dict[int, float]:
-    """`4=3.1,8=5.2` or a run folder's summary.csv / a CSV with columns k and a T/NFE column."""
-    p = Path(spec)
-    if p.exists():
-        import csv
+def best_block_size(speedup: dict[int, float]) -> int | None:
+    return max(speedup, key=speedup.get) if speedup else None
 
-        f = p / "summary.csv" if p.is_dir() else p
-        if not f.is_file():
-            raise UserError(f"no summary.csv in {p}")
-        rows = list(csv.DictReader(f.open()))
-        out: dict[int, float] = {}
-        for r in rows:
+
+def parse_tnfe(spec: str) -> dict[int, float]:
+    """T/NFE per block size from comma-separated items, each either `k=T/NFE`, a CSV file with a
+    block-size column (k or block_size) and a T/NFE column (tidar_T_per_NFE, tokens_per_nfe or
+    T/NFE), or a `tidar-bench run` folder (its run.json: the tidar decoder's block size, from its
+    options or the checkpoint's tidar_config.json, and its measured tokens_per_nfe)."""
+    out: dict[int, float] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        if "=" in item and not Path(item).exists():
+            k, _, v = item.partition("=")
+            try:
+                out[int(k)] = float(v)
+            except ValueError:
+                raise UserError(f"--tnfe expects k=T/NFE pairs like 4=3.1,8=5.2, a CSV or a run folder; got {item!r}")
+        elif Path(item).is_dir():
+            out.update(_tnfe_from_run(Path(item)))
+        elif Path(item).is_file():
+            out.update(_tnfe_from_csv(Path(item)))
+        else:
+            raise UserError(f"--tnfe: {item!r} is neither k=T/NFE nor an existing CSV file or run folder")
+    if not out:
+        raise UserError("--tnfe is empty")
+    bad = [k for k, v in out.items() if k < 1 or not v > 0]
+    if bad:
+        raise UserError(f"--tnfe needs block sizes >= 1 and T/NFE > 0; check k={bad[0]}")
+    return out
+
+
+def _tnfe_from_csv(f: Path) -> dict[int, float]:
+    out = {}
+    with f.open(newline="") as fh:
+        for r in csv.DictReader(fh):
             k = r.get("k") or r.get("block_size")
             v = r.get("tidar_T_per_NFE") or r.get("tokens_per_nfe") or r.get("T/NFE")
             if k and v:
-                out[int(k)] = float(v)
-        if not out:
-            raise UserError(f"{f} has no block-size (k) and T/NFE columns")
-        return out
-    try:
-        return {int(k): float(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
-    except ValueError:
-        raise UserError(f"--tnfe expects k=T/NFE pairs like 4=3.1,8=5.2 or a CSV/run folder, got {spec!r}")
+                try:
+                    out[int(k)] = float(v)
+                except ValueError:
+                    raise UserError(f"{f}: bad block size / T/NFE values {k!r}, {v!r}")
+    if not out:
+        raise UserError(f"{f} has no block-size (k or block_size) and T/NFE (tidar_T_per_NFE or tokens_per_nfe) columns")
+    return out
+
+
+def _tnfe_from_run(d: Path) -> dict[int, float]:
+    from .checkpoint import TidarConfig
+
+    f = d / "run.json"
+    if not f.is_file():
+        raise UserError(f"--tnfe: {d} has no run.json (not a finished `tidar-bench run` folder)")
+    run = json.loads(f.read_text())
+    tidar = run.get("decoders", {}).get("tidar")
+    if not tidar or not tidar.get("tokens_per_nfe"):
+        raise UserError(f"--tnfe: {f} has no tidar decoder with a measured tokens_per_nfe")
+    k = (tidar.get("options") or {}).get("block_size")
+    model = (run.get("identity") or {}).get("model")
+    if k is None and model and TidarConfig.exists(model):
+        k = TidarConfig.load(model).block_size
+    if k is None:
+        raise UserError(f"--tnfe: cannot tell the block size of the tidar run in {d}; pass it as k=T/NFE")
+    return {int(k): float(tidar["tokens_per_nfe"])}
+
+
+# ----------------------------------------------------------------------------- environment and plot
 
 
 def device_info(device: torch.device) -> dict:
+    """Where the numbers come from: provenance.environment() plus the device's name, clocks and driver."""
+    import subprocess
+
     from .provenance import environment
 
     info = environment()
+    info["threads"] = torch.get_num_threads()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, device_memory_gb=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
+        info.update(timer="CUDA events", device_name=props.name, device_memory_gb=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
         try:
-            import subprocess
-
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm",
+            q = subprocess.run(["nvidia-smi", f"--id={device.index or 0}",
+                                "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-            info["nvidia_smi"] = q.stdout.strip() or None
+            info["nvidia_smi"] = {"query": "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
+                                  "value": q.stdout.strip() or None}
         except (OSError, subprocess.SubprocessError):
             info["nvidia_smi"] = None
     else:
-        info["device_name"] = f"CPU ({info.get('cpu')}, {torch.get_num_threads()} threads)"
+        info.update(timer="time.perf_counter (CPU)",
+                    device_name=f"{info.get('cpu') or 'unknown CPU'}, {info['threads']} threads")
     return info
 
 
-def plot(points: list[Point], knees: dict[int, int], title: str, out_base: Path) -> None:
+def plot(points: list[Point], knees: dict[int, int], tolerance: float, title: str, out_base: Path) -> None:
+    """latency vs slots (log2 x), one line per context with its IQR band, its knee and the knee's
+    limit (1 + tolerance) x latency(1) dotted; TiDAR steps as crosses. Writes out_base.png and
+    out_base.svg atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    contexts = sorted({p.context for p in points})
-    for C in contexts:
+    for i, C in enumerate(sorted({p.context for p in points})):
         causal = sorted((p.slots, p.median_ms, p.q1_ms, p.q3_ms) for p in points if p.context == C and p.mask == "causal")
+        color = None
         if causal:
             xs, ys, lo, hi = zip(*causal)
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"context {C}")
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=f"context {C}")
+            color = line.get_color()
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
             kn = knees.get(C)
             if kn is not None:
-                y = dict(zip(xs, ys))[kn]
-                ax.scatter([kn], [y], s=80, facecolors="none", edgecolors=line.get_color(), zorder=5)
-                ax.annotate(f"knee {kn}", (kn, y), textcoords="offset points", xytext=(4, 8), fontsize=8,
-                            color=line.get_color())
-        tid = sorted((p.slots, p.median_ms, p.block_size) for p in points if p.context == C and p.mask == "tidar")
-        for s, y, k in tid:
-            ax.scatter([s], [y], marker="x", color="black", zorder=6)
-            ax.annotate(f"TiDAR k={k}", (s, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+                curve = dict(zip(xs, ys))
+                ax.axhline((1 + tolerance) * curve[1], ls=":", lw=0.8, color=color)
+                ax.scatter([kn], [curve[kn]], s=90, facecolors="none", edgecolors=color, zorder=5)
+                ax.annotate(f"knee {kn}", (kn, curve[kn]), textcoords="offset points", xytext=(4, 8 + 10 * i),
+                            fontsize=8, color=color)
+        for p in sorted((p for p in points if p.context == C and p.mask == "tidar"), key=lambda p: p.slots):
+            ax.scatter([p.slots], [p.median_ms], marker="x", color=color or "black", zorder=6)
+            ax.annotate(f"TiDAR k={p.block_size}", (p.slots, p.median_ms), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color=color or "black")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens fed in one forward (slots)")
+    ax.set_xlabel("tokens fed in one forward (slots), batch 1")
     ax.set_ylabel("forward latency, median (ms)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     for ext in ("png", "svg"):
-        tmp = out_base.with_name(f".{out_base.name}.{ext}.tmp")
+        tmp = out_base.with_name(f".{out_base.name}.tmp.{ext}")
         fig.savefig(tmp, dpi=130, format=ext)
         tmp.replace(out_base.with_suffix(f".{ext}"))
     plt.close(fig)
