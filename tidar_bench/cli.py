@@ -13,6 +13,7 @@ from .errors import UserError
 COMMAND_MODULES = (
     "tidar_bench.cli_core",
     "tidar_bench.cli_train",
+    "tidar_bench.cli_train_eagle",
     "tidar_bench.cli_run",
     "tidar_bench.cli_profile",
 )

@@ -22,6 +22,7 @@ DECODER_MODULES = (
     "baselines.hf",
     "tidar_bench.tidar",
     "baselines.block_diffusion",
+    "baselines.eagle",
 )
 
 

@@ -1,0 +1,545 @@
+"""EAGLE-style speculative decoding: a one-layer draft head on the target's features drafts a
+token tree, the target verifies the whole tree in ONE forward (tree attention), the longest
+accepted path is kept. Lossless: greedy output == AR greedy, sampling keeps the target distribution.
+
+The draft head (`EagleHead`, our own code on the model core's building blocks) comes in two forms:
+
+- "eagle3" (EAGLE-3, arXiv 2503.01840): features = the target's hidden states entering layers
+  2, L//2 and L-3 (i.e. outputs of layers 1, L//2-1, L-4), concatenated and projected by
+  `fc: Linear(3*H_target, H)`. The decoder layer's q/k/v read concat(input_layernorm(emb),
+  hidden_norm(h)) (width 2H); the residual stream is h. Own reduced vocabulary: `lm_head: H -> V_d`,
+  target id = draft id + d2t[draft id], `t2d` marks the kept target ids. Checkpoints in the
+  official layout load as they are (`load_eagle_head`).
+- "eagle1" (EAGLE-1/2): feature = the target's final normed hidden state; x = fc(concat(emb, f))
+  (2H -> H, with bias), then a standard decoder layer; logits = lm_head(x) with lm_head copied from
+  the target (EAGLE-1 regresses the next feature and reads it with the target's head). Stored in
+  the same file layout plus `"eagle_form": "eagle1"` in config.json (our own checkpoints only).
+
+Indices: "pair" i of the head = (feature of target position i, token i+1); it predicts token i+2
+and outputs a hidden state standing in for the feature at i+1. The head keeps its own KV cache of
+committed pairs; tree nodes are appended while drafting and cropped afterwards. Invariants after
+every step: target cache == causal prefill of the committed tokens except the newest; head cache
+== head prefill of the committed pairs except those of the newest accepted path (absorbed at the
+start of the next step, with the target features the verification forward produced).
+
+Drafting (EAGLE-2 dynamic tree, `tree=True`): the head's first forward (absorbing the accepted
+pairs) gives the root's children; keep the top_k by log-prob; then `depth - 1` times feed the
+frontier (top_k nodes), expand top_k children of each, score = cumulative log-prob, keep the
+global top_k as the next frontier. All expanded nodes are reranked and the best total_tokens - 1
+(parents always included) form the tree. `tree=False` drafts a chain of `chain_length` tokens
+(argmax, or sampled from the head when sampling). So `depth` head forwards per step.
+
+Verification: fed = [root (newest committed token) | tree nodes] at positions cache + node depth
+under `masks.tree`; greedy: walk from the root, following the child whose token equals the target
+argmax, and append the target argmax where the walk stops (bonus). Sampling: at each node the
+children (deterministic candidates, best first) are tried in turn: candidate t is accepted with
+probability p(t), else p(t) is zeroed and p renormalised (speculative sampling with a point-mass
+proposal, exact for any draft-chosen candidate set); when all are rejected the token is drawn from
+the residual p. Chains sampled from the head use `decoding.speculative_verify`. The accepted path's
+target KV is compacted with `cache.keep`. Stats: nfe (target forwards), draft_forwards, accepted
+lengths = accepted drafts + 1 (EAGLE's tau).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from tidar_bench import masks
+from tidar_bench.attention import select_backend
+from tidar_bench.cache import KVCache
+from tidar_bench.decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer, make_generator,
+                                  next_token, sample, speculative_verify, warp_probs)
+from tidar_bench.errors import UserError
+from tidar_bench.model import MLP, Attention, Block, ModelConfig, RMSNorm, load_state_dict, read_config, rope_inv_freq
+from tidar_bench.registry import DecoderContext, register_decoder
+
+FORMS = ("eagle3", "eagle1")
+
+# ----------------------------------------------------------------------------- the draft head
+
+
+def feature_layers(form: str, n_layers: int) -> tuple[int, ...]:
+    """Target layers (model-core indices, output of layer i) whose hidden states feed the head.
+    EAGLE-3 taps the states *entering* layers 2, L//2, L-3 (clamped to layer 0 for tiny models)."""
+    if form == "eagle1":
+        return (n_layers - 1,)
+    return tuple(max(0, i - 1) for i in (2, n_layers // 2, n_layers - 3))
+
+
+def target_features(target, hidden: dict[int, torch.Tensor], form: str) -> torch.Tensor:
+    """[B, q, F] head input features from a target forward run with hidden_layers=feature_layers."""
+    layers = feature_layers(form, target.config.num_hidden_layers)
+    if form == "eagle1":
+        return target.model.norm(hidden[layers[0]])
+    return torch.cat([hidden[i] for i in layers], dim=-1)
+
+
+@dataclass
+class EagleConfig:
+    """The head's config.json (official EAGLE-3 fields + our optional `eagle_form`)."""
+
+    raw: dict
+
+    @property
+    def form(self) -> str:
+        return self.raw.get("eagle_form", "eagle3")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.raw["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.raw["vocab_size"]
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.raw.get("draft_vocab_size") or self.raw["vocab_size"]
+
+    @property
+    def target_hidden_size(self) -> int:
+        return self.raw.get("target_hidden_size") or self.raw["hidden_size"]
+
+    def layer_config(self) -> ModelConfig:
+        d = dict(self.raw, model_type="llama", num_hidden_layers=1, attention_bias=bool(self.raw.get("bias", False)))
+        return ModelConfig.from_dict(d)
+
+
+class Eagle3Layer(nn.Module):
+    """EAGLE-3's decoder layer: attention over concat(norm(emb), norm(h)), residual on h."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        a = self.self_attn
+        for name, out in (("q_proj", a.n_heads), ("k_proj", a.n_kv), ("v_proj", a.n_kv)):
+            setattr(a, name, nn.Linear(2 * H, out * a.head_dim, bias=cfg.attention_bias))
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, emb, h, cos, sin, mask, cache, start, attn):
+        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1)
+        h = h + self.self_attn(x, cos, sin, mask, 0, cache, start, attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: EagleConfig):
+        super().__init__()
+        if config.form not in FORMS:
+            raise UserError(f"unknown eagle_form {config.form!r}; valid: {', '.join(FORMS)}")
+        self.config = config
+        lc = self.layer_config = config.layer_config()
+        H, V, Vd = config.hidden_size, config.vocab_size, config.draft_vocab_size
+        self.embed_tokens = nn.Embedding(V, H)  # the target's, frozen; not stored in head checkpoints
+        self.embed_tokens.weight.requires_grad_(False)
+        if config.form == "eagle3":
+            self.fc = nn.Linear(3 * config.target_hidden_size, H, bias=False)
+            self.midlayer = Eagle3Layer(lc)
+            self.norm = RMSNorm(H, lc.rms_norm_eps)
+        else:
+            self.fc = nn.Linear(2 * H, H, bias=True)
+            self.midlayer = Block(lc)
+            self.norm = nn.Identity()
+        self.lm_head = nn.Linear(H, Vd, bias=False)
+        self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))
+        self.register_buffer("t2d", torch.arange(V) < Vd)  # default draft vocab: the first Vd ids
+        self.register_buffer("inv_freq", rope_inv_freq(lc), persistent=False)
+        self.attn = select_backend("auto")
+
+    @property
+    def form(self) -> str:
+        return self.config.form
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Reduced vocabulary = these target ids (sorted): fills d2t and t2d."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long).sort().values
+        if ids.numel() != self.lm_head.out_features:
+            raise ValueError(f"{ids.numel()} draft ids for a draft vocabulary of {self.lm_head.out_features}")
+        self.d2t.copy_(ids.to(self.d2t.device) - torch.arange(ids.numel(), device=self.d2t.device))
+        self.t2d.zero_()
+        self.t2d[ids.to(self.t2d.device)] = True
+
+    def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def new_cache(self, max_len: int, reuse: KVCache | None = None) -> KVCache:
+        if reuse is not None and reuse.max_len >= max_len:
+            reuse.reset()
+            return reuse
+        lc = self.layer_config
+        w = self.lm_head.weight
+        return KVCache(1, lc.num_key_value_heads, lc.head_dim, max_len, dtype=w.dtype, device=w.device)
+
+    def forward(self, ids: torch.Tensor, target_feats: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, q] target token ids; the q pairs' features are [target_feats ; hidden] along the
+        sequence: target features (projected by fc in EAGLE-3) for the first part, the head's own
+        output states for the rest. mask/positions/cache as in the model core. Returns
+        (hidden [B, q, H] (the next feature's estimate), logits [B, q, V_draft] float32)."""
+        parts = []
+        if target_feats is not None:
+            parts.append(self.fc(target_feats) if self.form == "eagle3" else target_feats)
+        if hidden is not None:
+            parts.append(hidden)
+        h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        B, q = ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.reserve(q)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + q, device=ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(B, q)
+        if mask is None:
+            mask = None if q == 1 else "causal"
+        elif mask.dim() == 2:
+            mask = mask[None, None]
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
+        emb_rope = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb_rope.cos().to(h.dtype)[:, None], emb_rope.sin().to(h.dtype)[:, None]
+        emb = self.embed_tokens(ids)
+        if self.form == "eagle3":
+            out = self.midlayer(emb, h, cos, sin, mask, cache, start, self.attn)
+        else:
+            out = self.midlayer(self.fc(torch.cat([emb, h], dim=-1)), cos, sin, mask, 0, cache, start, self.attn)
+        if cache is not None:
+            cache.advance(q)
+        return out, self.lm_head(self.norm(out)).float()
+
+    # ------------------------------------------------------------------------- construction, I/O
+
+    @classmethod
+    def from_target(cls, target, form: str = "eagle3", draft_vocab_size: int | None = None,
+                    seed: int = 0) -> "EagleHead":
+        """A fresh head sized like the target (one layer of its shape), random-init, with the
+        target's embedding (and, for eagle1, its norm-free LM head)."""
+        if form not in FORMS:
+            raise UserError(f"--form must be one of {', '.join(FORMS)}, got {form!r}")
+        tc = target.config
+        raw = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": tc.hidden_size,
+               "intermediate_size": tc.intermediate_size, "num_attention_heads": tc.num_attention_heads,
+               "num_key_value_heads": tc.num_key_value_heads, "head_dim": tc.head_dim, "num_hidden_layers": 1,
+               "vocab_size": tc.vocab_size, "draft_vocab_size": draft_vocab_size or tc.vocab_size,
+               "rms_norm_eps": tc.rms_norm_eps, "rope_theta": tc.rope_theta, "rope_scaling": tc.rope_scaling,
+               "max_position_embeddings": tc.max_position_embeddings, "tie_word_embeddings": False,
+               "target_hidden_size": tc.hidden_size}
+        if form == "eagle1":
+            if draft_vocab_size not in (None, tc.vocab_size):
+                raise UserError("the eagle1 form reads the target's LM head: no reduced draft vocabulary")
+            raw["eagle_form"] = "eagle1"
+        head = cls(EagleConfig(raw))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in head.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        head.to(device=target.device, dtype=target.dtype)
+        head.inv_freq = rope_inv_freq(head.layer_config).to(target.device)
+        head.attach(target)
+        if form == "eagle1":
+            with torch.no_grad():
+                head.lm_head.weight.copy_(target.lm_head.weight)
+            head.lm_head.weight.requires_grad_(False)
+        return head
+
+    def attach(self, target) -> None:
+        """Take the (frozen) token embedding from the target; check the two fit together."""
+        tc, c = target.config, self.config
+        if tc.vocab_size != c.vocab_size:
+            raise UserError(f"draft head vocab_size {c.vocab_size} != target vocab_size {tc.vocab_size}")
+        if tc.hidden_size != c.target_hidden_size:
+            raise UserError(f"draft head expects target hidden size {c.target_hidden_size}, target has {tc.hidden_size}")
+        if tc.hidden_size != c.hidden_size:
+            raise UserError(f"draft head hidden size {c.hidden_size} != target embedding width {tc.hidden_size}")
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+
+    def save(self, out_dir: str | Path) -> None:
+        """config.json + model.safetensors in the official EAGLE-3 layout (no embedding)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("embed_tokens")}
+        tmp = out / "model.safetensors.tmp"
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / "model.safetensors")
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.raw, indent=2))
+        tmp.replace(out / "config.json")
+
+
+def load_eagle_head(path: str | Path, target) -> EagleHead:
+    """Load a draft head directory (official EAGLE-3 layout: config.json + model.safetensors or
+    pytorch_model.bin) onto the target's device/dtype, with the target's embedding."""
+    raw = read_config(path)
+    if raw.get("num_hidden_layers", 1) != 1:
+        raise UserError(f"{path}: EAGLE heads have one decoder layer, config says {raw['num_hidden_layers']}")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        if key not in raw:
+            raise UserError(f"{path}/config.json lacks {key!r}; is this an EAGLE draft head?")
+    with torch.device("meta"):
+        head = EagleHead(EagleConfig(raw))
+    head = head.to_empty(device=target.device)
+    sd = load_state_dict(path)
+    Vd, V = head.config.draft_vocab_size, head.config.vocab_size
+    if "d2t" not in sd and Vd == V:  # the official code drops the maps for a full draft vocab
+        sd["d2t"], sd["t2d"] = torch.zeros(Vd, dtype=torch.long), torch.ones(V, dtype=torch.bool)
+    expected = {k: v for k, v in head.state_dict().items() if not k.startswith("embed_tokens")}
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise UserError(f"draft head {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, p in expected.items():
+            if tuple(sd[name].shape) != tuple(p.shape):
+                raise UserError(f"draft head {path}: {name} has shape {tuple(sd[name].shape)}, "
+                                f"config implies {tuple(p.shape)}")
+            p.copy_(sd[name].to(p.dtype))
+    head.to(dtype=target.dtype)  # floating tensors only: d2t/t2d keep long/bool
+    head.inv_freq = rope_inv_freq(head.layer_config).to(target.device)
+    head.attach(target)
+    head.eval().requires_grad_(False)
+    return head
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+
+@dataclass
+class DraftTree:
+    """Drafted nodes in creation order (parents first). parent -1 = the root."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    draft_probs: torch.Tensor | None = None  # chains sampled from the head: [n, V] proposal distributions
+
+    def children(self) -> list[list[int]]:
+        """Fed-index children lists (fed index 0 = root, node i = fed index i + 1), in order."""
+        ch: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
+        for i, p in enumerate(self.parents):
+            ch[p + 1].append(i + 1)
+        return ch
+
+
+def tree_sample_walk(fed_tokens: list[int], children: list[list[int]], probs: torch.Tensor,
+                     generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Sampling verification of a tree with deterministic candidates. probs [n_fed, V] are the
+    warped target distributions at every fed node. Returns (accepted fed path from the root, next token)."""
+    path = [0]
+    node = 0
+    while True:
+        p = probs[node].clone()
+        moved = False
+        for c in children[node]:
+            t = fed_tokens[c]
+            u = float(torch.rand((), generator=generator, device=p.device))
+            if u < float(p[t]):
+                path.append(c)
+                node, moved = c, True
+                break
+            p[t] = 0.0
+            total = float(p.sum())
+            if total <= 0:  # only reachable with probability 0; keep a valid distribution
+                p = probs[node].clone()
+                break
+            p = p / total
+        if not moved:
+            return path, int(sample(p, generator))
+
+
+class EagleDecoder:
+    name = "eagle"
+    lossless = True
+
+    def __init__(self, model, head: EagleHead, tokenizer=None, *, tree: bool = True, depth: int = 6, top_k: int = 4,
+                 total_tokens: int = 32, chain_length: int = 5):
+        if min(depth, top_k, chain_length) < 1 or total_tokens < 2:
+            raise ValueError("depth, top_k and chain_length must be >= 1 and total_tokens >= 2")
+        self.model, self.head, self.tokenizer = model, head, tokenizer
+        self.tree = tree
+        if tree:
+            self.depth, self.top_k, self.total_tokens = depth, min(top_k, head.lm_head.out_features), total_tokens
+        else:
+            self.depth, self.top_k, self.total_tokens = chain_length, 1, chain_length + 1
+        self.layers = feature_layers(head.form, model.config.num_hidden_layers)
+        self._cache: KVCache | None = None
+        self._hcache: KVCache | None = None
+        # tests observe every step: on_step(target cache, prompt + committed tokens)
+        self.on_step: Callable | None = None
+
+    def options(self) -> dict:
+        o = {"form": self.head.form, "draft_vocab_size": self.head.lm_head.out_features, "tree": self.tree,
+             "depth": self.depth}
+        if self.tree:
+            o.update(top_k=self.top_k, total_tokens=self.total_tokens)
+        else:
+            o.update(chain_length=self.depth)
+        return o
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
+        model, sp = self.model, config.sampling
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        timer = Timer(model.device)
+        t0 = timer.now()
+        stats = DecodeStats()
+        stop = StopChecker(config, self.tokenizer)
+        gen = make_generator(sp, model.device)
+        cap = len(prompt) + config.max_new_tokens + self.total_tokens + 2
+        cache = self._cache = model.new_cache(cap, reuse=self._cache)
+        hcache = self._hcache = self.head.new_cache(cap, reuse=self._hcache)
+
+        ids = torch.tensor([prompt], device=model.device)
+        out = model(ids, cache=cache, hidden_layers=self.layers, logits_index=slice(-1, None))
+        stats.nfe, stats.tokens_fed = 1, [len(prompt)]
+        tok = int(next_token(out.logits[0, -1], sp, gen))
+        stats.prefill_time_s = timer.now() - t0
+        feats = target_features(model, out.hidden_states, self.head.form)  # pairs (feature i, token i+1)
+        pair_ids = prompt[1:] + [tok]
+        history = prompt + [tok]
+        done = stop.extend([tok])
+        while not done:
+            hidden, logits = self.head(torch.tensor([pair_ids], device=model.device), target_feats=feats, cache=hcache)
+            stats.draft_forwards += 1
+            tree = self._draft(hcache, tok, logits[0, -1], hidden[0, -1], sp, gen, stats)
+
+            start = cache.length
+            fed_tokens = [tok] + tree.tokens
+            parents = [-1] + [p + 1 for p in tree.parents]
+            positions = torch.tensor([start] + [start + d for d in tree.depths], device=model.device)
+            out = model(torch.tensor([fed_tokens], device=model.device), positions,
+                        masks.tree(parents, start, model.device), cache, hidden_layers=self.layers)
+            stats.nfe += 1
+            stats.tokens_fed.append(len(fed_tokens))
+            path, tok = self._verify(out.logits[0], fed_tokens, tree, sp, gen)
+            cache.keep([start + i for i in path])
+
+            accepted = [fed_tokens[i] for i in path[1:]] + [tok]
+            stats.accepted_lengths.append(len(accepted))
+            feats = target_features(model, out.hidden_states, self.head.form)[:, path]
+            pair_ids = accepted
+            history += accepted
+            done = stop.extend(accepted)
+            if self.on_step is not None:
+                self.on_step(cache, history)
+        stats.wall_time_s = timer.now() - t0
+        return stop.result(stats)
+
+    def _draft(self, hcache: KVCache, root: int, logits: torch.Tensor, hidden: torch.Tensor, sp, gen,
+               stats: DecodeStats) -> DraftTree:
+        """Grow the draft tree from the root's child logits; the head cache is restored on return."""
+        head, dev = self.head, logits.device
+        committed = hcache.length
+        k, sampled_chain = self.top_k, not self.tree and not sp.greedy
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        scores: list[float] = []
+        q_rows: list[torch.Tensor] = []
+        anc_slots: dict[int, list[int]] = {}  # fed frontier node -> head-cache slots of its ancestors + itself
+
+        def expand(logits_rows: torch.Tensor, parent_nodes: list[int], parent_scores: list[float], depth: int):
+            """Add the top-k children of each parent row; return the new nodes' ids and scores."""
+            if sampled_chain:
+                q = warp_probs(logits_rows[0], sp)
+                d = sample(q, gen).reshape(1, 1)
+                q_rows.append(torch.zeros(head.config.vocab_size, device=dev).index_put_(
+                    (head.to_target(torch.arange(q.numel(), device=dev)),), q))
+                lp = torch.zeros(1, 1, device=dev)
+            else:
+                logp = logits_rows.log_softmax(-1)
+                lp, d = logp.topk(k, dim=-1)
+            tgt = head.to_target(d).tolist()
+            lp = lp.tolist()
+            new = []
+            for r, par in enumerate(parent_nodes):
+                for j in range(len(tgt[r])):
+                    new.append(len(tokens))
+                    tokens.append(tgt[r][j])
+                    parents.append(par)
+                    depths.append(depth)
+                    scores.append(parent_scores[r] + lp[r][j])
+            return new
+
+        frontier = expand(logits[None], [-1], [0.0], 1)
+        frontier = frontier[:k]
+        front_hidden = hidden[None].expand(len(frontier), -1)
+        for depth in range(2, self.depth + 1):
+            n = len(frontier)
+            base = hcache.length
+            mask = torch.zeros(n, base + n, dtype=torch.bool, device=dev)
+            mask[:, :committed] = True
+            for r, node in enumerate(frontier):
+                anc_slots[node] = anc_slots.get(parents[node], []) + [base + r]
+                mask[r, anc_slots[node]] = True
+            pos = torch.full((n,), committed + depth - 2, device=dev)
+            h, lg = head(torch.tensor([[tokens[i] for i in frontier]], device=dev), hidden=front_hidden[None],
+                         position_ids=pos, mask=mask, cache=hcache)
+            stats.draft_forwards += 1
+            children = expand(lg[0], frontier, [scores[i] for i in frontier], depth)
+            if sampled_chain:
+                best = children
+            else:
+                best = sorted(children, key=lambda i: -scores[i])[:k]
+            front_hidden = h[0, [frontier.index(parents[i]) for i in best]]
+            frontier = best
+        hcache.crop(committed)
+
+        # rerank: the total_tokens - 1 best nodes by cumulative log-prob, parents always included
+        chosen: set[int] = set()
+        for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i])):
+            if len(chosen) == self.total_tokens - 1:
+                break
+            if parents[i] == -1 or parents[i] in chosen:
+                chosen.add(i)
+        keep = sorted(chosen)
+        fed_index = {node: j for j, node in enumerate(keep)}
+        return DraftTree(tokens=[tokens[i] for i in keep],
+                         parents=[-1 if parents[i] == -1 else fed_index[parents[i]] for i in keep],
+                         depths=[depths[i] for i in keep],
+                         draft_probs=torch.stack(q_rows) if sampled_chain else None)
+
+    def _verify(self, logits: torch.Tensor, fed_tokens: list[int], tree: DraftTree, sp, gen) -> tuple[list[int], int]:
+        """(accepted path of fed indices, starting with the root; the target's next token)."""
+        if tree.draft_probs is not None:  # a chain sampled from the head: standard speculative sampling
+            n, tok = speculative_verify(torch.tensor(tree.tokens, device=logits.device), tree.draft_probs,
+                                        warp_probs(logits, sp), gen)
+            return list(range(n + 1)), tok
+        children = tree.children()
+        if not sp.greedy:
+            return tree_sample_walk(fed_tokens, children, warp_probs(logits, sp), gen)
+        best = logits.argmax(-1).tolist()
+        path = [0]
+        while True:
+            nxt = next((c for c in children[path[-1]] if fed_tokens[c] == best[path[-1]]), None)
+            if nxt is None:
+                return path, best[path[-1]]
+            path.append(nxt)
+
+
+@register_decoder("eagle", needs_draft=True,
+                  help="EAGLE-style speculative decoding: one-layer draft head (--draft DIR, EAGLE-3 layout), "
+                       "dynamic draft tree verified in one target forward")
+def build(ctx: DecoderContext, *, tree: bool = True, depth: int = 6, top_k: int = 4, total_tokens: int = 32,
+          chain_length: int = 5) -> EagleDecoder:
+    head = load_eagle_head(ctx.draft_path, ctx.model)
+    return EagleDecoder(ctx.model, head, ctx.tokenizer, tree=tree, depth=depth, top_k=top_k,
+                        total_tokens=total_tokens, chain_length=chain_length)
