@@ -278,3 +278,13 @@ class TidarBenchLM(LM):
                 total += self._continuation_logprob(list(ctx_ids), list(pred))[0]
             out.append(total)
         return out
+
+
+def lm_eval_cli() -> None:
+    """`tidar-lm-eval ...`: lm-eval's own command line with the `tidar-bench` model registered
+    (lm-eval 0.4.13 has no plugin entry point, so plain `lm_eval` cannot see models of other packages):
+    tidar-lm-eval run --model tidar-bench --model_args pretrained=DIR,decoder=tidar,block_size=8 \\
+        --tasks tb_gsm8k --include_path $(python -c 'import tidar_bench.harness.tasks as t; print(t.tasks_dir())')"""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
