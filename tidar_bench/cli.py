@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "tidar_bench.cli_train_eagle",
     "tidar_bench.cli_run",
     "tidar_bench.cli_profile",
+    "tidar_bench.cli_report",
 )
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _load_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as n here
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print("aborted", file=sys.stderr)
             return 1
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

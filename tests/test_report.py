@@ -1,0 +1,153 @@
+"""`tidar-bench plot` and `tidar-bench check` on fixture folders: the figures are valid images, and
+the gate passes a matching run and fails, with the right reason, on each kind of regression."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from tidar_bench.cli import main
+from tidar_bench.report import pareto
+
+COLUMNS = ["task", "decoder", "metric", "score", "stderr", "tokens_per_s", "tokens_per_nfe", "mean_accepted_length",
+           "speedup_vs_ar", "n", "mismatches_vs_ar"]
+ROWS = [
+    ["tb_mini_gsm", "ar", "exact_match,strict-match", 0.62, 0.05, 200.0, 1.0, 1.0, 1.0, 100, ""],
+    ["tb_mini_gsm", "tidar", "exact_match,strict-match", 0.62, 0.05, 520.0, 3.4, 3.6, 2.6, 100, 0],
+    ["tb_mini_gsm", "bd", "exact_match,strict-match", 0.48, 0.05, 610.0, 4.1, 4.1, 3.05, 100, ""],
+    ["tb_mini_math", "ar", "exact_match,boxed", 0.40, 0.049, 190.0, 1.0, 1.0, 1.0, 100, ""],
+    ["tb_mini_math", "tidar", "exact_match,boxed", 0.40, 0.049, 480.0, 3.1, 3.3, 2.53, 100, 0],
+    ["tb_mini_math", "bd", "exact_match,boxed", 0.30, 0.046, 560.0, 3.9, 3.9, 2.95, 100, ""],
+]
+
+
+def make_run(folder, rows=ROWS):
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+    (folder / "run.json").write_text(json.dumps({
+        "command": "tidar-bench run --model m --decoders ar,tidar,bd --tasks mini_gsm,mini_math --out x",
+        "identity": {"model": "/ckpt/tiny-model"},
+        "environment": {"cpu": "Test CPU", "gpu": None},
+        "decoders": {"ar": {"given": {}}, "tidar": {"given": {"block_size": 8}}, "bd": {"given": {"threshold": 0.9}}},
+    }))
+    return folder
+
+
+def make_latency(folder):
+    folder.mkdir(parents=True)
+    with (folder / "latency.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["context", "slots", "median_ms", "q1_ms", "q3_ms", "repeats", "mask", "block_size"])
+        for n, ms in ((1, 2.0), (2, 2.1), (4, 2.2), (8, 3.5), (16, 6.0)):
+            w.writerow([256, n, ms, ms * 0.95, ms * 1.05, 5, "causal", ""])
+        w.writerow([256, 20, 6.5, 6.2, 6.8, 5, "tidar", 4])
+    (folder / "latency.json").write_text(json.dumps({"model": "tiny", "dtype": "float32", "tolerance": 0.1,
+                                                      "knee": {"256": 4}, "environment": {"device_name": "CPU"}}))
+    return folder
+
+
+def test_pareto_keeps_only_undominated_points():
+    pts = [(1.0, 0.5), (2.0, 0.5), (3.0, 0.4), (2.5, 0.45), (0.5, 0.6), (2.0, 0.3)]
+    assert pareto(pts) == [(0.5, 0.6), (2.0, 0.5), (2.5, 0.45), (3.0, 0.4)]
+
+
+def test_plot_writes_valid_images_and_report(tmp_path, capsys):
+    run, lat, out = make_run(tmp_path / "run"), make_latency(tmp_path / "lat"), tmp_path / "fig"
+    assert main(["plot", str(run), str(lat), "--out", str(out)]) == 0
+    for name in ("pareto_mini_gsm", "pareto_mini_math", "latency_lat"):
+        png, svg = out / f"{name}.png", out / f"{name}.svg"
+        with Image.open(png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 300
+        assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    report = (out / "report.md").read_text()
+    assert "![tb_mini_gsm](pareto_mini_gsm.png)" in report and "latency_lat.png" in report
+    assert "tidar(block_size=8)" in report and "2.60" in report  # label with its setting, speedup column
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_plot_several_runs_and_bad_input(tmp_path, capsys):
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "fig")]) == 0
+    assert "| a | mini_gsm |" in (tmp_path / "fig" / "report.md").read_text()
+    assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "f2")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "f3")]) == 2
+    assert "summary.csv is missing" in capsys.readouterr().err
+
+
+@pytest.fixture
+def gated(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    base = tmp_path / "baseline.json"
+    assert main(["check", str(run), "--baseline", str(base), "--update-baseline"]) == 0
+    capsys.readouterr()
+    return run, base
+
+
+def _check(run, base, capsys, *extra):
+    rc = main(["check", str(run), "--baseline", str(base), *extra])
+    return rc, capsys.readouterr().out
+
+
+def _edit(run, row, col, value):
+    rows = [list(r) for r in ROWS]
+    rows[row][COLUMNS.index(col)] = value
+    make_run(run, rows)
+
+
+def test_check_passes_on_the_same_run(gated, capsys):
+    run, base = gated
+    rc, out = _check(run, base, capsys)
+    assert rc == 0 and "check passed" in out
+    assert json.loads(base.read_text())["rows"][1]["label"] == "tidar(block_size=8)"
+
+
+def test_check_score_drop(gated, capsys):
+    run, base = gated
+    _edit(run, 1, "score", 0.62 - 0.09)  # within 2 standard errors (0.10): passes
+    assert _check(run, base, capsys)[0] == 0
+    _edit(run, 1, "score", 0.62 - 0.11)
+    rc, out = _check(run, base, capsys)
+    assert rc == 1 and out.startswith("FAIL score: mini_gsm | - | tidar(block_size=8)")
+    assert _check(run, base, capsys, "--score-tolerance", "0.2")[0] == 0
+
+
+def test_check_lower_tnfe(gated, capsys):
+    run, base = gated
+    _edit(run, 4, "tokens_per_nfe", 3.1 * 0.85)
+    rc, out = _check(run, base, capsys)
+    assert rc == 1 and "FAIL T/NFE: mini_math | - | tidar(block_size=8)" in out
+    assert _check(run, base, capsys, "--rel-tolerance", "0.2")[0] == 0
+
+
+def test_check_lossless_mismatch(gated, capsys):
+    run, base = gated
+    _edit(run, 1, "mismatches_vs_ar", 3)
+    rc, out = _check(run, base, capsys)
+    assert rc == 1 and "FAIL lossless: mini_gsm | - | tidar(block_size=8): 3 greedy outputs differ from ar" in out
+
+
+def test_check_missing_file_and_result(gated, capsys, tmp_path):
+    run, base = gated
+    (run / "run.json").unlink()
+    rc, out = _check(run, base, capsys)
+    assert rc == 1 and f"FAIL missing file: {run / 'run.json'}" in out
+    make_run(run, ROWS[:5])
+    rc, out = _check(run, base, capsys)
+    assert rc == 1 and "FAIL missing result: mini_math | - | bd(threshold=0.9)" in out
+
+
+def test_check_bad_baseline_is_a_user_error(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    assert main(["check", str(run), "--baseline", str(tmp_path / "none.json")]) == 2
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["check", str(run), "--baseline", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "not valid JSON" in err
+    shutil.rmtree(run)
