@@ -56,7 +56,8 @@ from tidar_bench.cache import KVCache
 from tidar_bench.decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer, make_generator,
                                   next_token, sample, speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
-from tidar_bench.model import MLP, Attention, Block, ModelConfig, RMSNorm, load_state_dict, read_config, rope_inv_freq
+from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, load_state_dict, prepare_step, read_config,
+                               rope_cos_sin, rope_inv_freq)
 from tidar_bench.registry import DecoderContext, register_decoder
 
 FORMS = ("eagle3", "eagle1")
@@ -193,21 +194,9 @@ class EagleHead(nn.Module):
         if hidden is not None:
             parts.append(hidden)
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        B, q = ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            cache.reserve(q)
-        if position_ids is None:
-            position_ids = torch.arange(start, start + q, device=ids.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids[None].expand(B, q)
-        if mask is None:
-            mask = None if q == 1 else "causal"
-        elif mask.dim() == 2:
-            mask = mask[None, None]
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
-        emb_rope = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb_rope.cos().to(h.dtype)[:, None], emb_rope.sin().to(h.dtype)[:, None]
+        q = ids.shape[1]
+        start, position_ids, mask = prepare_step(ids, position_ids, mask, cache)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
         emb = self.embed_tokens(ids)
         if self.form == "eagle3":
             out = self.midlayer(emb, h, cos, sin, mask, cache, start, self.attn)

@@ -58,6 +58,21 @@ def mbpp_fewshot_samples() -> list[dict]:
              "is_fewshot": True} for i in (2, 3, 4)]
 
 
+# ------------------------------------------------------------------------------------------ mini code
+def mini_code_test_program(doc: dict, candidate: str) -> str:
+    return candidate + "\n" + doc["answer"]
+
+
+def mini_code_programs(resps: list[list[str]], docs: list[dict]) -> list[str]:
+    candidates = [doc["prompt"] + resp[0] for resp, doc in zip(resps, docs)]
+    _run_all([mini_code_test_program(d, c) for d, c in zip(docs, candidates)])
+    return candidates
+
+
+def mini_code_process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"pass@1": _passed(mini_code_test_program(doc, results[0]))}
+
+
 def _run_all(programs: list[str]) -> None:
     todo = list(dict.fromkeys(p for p in programs if p not in _outcomes))
     _outcomes.update(zip(todo, sandbox.run_many(todo)))

@@ -124,13 +124,36 @@ def generate_cmd(
           f"mean_accepted={s.mean_accepted_length:.2f} tokens/s={s.tokens_per_s:.1f} finish={g.finish_reason}")
 
 
+def read_prompts(path: Path, limit: int) -> list[str]:
+    """The first `limit` `prompt` fields of a JSONL file."""
+    if not Path(path).is_file():
+        raise UserError(f"--prompts-file {path} not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"--prompts-file {path}:{i}: expected a JSON object with a `prompt` field")
+            if len(out) == limit:
+                break
+    if not out:
+        raise UserError(f"--prompts-file {path} holds no prompts")
+    return out
+
+
 @app.command("speed")
 def speed_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="checkpoint directory"),
     config: Optional[str] = typer.Option(None, "--config", help="a shipped architecture with random weights instead of --model"),
     decoders_: str = typer.Option("ar,hf", "--decoders", help="comma-separated decoders; the first is the reference"),
     draft: Optional[Path] = typer.Option(None),
-    prompts: int = typer.Option(8, min=1, help="number of prompts (random token ids, seeded)"),
+    prompts: int = typer.Option(8, min=1, help="number of prompts (random token ids, seeded; or the first N of --prompts-file)"),
+    prompts_file: Optional[Path] = typer.Option(
+        None, "--prompts-file", help="JSONL with a `prompt` field (e.g. tasks/data/mini/gsm.jsonl): real prompts, "
+                                     "decoding stops at EOS; default: random token ids, no stop"),
     prompt_len: int = typer.Option(64, min=1),
     max_new_tokens: int = typer.Option(128, min=1),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option decoder.key=value (repeatable)"),
@@ -165,10 +188,18 @@ def speed_cmd(
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
         ctx = DecoderContext(path, device, dtype, draft)
         decs = [build_decoder(n, ctx, scoped[n]) for n in names]
-        vocab = ctx.model.config.vocab_size
-        rng = torch.Generator().manual_seed(seed)
-        batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
+        if prompts_file is not None:
+            texts = read_prompts(prompts_file, prompts)
+            batch = [ctx.tokenizer.encode(t) for t in texts]
+            eos = ctx.tokenizer.eos_token_id
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=(eos,) if eos is not None else ())
+            source = f"{len(batch)} prompts of {prompts_file}"
+        else:
+            vocab = ctx.model.config.vocab_size
+            rng = torch.Generator().manual_seed(seed)
+            batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
+            source = f"{prompts} random prompts of {prompt_len} tokens"
         for d in decs:
             d.generate(batch[0], cfg)  # warm-up
         rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0} for n in names}
@@ -186,7 +217,7 @@ def speed_cmd(
                     r["ratios"].append(g.stats.tokens_per_s / ref.stats.tokens_per_s)
                     if d.lossless and g.tokens != ref.tokens:
                         r["mismatch"] += 1
-    t = Table(title=f"speed: {prompts} prompts x {max_new_tokens} new tokens, prompt {prompt_len}, "
+    t = Table(title=f"speed: {source}, up to {max_new_tokens} new tokens, "
                     f"{'random ' + config if config else path}, {ctx.model.device}, {ctx.model.dtype}, "
                     f"{torch.get_num_threads()} threads")
     for col in ("decoder", "tokens/s", "T/NFE", f"speedup vs {names[0]} (total)", "median paired ratio", "lossless mismatches"):
@@ -206,7 +237,7 @@ def speed_cmd(
 
         record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
                   "model": str(model) if model else f"random weights, config {config}", "seed": seed,
-                  "prompts": prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+                  "prompts": source, "max_new_tokens": max_new_tokens,
                   "dtype": str(ctx.model.dtype), "device": str(ctx.model.device),
                   "decoders": {n: {"options": d.options(), "tokens": rows[n]["tokens"], "decode_s": rows[n]["time"],
                                    "nfe": rows[n]["nfe"], "tokens_per_s": rows[n]["tokens"] / rows[n]["time"],

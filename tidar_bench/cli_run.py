@@ -11,14 +11,21 @@ import typer
 
 from .cli_app import app
 from .cli_core import parse_list
+from .errors import UserError
 
 
 @app.command("run")
 def run_cmd(
-    model: Path = typer.Option(..., "--model", help="checkpoint directory (config.json + safetensors + tokenizer)"),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="checkpoint directory (config.json + safetensors + tokenizer); "
+                              "omitted: the embedded model suite on the mini tasks (see README)"),
     decoders_: str = typer.Option("ar", "--decoders", help="comma-separated decoders (see `tidar-bench decoders`)"),
-    tasks: str = typer.Option(..., "--tasks", help="comma-separated tasks: humaneval, mbpp, gsm8k, gsm8k_cot, minerva_math"),
-    out: Path = typer.Option(..., "--out", help="run folder (new, empty, or a run folder of this same command: resumes)"),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", help="comma-separated tasks: humaneval, mbpp, gsm8k, gsm8k_cot, minerva_math, "
+                              "mini_gsm, mini_code, mini_math (required with --model)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="run folder (new, empty, or a run folder of this same command: resumes); "
+                            "default for the embedded suite: runs/embedded-<date-time>"),
     draft: Optional[Path] = typer.Option(None, "--draft", help="draft checkpoint for decoders that need one"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N documents of each task"),
     device: str = typer.Option("auto"),
@@ -31,40 +38,90 @@ def run_cmd(
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="use your own lm-eval task YAMLs from DIR"),
 ) -> None:
     """Evaluate decoders on lm-eval tasks at batch 1: scores, tokens/s, T/NFE, accepted length,
-    speedup vs ar, lossless check. Re-running the same command resumes; works under torchrun."""
-    from rich.console import Console
-    from rich.table import Table
-
+    speedup vs ar, lossless check. Re-running the same command resumes; works under torchrun.
+    Without --model: the embedded default (shipped tiny models, mini tasks, every decoder)."""
     from .harness.runner import RunSpec, run
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if model is None:
+        return _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec, decoders_, draft,
+                             include_path, hub_datasets)
+    if tasks is None or out is None:
+        raise UserError("--model needs --tasks and --out")
 
     spec = RunSpec(model=model, decoders=parse_list(decoders_, "--decoders"), tasks=parse_list(tasks, "--tasks"),
                    out=out, draft=draft, limit=limit, device=device, dtype=dtype, seed=seed,
                    decoder_args=list(decoder_arg or []), allow_code_exec=allow_code_exec,
                    hub_datasets=hub_datasets, include_path=include_path)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     result = run(spec)
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return
     info, rows = result["info"], result["rows"]
-
-    def fmt(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
-
-    t = Table(title=f"tidar-bench run -> {out}  (batch 1, seed {seed}, world size {info['world_size']})")
-    for col in ("task", "decoder", "metric", "score", "± stderr", "tokens/s", "T/NFE", "mean acc. len",
-                "speedup vs ar", "n", "lossless mismatches"):
-        t.add_column(col, overflow="fold")
-    for r in rows:
-        t.add_row(r["task"].removeprefix("tb_"), r["decoder"], r["metric"], fmt(r["score"], ".4f"), fmt(r["stderr"], ".4f"),
-                  fmt(r["tokens_per_s"], ".1f"), fmt(r["tokens_per_nfe"], ".2f"), fmt(r["mean_accepted_length"], ".2f"),
-                  fmt(r["speedup_vs_ar"], ".2f") + ("x" if r["speedup_vs_ar"] is not None else ""), str(r["n"]),
-                  "-" if r["mismatches_vs_ar"] is None else str(r["mismatches_vs_ar"]))
-    console = Console()
-    console.print(t)
+    console = _print_table(rows, f"tidar-bench run -> {out}  (batch 1, seed {seed}, world size {info['world_size']})")
     overhead = info["overhead_fraction"]
     console.print(f"decoded now: {sum(d['decoded_this_invocation'] for d in info['decoders'].values())} requests; "
-                  f"harness overhead {fmt(overhead and 100 * overhead, '.2f')}% of decode time; "
+                  f"harness overhead {_fmt(overhead and 100 * overhead, '.2f')}% of decode time; "
                   f"wall {info['wall_s_this_invocation']:.1f} s")
     bad = {d: n for d, n in info["mismatches_vs_ar"].items() if n}
     if bad:
         console.print(f"[bold red]lossless decoders differ from ar on greedy outputs: {bad}[/bold red]")
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _print_table(rows: list[dict], title: str):
+    """One compact row per (task, checkpoint, decoder); metric names, filters and every other
+    column are in summary.csv. Piped output gets a wide console so the table is never folded."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    with_model = any("model" in r for r in rows)
+    cols = ["task"] + ["model"] * with_model + ["decoder", "score ± se", "tok/s", "T/NFE", "acc.len", "vs ar", "n",
+                                                "≠ar"]
+    for col in cols:
+        t.add_column(col, no_wrap=True, justify="left" if col in ("task", "model", "decoder") else "right")
+    for r in rows:
+        score = "-" if r["score"] is None else f"{r['score']:.3f} ± {_fmt(r['stderr'], '.3f')}"
+        t.add_row(r["task"].removeprefix("tb_"), *([r["model"]] if with_model else []), r["decoder"], score,
+                  _fmt(r["tokens_per_s"], ".1f"), _fmt(r["tokens_per_nfe"], ".2f"), _fmt(r["mean_accepted_length"], ".2f"),
+                  _fmt(r["speedup_vs_ar"], ".2f") + ("x" if r["speedup_vs_ar"] is not None else ""), str(r["n"]),
+                  "-" if r["mismatches_vs_ar"] is None else str(r["mismatches_vs_ar"]))
+    console.print(t)
+    console.print("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward; acc.len: "
+                  "tokens committed per decoding step; vs ar: tokens/s over ar's; ≠ar: greedy outputs of a lossless "
+                  "decoder that differ from ar's (must be 0)", style="dim")
+    return console
+
+
+def _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec, decoders_, draft, include_path,
+                  hub_datasets) -> None:
+    import time
+
+    from .harness.suite import run_embedded
+
+    if draft is not None or include_path is not None or hub_datasets or decoders_ != "ar":
+        raise UserError("--decoders, --draft, --include-path and --hub-datasets need --model; "
+                        "the embedded default runs every decoder on the shipped models")
+    task_list = parse_list(tasks, "--tasks") if tasks else None
+    if out is None:
+        out = Path("runs") / time.strftime("embedded-%Y%m%d-%H%M%S")
+    dev = "cpu" if device == "auto" else device
+    result = run_embedded(out, task_list, limit, dev, seed, allow_code_exec, list(decoder_arg or []))
+    info, rows = result["info"], result["rows"]
+    console = _print_table(rows, f"tidar-bench run (embedded suite) -> {out}  (batch 1, seed {seed}; "
+                                 "speedup and ≠ar vs the ar of the same checkpoint)")
+    if "mini_code" not in info["identity"]["tasks"]:
+        console.print("mini_code skipped: it executes generated code; add --allow-code-exec to include it")
+    over = [r["overhead_fraction"] for r in info["runs"].values() if r["overhead_fraction"] is not None]
+    console.print(f"harness overhead {100 * max(over or [0]):.2f}% of decode time (worst sub-run); "
+                  f"wall {info['wall_s_this_invocation']:.1f} s; commands and environment in {out}/suite.json")
+    bad = {f"{sub}/{d}": n for sub, r in info["runs"].items() for d, n in r["mismatches_vs_ar"].items() if n}
+    if bad:
+        console.print(f"[bold red]lossless decoders differ from their checkpoint's ar: {bad}[/bold red]")

@@ -64,6 +64,35 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
     return hist
 
 
+@train_app.command("ar")
+def train_ar(
+    base: Path = typer.Option(..., help="checkpoint to continue from (config.json, safetensors, tokenizer); "
+                                          "a random-init one to pretrain"),
+    data: list[Path] = typer.Option(..., help=DATA_HELP),
+    out: Path = typer.Option(..., help="output checkpoint directory (must not exist or be empty)"),
+    field: str = typer.Option("text", help="JSONL field holding the text"),
+    seq_len: int = typer.Option(256),
+    batch_size: int = typer.Option(16, help="global batch (split across torchrun processes)"),
+    grad_accum: int = typer.Option(1),
+    lr: float = typer.Option(3e-4),
+    warmup_steps: int = typer.Option(20, help="linear warm-up steps (at most steps/10), then cosine decay to lr/10"),
+    steps: int = typer.Option(200),
+    save_every: int = typer.Option(0, help="also checkpoint every N steps (0 = only at the end)"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
+) -> None:
+    """Plain next-token training: the AR base the other recipes continue from."""
+    from .training.ar import AutoregressiveObjective
+
+    def make(tokenizer, dev):
+        return AutoregressiveObjective.from_checkpoint(base, tokenizer, dev)
+
+    run_recipe(make, base, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
+               save_every=save_every)
+
+
 @train_app.command("tidar")
 def train_tidar(
     base: Path = typer.Option(..., help="AR checkpoint to continue from (config.json, safetensors, tokenizer)"),

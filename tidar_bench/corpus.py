@@ -8,6 +8,10 @@ Three families, each rendered in the prompt format of its benchmark:
           ("Problem:\\n...\\n\\nSolution:\\n...").
 Every item is a dict {"family", "prompt", "solution", "answer", "text"} where text = prompt +
 solution. `make_splits` returns train and held-out lists that share no prompt.
+
+Quantities are kept small (products up to 30, sums under 80) so that a few-million-parameter model
+trained for minutes on a CPU can learn the arithmetic: the suite measures decoders, and a model that
+gets most answers right makes quality differences between decoders visible.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ ITEMS = ["apples", "books", "pencils", "stickers", "marbles", "cookies", "cards"
 def _gsm(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(4)
-    a, b, c = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 12)
+    a, b, c = rng.randint(2, 12), rng.randint(2, 5), rng.randint(2, 6)
     if kind == 0:
         q = f"{name} has {a} {item}. {name} buys {b} boxes with {c} {item} in each box. How many {item} does {name} have now?"
         steps = [f"The boxes hold {b} * {c} = {b * c} {item}.", f"{name} has {a} + {b * c} = {a + b * c} {item}."]
@@ -35,13 +39,13 @@ def _gsm(rng: random.Random) -> dict:
         steps = [f"{name} gave away {b} * {a} = {a * b} {item}.", f"{total} - {a * b} = {c} {item} are left."]
         ans = c
     elif kind == 2:
-        price = rng.randint(2, 15)
+        price = rng.randint(2, 6)
         q = f"One of the {item} costs {price} dollars. {name} buys {b} of them and pays with {price * b + a} dollars. How much change does {name} get?"
         steps = [f"The {item} cost {b} * {price} = {b * price} dollars.",
                  f"The change is {price * b + a} - {b * price} = {a} dollars."]
         ans = a
     else:
-        d = rng.randint(2, 6)
+        d = rng.randint(2, 5)
         q = f"{name} reads {a} pages on Monday and {b} times as many pages on Tuesday. Then {name} reads {d} more pages. How many pages did {name} read in total?"
         steps = [f"On Tuesday {name} reads {a} * {b} = {a * b} pages.",
                  f"In total {a} + {a * b} + {d} = {a + a * b + d} pages."]
@@ -84,13 +88,13 @@ def _code(rng: random.Random) -> dict:
 
 def _math(rng: random.Random) -> dict:
     kind = rng.randrange(3)
-    a, b, c = rng.randint(2, 20), rng.randint(2, 12), rng.randint(1, 30)
+    a, b, c = rng.randint(2, 9), rng.randint(2, 6), rng.randint(1, 12)
     if kind == 0:
         q = f"What is ${a} \\times {b} + {c}$?"
         sol = f"First, ${a} \\times {b} = {a * b}$. Then ${a * b} + {c} = {a * b + c}$."
         ans = a * b + c
     elif kind == 1:
-        x = rng.randint(1, 15)
+        x = rng.randint(1, 9)
         q = f"Solve for $x$: ${a}x + {c} = {a * x + c}$."
         sol = f"Subtract {c}: ${a}x = {a * x}$. Divide by {a}: $x = {x}$."
         ans = x
@@ -149,7 +153,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path, with
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # "\n" is always a token of its own: a prompt ending in a newline (code: signature + docstring)
+    # then tokenises exactly as the same text does inside a training document, where BPE would
+    # otherwise merge the newline with the next line's indentation.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     specials = {k: v for k, v in SPECIAL_TOKENS.items() if with_mask or k != "mask_token"}
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),

@@ -200,6 +200,33 @@ class ForwardOutput:
     hidden_states: dict[int, torch.Tensor]  # layer index -> [B, q, H] output of that layer
 
 
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """RoPE tables [B, 1, q, head_dim] for position ids [B, q], computed in fp32, cast to dtype."""
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def prepare_step(input_ids: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor | None,
+                 cache: KVCache | None):
+    """Shared by every forward over the cache (the model, draft heads): reserve cache room and
+    normalise positions/mask. Returns (start = cache length before the call, position ids [B, q],
+    mask [B, 1, q, C + q], "causal" or None (q == 1 attends to everything cached))."""
+    B, q = input_ids.shape
+    start = cache.length if cache is not None else 0
+    if cache is not None:
+        cache.reserve(q)
+    if position_ids is None:
+        position_ids = torch.arange(start, start + q, device=input_ids.device)
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None].expand(B, q)
+    if mask is None:
+        mask = None if q == 1 else "causal"
+    elif mask.dim() == 2:
+        mask = mask[None, None]
+    return start, position_ids, mask
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -237,9 +264,7 @@ class Transformer(nn.Module):
                        batch=batch, dtype=self.dtype, device=self.device)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+        return rope_cos_sin(position_ids, self.inv_freq, self.dtype)
 
     def forward(
         self,
@@ -261,18 +286,7 @@ class Transformer(nn.Module):
 
         hidden_layers: layer indices whose outputs to return (-1 or L-1: last layer, pre-norm).
         logits_index: positions (among the q) to compute logits for; default all."""
-        B, q = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            cache.reserve(q)
-        if position_ids is None:
-            position_ids = torch.arange(start, start + q, device=input_ids.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids[None].expand(B, q)
-        if mask is None:
-            mask = None if q == 1 else "causal"  # q == 1 attends to everything cached
-        elif mask.dim() == 2:
-            mask = mask[None, None]
+        start, position_ids, mask = prepare_step(input_ids, position_ids, mask, cache)
         cos, sin = self.rope(position_ids)
         want = {i % self.config.num_hidden_layers for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -282,7 +296,7 @@ class Transformer(nn.Module):
             if i in want:
                 hidden[i] = x
         if cache is not None:
-            cache.advance(q)
+            cache.advance(input_ids.shape[1])
         if not return_logits:
             return ForwardOutput(logits=torch.empty(0), hidden_states=hidden)
         if logits_index is not None:

@@ -102,30 +102,34 @@ def _savefig(fig, base: Path) -> list[Path]:
 
 
 def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) -> list[Path]:
-    """Two panels for one task: score vs tokens/s and score vs T/NFE."""
+    """Two panels for one task: score vs tokens/s and score vs T/NFE. The `ar` of a non-base
+    checkpoint (a speed reference for its own sub-run) is left out of the figure, kept in the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not (r["decoder"] == "ar" and r.get("model") not in (None, "", "base"))]
     multi = len({r["run"] for r in rows}) > 1
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    labels = sorted({(r["run"] if multi else "") + r["label"] for r in rows})
+
+    def name(r):
+        sp = r.get("speedup_vs_ar")
+        return (f"{r['run']}: " if multi else "") + r["label"] + (f"  ({sp:.2f}× ar)" if sp is not None else "")
+
+    labels = list(dict.fromkeys(name(r) for r in rows))
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
-    ar = [r for r in rows if r["decoder"] == "ar" and r["label"] == "ar"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4 + 0.22 * ((len(labels) + 1) // 2)))
+    ar = [r for r in rows if r["label"] == "ar"]
     for ax, xkey, xlabel in ((axes[0], "tokens_per_s", "tokens / s (batch 1)"),
                              (axes[1], "tokens_per_nfe", "tokens per forward pass (T/NFE)")):
-        pts = [(r[xkey], r["score"]) for r in rows if r[xkey] is not None and r["score"] is not None]
+        pts = []
         for r in rows:
             if r[xkey] is None or r["score"] is None:
                 continue
-            lab = (r["run"] if multi else "") + r["label"]
+            pts.append((r[xkey], r["score"]))
             ax.errorbar([r[xkey]], [r["score"]], yerr=[r["stderr"] or 0], fmt="o", ms=7, capsize=3,
-                        color=colors[lab], label=lab)
-            if r.get("speedup_vs_ar") is not None and xkey == "tokens_per_s":
-                ax.annotate(f"{r['speedup_vs_ar']:.2f}×", (r[xkey], r["score"]), textcoords="offset points",
-                            xytext=(6, 4), fontsize=8)
+                        color=colors[name(r)], label=name(r))
         front = pareto(pts)
         if len(front) > 1:
             xs, ys = zip(*front)
@@ -134,21 +138,22 @@ def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) ->
             if a[xkey] is not None:
                 ax.axvline(a[xkey], ls="--", lw=0.8, color="black", alpha=0.6)
             if a["score"] is not None:
-                ax.axhline(a["score"], ls="--", lw=0.8, color="black", alpha=0.6, label="ar (reference)")
+                ax.axhline(a["score"], ls="--", lw=0.8, color="black", alpha=0.6, label="ar: reference score and speed")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{rows[0]['metric']} (higher is better)")
+        ax.set_ylabel(f"{rows[0]['metric'].split(',')[0]} (higher is better)")
         ax.grid(alpha=0.3)
-        ax.margins(x=0.15, y=0.1)
+        ax.margins(x=0.1, y=0.1)
         if xkey == "tokens_per_nfe":
             ax.set_xlim(left=0)
     handles, labs = axes[0].get_legend_handles_labels()
     uniq = dict(zip(labs, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=8, frameon=False)
+    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     models = ", ".join(sorted({m["model"] for m in metas}))
     devices = ", ".join(sorted({m["device"] for m in metas}))
     dates = ", ".join(sorted({m["date"] for m in metas}))
     fig.suptitle(f"{task.removeprefix('tb_')} — {models} — {devices} — {dates}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.8, 0.95))
+    legend_h = (0.22 * ((len(uniq) + 1) // 2) + 0.3) / fig.get_figheight()
+    fig.tight_layout(rect=(0, legend_h, 1, 0.95))
     paths = _savefig(fig, out_base)
     plt.close(fig)
     return paths

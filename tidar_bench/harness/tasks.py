@@ -49,9 +49,11 @@ _BUILTIN = {
     "minerva_math": "minerva_math",
     **{f"minerva_math_{s}": f"minerva_math_{s}" for s in MINERVA_SUBJECTS},
 }
-TASK_ALIASES = {user: f"tb_{name}" for user, name in _BUILTIN.items()}
+# the embedded default's mini tasks: held-out items of tidar_bench/corpus.py (shipped only, no Hub twin)
+MINI_TASKS = ("mini_gsm", "mini_code", "mini_math")
+TASK_ALIASES = {user: f"tb_{name}" for user, name in _BUILTIN.items()} | {m: f"tb_{m}" for m in MINI_TASKS}
 HUB_TASK_ALIASES = dict(_BUILTIN)
-CODE_TASKS = frozenset({"tb_humaneval", "tb_mbpp", "humaneval", "mbpp"})
+CODE_TASKS = frozenset({"tb_humaneval", "tb_mbpp", "tb_mini_code", "humaneval", "mbpp"})
 
 # dataset name -> data files (relative to the data dir) it reads
 DATA_FILES = {
@@ -59,6 +61,7 @@ DATA_FILES = {
     "mbpp": ("mbpp/mbpp.jsonl",),
     "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"),
     "math": ("math/test.jsonl",),
+    **{m: (f"mini/{m.removeprefix('mini_')}.jsonl",) for m in MINI_TASKS},
 }
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 
@@ -142,6 +145,8 @@ def load_splits(dataset: str, subject: str | None = None, root: Path | None = No
             raise UserError(f"unknown MATH subject {subject!r}; valid: {', '.join(MINERVA_SUBJECTS)}")
         kind = MINERVA_SUBJECTS[subject]
         return {"test": [r for r in read_jsonl("math/test.jsonl", root) if r["type"] == kind]}
+    if dataset in MINI_TASKS:
+        return {"test": read_jsonl(DATA_FILES[dataset][0], root)}
     raise UserError(f"unknown shipped dataset {dataset!r}; valid: {', '.join(DATA_FILES)}")
 
 
