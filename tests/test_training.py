@@ -24,6 +24,16 @@ from tidar_bench.training.loop import TrainConfig, train
 from tidar_bench.training.tidar import TidarObjective
 
 
+
+def assert_same_adam_step(a: torch.Tensor, b: torch.Tensor, lr: float) -> None:
+    """Weights after one Adam step from the same start: Adam's first step is lr * g / (|g| + eps), so
+    summation-order noise on a gradient near eps moves a few single weights by a small fraction of lr
+    (seen: 1.8e-5 = 0.018 lr on 1 of 4608). A wrong batch split or missing gradient averaging moves
+    most weights by up to ~lr. So: every weight within 0.05 lr, and 99.9% within 1e-5."""
+    diff = (a.float() - b.float()).abs()
+    assert float(diff.max()) <= 0.05 * lr, float(diff.max())
+    assert float((diff > 1e-5).float().mean()) <= 1e-3, float((diff > 1e-5).float().mean())
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny AR base checkpoint with a BPE tokenizer trained on the synthetic corpus."""
@@ -168,7 +178,7 @@ def test_grad_accumulation_equals_big_batch(base, tmp_path):
     base_w = load_model(base / "ckpt", "float32", "cpu").state_dict()
     assert not torch.allclose(w1["model.layers.0.mlp.up_proj.weight"], base_w["model.layers.0.mlp.up_proj.weight"])
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0)
+        assert_same_adam_step(w1[k], w2[k], lr=1e-3)
 
 
 def test_training_dtype(base, tmp_path):
@@ -253,7 +263,7 @@ def test_ddp_two_gloo_processes_equal_single_process(base, tmp_path):
     assert a.keys() == b.keys()
     moved = 0
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert_same_adam_step(a[k], b[k], lr=1e-3)
         if k in base_w and base_w[k].shape == a[k].shape:
             moved += int(not torch.allclose(a[k], base_w[k]))
     assert moved > 0  # the step really changed the weights
