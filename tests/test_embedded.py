@@ -110,3 +110,13 @@ def test_speed_on_real_prompts(tmp_path, capsys):
     bad.write_text('{"question": "no prompt field"}\n')
     assert main(args[:6] + [str(bad)] + args[7:]) == 2
     assert "expected a JSON object with a `prompt` field" in capsys.readouterr().err
+
+
+def test_default_run_bad_input_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "emb"
+    assert main(["run", "--tasks", "nope", "--limit", "1", "--out", str(out)]) == 2
+    assert main(["run", "--tasks", "mini_gsm", "--decoder-arg", "no_such_option=1", "--out", str(out)]) == 2
+    assert main(["run", "--decoders", "ar,tidar", "--tasks", "mini_gsm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task" in err and "no decoder of the embedded suite takes it" in err and "need --model" in err
+    assert not out.exists()

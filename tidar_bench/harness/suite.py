@@ -63,16 +63,30 @@ def run_embedded(out: Path, tasks: list[str] | None = None, limit: int | None = 
     check_out_folder(out, identity)
     out = Path(out)
     t0 = time.perf_counter()
+    from ..registry import decoders as registered
+
+    options = {d: registered()[d].option_types() for *_, names in GROUPS for d in names}
+
+    def takes(arg: str, names: tuple[str, ...]) -> bool:
+        key = arg.split("=", 1)[0].strip()
+        if "." in key:
+            return key.split(".", 1)[0] in names
+        return any(key in options[d] for d in names)
+
+    for a in decoder_args or []:
+        if not any(takes(a, names) for *_, names in GROUPS):
+            raise UserError(f"--decoder-arg {a!r}: no decoder of the embedded suite takes it "
+                            f"(decoders: {', '.join(options)})")
     specs = []
     for sub, ckpt, draft, decoders in GROUPS:
-        names = set(decoders)
-        args = [a for a in [*SUITE_DECODER_ARGS, *(decoder_args or [])]
-                if "." not in a.split("=", 1)[0] or a.split(".", 1)[0] in names]
+        args = [a for a in [*SUITE_DECODER_ARGS, *(decoder_args or [])] if takes(a, decoders)]
         specs.append((sub, RunSpec(model=root / ckpt, decoders=list(decoders), tasks=tasks, out=out / sub,
                                    draft=root / draft if draft else None, limit=limit, device=device, dtype="float32",
                                    seed=seed, decoder_args=args, allow_code_exec=allow_code_exec)))
-    from .runner import SPEC_FILE
+    from .runner import SPEC_FILE, prepare
 
+    for _, spec in specs:  # validate every sub-run before anything is written
+        prepare(spec)
     write_json(out / SPEC_FILE, {"identity": identity, "command": command_line(identity)})
     infos = {}
     for sub, spec in specs:
