@@ -18,7 +18,7 @@ from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import make_hf_model
+from tidar_bench.testing import chi2_pvalue, make_hf_model
 
 
 class _CharTok:
@@ -167,20 +167,6 @@ def test_caches_equal_fresh_prefill_after_every_step(targets, form, tmp_path):
             assert len(checked) >= 4
 
 
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells with expected count < 5 pooled."""
-    n = counts.sum()
-    exp = probs * n
-    small = exp < 5
-    obs_c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
-    exp_c = torch.cat([exp[~small], exp[small].sum().reshape(1)])
-    keep = exp_c > 0
-    obs_c, exp_c = obs_c[keep], exp_c[keep]
-    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
-    df = obs_c.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
-
-
 def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     """Samples of the first 2 new tokens vs the exact AR distribution (8 x 8 cells), tree and
     chain; an always-accept rule must be rejected by the same test."""
@@ -203,7 +189,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
             g = dec.generate(prompt, GenerationConfig(max_new_tokens=2, sampling=SamplingParams(temperature=T, seed=s)))
             counts[g.tokens[0] * 8 + g.tokens[1]] += 1
             multi += g.stats.accepted_lengths[0] > 1
-        return _chi2_pvalue(counts, exact), multi / n
+        return chi2_pvalue(counts, exact), multi / n
 
     tree, chain = dict(depth=2, top_k=3, total_tokens=8), dict(tree=False, chain_length=2)
     for opts in (tree, chain):

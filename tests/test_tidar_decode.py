@@ -16,7 +16,7 @@ from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import make_hf_model
+from tidar_bench.testing import chi2_pvalue, make_hf_model
 from tidar_bench.tidar import TidarDecoder
 
 V = 96
@@ -148,20 +148,6 @@ def _tiny_vocab_model(path):
     return load_model(path, "float32", "cpu")
 
 
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled."""
-    n = counts.sum()
-    exp = probs * n
-    small = exp < 5
-    obs_c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
-    exp_c = torch.cat([exp[~small], exp[small].sum().reshape(1)])
-    keep = exp_c > 0
-    obs_c, exp_c = obs_c[keep], exp_c[keep]
-    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
-    df = obs_c.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
-
-
 def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     """TiDAR samples of the first 3 tokens vs the exact AR distribution enumerated with the
     model (8^3 sequences): chi-square on the joint of tokens 1-2 (64 cells) and on token 3. With
@@ -185,8 +171,8 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
             g = td.generate(prompt, GenerationConfig(max_new_tokens=n_new, sampling=SamplingParams(temperature=T, seed=s)))
             counts[tuple(g.tokens)] += 1
             acc += g.stats.accepted_lengths
-        return (_chi2_pvalue(counts.sum(2).flatten(), exact.sum(2).flatten()),
-                _chi2_pvalue(counts.sum((0, 1)), exact.sum((0, 1))), sum(acc) / len(acc))
+        return (chi2_pvalue(counts.sum(2).flatten(), exact.sum(2).flatten()),
+                chi2_pvalue(counts.sum((0, 1)), exact.sum((0, 1))), sum(acc) / len(acc))
 
     p12, p3, mean_acc = pvalues(2000)
     assert mean_acc > 1.3  # drafts really were accepted, so their verification is what is tested

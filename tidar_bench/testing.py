@@ -48,3 +48,18 @@ def make_hf_model(family: str, path: str | Path, seed: int = 0, vocab_size: int 
     model.eval()
     model.save_pretrained(str(path))
     return model
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit of `counts` to `probs`; cells with expected count < 5
+    are pooled (the statistical tests of the sampling rules)."""
+    n = counts.sum()
+    exp = probs * n
+    small = exp < 5
+    obs_c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+    exp_c = torch.cat([exp[~small], exp[small].sum().reshape(1)])
+    keep = exp_c > 0
+    obs_c, exp_c = obs_c[keep], exp_c[keep]
+    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
+    df = obs_c.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
