@@ -133,6 +133,14 @@ def test_check_lossless_mismatch(gated, capsys):
     assert rc == 1 and "FAIL lossless: mini_gsm | - | tidar(block_size=8): 3 greedy outputs differ from ar" in out
 
 
+def test_no_baseline_from_a_lossless_failure(tmp_path, capsys):
+    rows = [list(r) for r in ROWS]
+    rows[1][COLUMNS.index("mismatches_vs_ar")] = 1
+    run = make_run(tmp_path / "run", rows)
+    assert main(["check", str(run), "--baseline", str(tmp_path / "b.json"), "--update-baseline"]) == 2
+    assert "fails the lossless check" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
+
+
 def test_check_missing_file_and_result(gated, capsys, tmp_path):
     run, base = gated
     (run / "run.json").unlink()

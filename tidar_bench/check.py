@@ -103,6 +103,9 @@ def update_baseline(folder: Path, path: Path) -> dict:
     missing = [p for p in required_files(folder) if not p.is_file()]
     if missing:
         raise UserError(f"cannot make a baseline from {folder}: {missing[0]} is missing")
+    bad = [f for f in check(folder, {"rows": []}, Tolerance()) if f.startswith("lossless")]
+    if bad:
+        raise UserError(f"refusing to make a baseline from a run that fails the lossless check: {bad[0]}")
     data = baseline_from_run(folder)
     write_atomic(Path(path), json.dumps(data, indent=2) + "\n")
     return data
