@@ -56,8 +56,8 @@ from tidar_bench.cache import KVCache
 from tidar_bench.decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer, make_generator,
                                   next_token, sample, speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
-from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, load_state_dict, prepare_step, read_config,
-                               rope_cos_sin, rope_inv_freq)
+from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
+                               read_config, rope_cos_sin, rope_inv_freq)
 from tidar_bench.registry import DecoderContext, register_decoder
 
 FORMS = ("eagle3", "eagle1")
@@ -157,6 +157,11 @@ class EagleHead(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(lc), persistent=False)
         self.attn = select_backend("auto")
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # like Transformer: RoPE frequencies stay fp32 after any cast or move
+        self.inv_freq = rope_inv_freq(self.layer_config).to(self.inv_freq.device)
+        return self
+
     @property
     def form(self) -> str:
         return self.config.form
@@ -228,17 +233,8 @@ class EagleHead(nn.Module):
                 raise UserError("the eagle1 form reads the target's LM head: no reduced draft vocabulary")
             raw["eagle_form"] = "eagle1"
         head = cls(EagleConfig(raw))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in head.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        init_weights(head, seed=seed)
         head.to(device=target.device, dtype=target.dtype)
-        head.inv_freq = rope_inv_freq(head.layer_config).to(target.device)
         head.attach(target)
         if form == "eagle1":
             with torch.no_grad():
@@ -300,7 +296,6 @@ def load_eagle_head(path: str | Path, target) -> EagleHead:
                                 f"config implies {tuple(p.shape)}")
             p.copy_(sd[name].to(p.dtype))
     head.to(dtype=target.dtype)  # floating tensors only: d2t/t2d keep long/bool
-    head.inv_freq = rope_inv_freq(head.layer_config).to(target.device)
     head.attach(target)
     head.eval().requires_grad_(False)
     return head

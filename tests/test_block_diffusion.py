@@ -15,18 +15,11 @@ from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step, block_diffusion_training
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import make_hf_model
+from tidar_bench.testing import CharTok, make_hf_model
 from tidar_bench.training.block_diffusion import BDConfig, BlockDiffusionObjective
 
 V = 96
 MASK = V - 2
-
-
-class _CharTok:
-    """Token i decodes to one printable character."""
-
-    def decode(self, ids):
-        return "".join(chr(0x21 + i) for i in ids)
 
 
 def _t(rows):
@@ -210,7 +203,7 @@ def test_sampling_is_seeded_and_random_remasking_runs(ckpt):
 
 def test_stop_string_and_max_tokens_inside_a_block(ckpt):
     _, model = ckpt
-    tok = _CharTok()
+    tok = CharTok()
     p = _prompts()[3]  # 6 tokens: first block holds 2 prompt tokens + 2 generated
     dec = BlockDiffusionDecoder(model, tok, mask_token_id=MASK, block_size=4, threshold=1.0)
     full = dec.generate(p, GenerationConfig(max_new_tokens=14))

@@ -18,14 +18,7 @@ from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import chi2_pvalue, make_hf_model
-
-
-class _CharTok:
-    """Token i decodes to one printable character (for stop strings)."""
-
-    def decode(self, ids):
-        return "".join(chr(0x21 + i) for i in ids)
+from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def _head(model, form: str) -> EagleHead:
 @pytest.mark.parametrize("family,form", [("llama", "eagle3"), ("qwen3", "eagle1")])
 def test_greedy_equals_ar_random_head(targets, family, form):
     model = targets[family][1]
-    tok = _CharTok()
+    tok = CharTok()
     ar = ARDecoder(model, tok)
     head = _head(model, form)
     assert torch.equal(head.to_target(torch.tensor([0, 1, 5])), torch.tensor([0, 2, 10])) or form == "eagle1"
@@ -110,7 +103,7 @@ def _perfect(head: EagleHead, f: dict[int, int]) -> EagleHead:
 
 def test_perfect_head_accepts_long_runs(tmp_path):
     model, f = _functional_target(tmp_path)
-    tok = _CharTok()
+    tok = CharTok()
     ar = ARDecoder(model, tok)
     head = _perfect(EagleHead.from_target(model, "eagle3").eval(), f)
     for opts in (dict(depth=5, top_k=3, total_tokens=12), dict(tree=False, chain_length=4)):

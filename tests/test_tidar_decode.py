@@ -16,18 +16,11 @@ from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import chi2_pvalue, make_hf_model
+from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model
 from tidar_bench.tidar import TidarDecoder
 
 V = 96
 MASK = V - 2
-
-
-class _CharTok:
-    """Minimal tokenizer for stop strings: token i decodes to one printable character."""
-
-    def decode(self, ids):
-        return "".join(chr(0x21 + i) for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +43,7 @@ def _prompts(n: int, seed: int = 0, vocab: int = MASK) -> list[list[int]]:
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_greedy_equals_ar(models, family):
     model = models[family][1]
-    tok = _CharTok()
+    tok = CharTok()
     ar = ARDecoder(model, tok)
     accepted = []
     for k in (1, 2, 4, 8):

@@ -410,8 +410,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     return model
 
 
-def init_weights(model: Transformer, std: float = 0.02, seed: int = 0) -> Transformer:
-    """Random init for from-config models (profiling, tests)."""
+def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Random init (norms 1, biases 0, the rest N(0, std)) for from-config models and fresh draft heads."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

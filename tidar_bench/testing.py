@@ -63,3 +63,10 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
     df = obs_c.numel() - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
+
+
+class CharTok:
+    """Minimal tokenizer for stop-string tests: token i decodes to one printable character."""
+
+    def decode(self, ids):
+        return "".join(chr(0x21 + i) for i in ids)
