@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from baselines.block_diffusion import BlockDiffusionDecoder
+from tidar_bench.baselines.block_diffusion import BlockDiffusionDecoder
 from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step, block_diffusion_training

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import baselines.eagle as eagle_mod
-from baselines.ar import ARDecoder
-from baselines.eagle import EagleDecoder, EagleHead, load_eagle_head, target_features
+import tidar_bench.baselines.eagle as eagle_mod
+from tidar_bench.baselines.ar import ARDecoder
+from tidar_bench.baselines.eagle import EagleDecoder, EagleHead, load_eagle_head, target_features
 from tidar_bench.cli import main
 from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError

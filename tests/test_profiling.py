@@ -10,7 +10,7 @@ from tidar_bench import masks
 from tidar_bench import profiling as prof
 from tidar_bench.checkpoint import TidarConfig
 from tidar_bench.cli import main
-from tidar_bench.cli_profile import parse_ints
+from tidar_bench.cli.profile import parse_ints
 from tidar_bench.decoding import GenerationConfig
 from tidar_bench.errors import UserError
 from tidar_bench.registry import DecoderContext, build_decoder

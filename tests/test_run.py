@@ -125,8 +125,8 @@ def test_run_folder(single_run):
 
 
 def test_rerun_does_no_decoding(setup, single_run, monkeypatch):
-    from baselines.ar import ARDecoder
-    from baselines.hf import HFDecoder
+    from tidar_bench.baselines.ar import ARDecoder
+    from tidar_bench.baselines.hf import HFDecoder
 
     def boom(self, *a, **k):
         raise AssertionError("decoder.generate called on a resumed run")
@@ -146,7 +146,7 @@ def test_cache_survives_a_torn_line(setup, single_run, tmp_path, monkeypatch):
     """An interrupted append leaves a partial line: the other samples are still reused."""
     import shutil
 
-    from baselines.ar import ARDecoder
+    from tidar_bench.baselines.ar import ARDecoder
 
     out = tmp_path / "out"
     shutil.copytree(single_run, out)

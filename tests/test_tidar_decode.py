@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from baselines.ar import ARDecoder
+from tidar_bench.baselines.ar import ARDecoder
 from tidar_bench import tidar as tidar_mod
 from tidar_bench.checkpoint import TidarConfig
 from tidar_bench.decoding import GenerationConfig, SamplingParams, sample

@@ -18,11 +18,11 @@ from .decoding import Decoder
 from .errors import UserError
 
 DECODER_MODULES = (
-    "baselines.ar",
-    "baselines.hf",
+    "tidar_bench.baselines.ar",
+    "tidar_bench.baselines.hf",
     "tidar_bench.tidar",
-    "baselines.block_diffusion",
-    "baselines.eagle",
+    "tidar_bench.baselines.block_diffusion",
+    "tidar_bench.baselines.eagle",
 )
 
 

@@ -1,4 +1,4 @@
-"""EAGLE draft-head objective: train `baselines.eagle.EagleHead` on a frozen target.
+"""EAGLE draft-head objective: train `tidar_bench.baselines.eagle.EagleHead` on a frozen target.
 
 Per batch x [B, S] the frozen target runs once (no grad) and gives, at every position, the head's
 input features (`target_features`: EAGLE-3 low/mid/high taps or EAGLE-1's last normed state) and
@@ -54,7 +54,7 @@ class EagleHeadObjective:
 
     def __init__(self, target, head, *, ttt_steps: int = 1, reg_weight: float | None = None,
                  ce_weight: float | None = None):
-        from baselines.eagle import feature_layers
+        from tidar_bench.baselines.eagle import feature_layers
 
         if ttt_steps < 1:
             raise UserError(f"ttt_steps must be >= 1, got {ttt_steps}")
@@ -80,7 +80,7 @@ class EagleHeadObjective:
         return self._masks[key]
 
     def loss(self, trainable, batch: torch.Tensor):
-        from baselines.eagle import target_features
+        from tidar_bench.baselines.eagle import target_features
 
         B, S = batch.shape
         n = S - 1

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .cli_app import app
+from .app import app
 
 
 @app.command("plot")
@@ -19,7 +19,7 @@ def plot_cmd(
 ) -> None:
     """Pareto figures per task (quality vs tokens/s and vs T/NFE, AR as reference, speedups annotated),
     latency curves, and a report.md with the figures and the summary table."""
-    from .report import make_report
+    from ..report import make_report
 
     written = make_report(folders, out)
     print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
@@ -39,9 +39,9 @@ def check_cmd(
 ) -> None:
     """Regression gate: exit 1 with one line per failure (lossless mismatch, score drop, T/NFE or
     acceptance drop, missing result or file); exit 0 when the run holds up against the baseline."""
-    from .check import Tolerance, check, load_baseline
-    from .check import update_baseline as write_baseline
-    from .errors import UserError
+    from ..check import Tolerance, check, load_baseline
+    from ..check import update_baseline as write_baseline
+    from ..errors import UserError
 
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir} is not a folder")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from .cli_train import DATA_HELP, run_recipe, train_app
-from .errors import UserError
+from .train import DATA_HELP, run_recipe, train_app
+from ..errors import UserError
 
 
 @train_app.command("eagle")
@@ -34,10 +34,10 @@ def train_eagle(
     """EAGLE draft head (EAGLE-3 or EAGLE-1 style) trained on the target's own features and distributions."""
     import torch
 
-    from baselines.eagle import FORMS, EagleHead
-    from .model import load_model
-    from .training.data import read_texts
-    from .training.eagle_head import EagleHeadObjective, frequent_tokens
+    from tidar_bench.baselines.eagle import FORMS, EagleHead
+    from ..model import load_model
+    from ..training.data import read_texts
+    from ..training.eagle_head import EagleHeadObjective, frequent_tokens
 
     if form not in FORMS:
         raise UserError(f"--form must be one of {', '.join(FORMS)}, got {form!r}")

@@ -13,9 +13,9 @@ from typing import Optional
 
 import typer
 
-from .cli_app import app
-from .cli_core import parse_list
-from .errors import UserError
+from .app import app
+from .core import parse_list
+from ..errors import UserError
 
 
 def parse_ints(value: str, what: str) -> list[int]:
@@ -73,8 +73,8 @@ def profile_latency(
     the predicted tokens/s speedup per block size and the block size to use."""
     import torch
 
-    from . import profiling as prof
-    from .model import read_config, resolve_device, resolve_dtype
+    from .. import profiling as prof
+    from ..model import read_config, resolve_device, resolve_dtype
 
     # ---- validate everything before loading anything
     if (model is None) == (config is None):
@@ -125,7 +125,7 @@ def profile_latency(
     if config is not None:
         m = prof.random_model(config, dt, dev, seed)
     else:
-        from .model import load_model
+        from ..model import load_model
 
         m = load_model(model, dt, dev)
     name = config or str(model)
@@ -149,7 +149,7 @@ def profile_latency(
             best[C] = prof.best_block_size(predictions[C])
 
     # ---- outputs
-    from .provenance import write_atomic
+    from ..provenance import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -201,7 +201,7 @@ def _print_table(console, points, contexts, ns, ks, knees, repeats, label, devic
     for n in ns:
         t.add_row(str(n), *[x for C in contexts for x in (f"{med[C, 'causal', n]:.2f}",
                                                           f"{med[C, 'causal', n] / med[C, 'causal', 1]:.2f}")])
-    from .profiling import tidar_slots
+    from ..profiling import tidar_slots
 
     for k in ks:
         t.add_row(f"TiDAR k={k} ({tidar_slots(k)})",

@@ -10,8 +10,8 @@ from typing import Callable
 
 import typer
 
-from .cli_app import app
-from .errors import UserError
+from .app import app
+from ..errors import UserError
 
 train_app = typer.Typer(help="Train models with the project's recipes (continued pretraining from an AR checkpoint).",
                         no_args_is_help=True)
@@ -29,10 +29,10 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
     this process's GPU). Warm-up is capped at a tenth of the steps so short runs reach the peak lr."""
     import torch
 
-    from .model import read_config, resolve_device
-    from .registry import load_tokenizer
-    from .training.data import PackedDataset, read_texts
-    from .training.loop import TrainConfig, check_out_dir, dist_info, train
+    from ..model import read_config, resolve_device
+    from ..registry import load_tokenizer
+    from ..training.data import PackedDataset, read_texts
+    from ..training.loop import TrainConfig, check_out_dir, dist_info, train
 
     read_config(base)  # a clear error for a missing or broken base checkpoint
     check_out_dir(out)
@@ -83,7 +83,7 @@ def train_ar(
     dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
 ) -> None:
     """Plain next-token training: the AR base the other recipes continue from."""
-    from .training.ar import AutoregressiveObjective
+    from ..training.ar import AutoregressiveObjective
 
     def make(tokenizer, dev):
         return AutoregressiveObjective.from_checkpoint(base, tokenizer, dev)
@@ -114,7 +114,7 @@ def train_tidar(
                                             "weights and optimiser stay fp32"),
 ) -> None:
     """TiDAR dual-mode training ("full mask"): [clean | mask copy], AR + diffusion loss in one forward."""
-    from .training.tidar import TidarObjective
+    from ..training.tidar import TidarObjective
 
     if block_size < 1:
         raise UserError(f"--block-size must be >= 1, got {block_size}")
@@ -152,8 +152,8 @@ def train_block_diffusion(
     dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
 ) -> None:
     """Block diffusion (BD3-LM / Fast-dLLM v2 style), continued from an AR checkpoint."""
-    from .model import load_model
-    from .training.block_diffusion import BlockDiffusionObjective
+    from ..model import load_model
+    from ..training.block_diffusion import BlockDiffusionObjective
 
     def make(tokenizer, dev):
         model = load_model(base, "float32", dev)

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from .cli_app import app
-from .cli_core import parse_list
-from .errors import UserError
+from .app import app
+from .core import parse_list
+from ..errors import UserError
 
 
 @app.command("run")
@@ -40,7 +40,7 @@ def run_cmd(
     """Evaluate decoders on lm-eval tasks at batch 1: scores, tokens/s, T/NFE, accepted length,
     speedup vs ar, lossless check. Re-running the same command resumes; works under torchrun.
     Without --model: the embedded default (shipped tiny models, mini tasks, every decoder)."""
-    from .harness.runner import RunSpec, run
+    from ..harness.runner import RunSpec, run
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     if model is None:
@@ -104,7 +104,7 @@ def _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec,
                   hub_datasets) -> None:
     import time
 
-    from .harness.suite import run_embedded
+    from ..harness.suite import run_embedded
 
     if draft is not None or include_path is not None or hub_datasets or decoders_ != "ar":
         raise UserError("--decoders, --draft, --include-path and --hub-datasets need --model; "

@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from .cli_app import app
-from .errors import UserError
+from .app import app
+from ..errors import UserError
 
 
 def parse_kv(items: list[str] | None, what: str = "--decoder-arg") -> dict[str, str]:
@@ -37,7 +37,7 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 
 def random_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of a shipped architecture config to `out`."""
-    from .model import ModelConfig, Transformer, init_weights, save_model
+    from ..model import ModelConfig, Transformer, init_weights, save_model
 
     f = CONFIGS_DIR / f"{name}.json"
     if not f.is_file():
@@ -55,7 +55,7 @@ def list_decoders() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .registry import decoders
+    from ..registry import decoders
 
     t = Table(title="decoders")
     for col in ("name", "needs --draft", "options", "description"):
@@ -85,8 +85,8 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the generation and stats as JSON"),
 ) -> None:
     """Decode one prompt with one decoder and print the output and its stats."""
-    from .decoding import GenerationConfig, SamplingParams
-    from .registry import DecoderContext, build_decoder
+    from ..decoding import GenerationConfig, SamplingParams
+    from ..registry import DecoderContext, build_decoder
 
     ctx = DecoderContext(model, device, dtype, draft)
     dec = build_decoder(decoder, ctx, parse_kv(decoder_arg))
@@ -170,8 +170,8 @@ def speed_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from .decoding import GenerationConfig
-    from .registry import DecoderContext, build_decoder
+    from ..decoding import GenerationConfig
+    from ..registry import DecoderContext, build_decoder
 
     if threads:
         torch.set_num_threads(threads)
@@ -233,7 +233,7 @@ def speed_cmd(
     if out is not None:
         import sys
 
-        from .provenance import environment, write_atomic
+        from ..provenance import environment, write_atomic
 
         record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
                   "model": str(model) if model else f"random weights, config {config}", "seed": seed,

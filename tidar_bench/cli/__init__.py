@@ -7,16 +7,16 @@ import importlib
 import os
 import sys
 
-from .cli_app import app
-from .errors import UserError
+from .app import app
+from ..errors import UserError
 
 COMMAND_MODULES = (
-    "tidar_bench.cli_core",
-    "tidar_bench.cli_train",
-    "tidar_bench.cli_train_eagle",
-    "tidar_bench.cli_run",
-    "tidar_bench.cli_profile",
-    "tidar_bench.cli_report",
+    "tidar_bench.cli.core",
+    "tidar_bench.cli.train",
+    "tidar_bench.cli.train_eagle",
+    "tidar_bench.cli.run",
+    "tidar_bench.cli.profile",
+    "tidar_bench.cli.report",
 )
 
 
