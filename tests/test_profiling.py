@@ -232,3 +232,52 @@ def test_shipped_configs_have_the_public_shapes():
     llama = ModelConfig.from_dict(prof.shipped_config("llama-3.1-8b"))
     assert llama.rope_scaling["rope_type"] == "llama3" and llama.rope_scaling["factor"] == 8.0
     assert ModelConfig.from_dict(prof.shipped_config("qwen3-8b")).qk_norm
+
+
+def test_profile_batch_sizes(tmp_path):
+    """--batch: every forward feeds B rows, knee and prediction per batch size against lat_B(1)."""
+    out = tmp_path / "lat"
+    argv = ["profile-latency", "--config", "tiny", "--context", "8,32", "--slots", "2,4", "--block-size", "2",
+            "--batch", "1,3", "--repeats", "2", "--warmup", "0", "--tnfe", "2=1.5", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "latency.csv").open()))
+    assert sorted({int(r["batch"]) for r in rows}) == [1, 3] and len(rows) == 2 * 2 * (3 + 1)
+    rec = json.loads((out / "latency.json").read_text())
+    assert rec["batch_sizes"] == [1, 3] and "--batch 1,3" in rec["command"]
+    for B in (1, 3):
+        here = [p for p in rec["points"] if p["batch"] == B]
+        by = rec["by_batch"][str(B)]
+        for C in (8, 32):
+            curve = {p["slots"]: p["median_ms"] for p in here if p["context"] == C and p["mask"] == "causal"}
+            step = {p["block_size"]: p["median_ms"] for p in here if p["context"] == C and p["mask"] == "tidar"}
+            assert by["knee"][str(C)] == prof.knee(curve, 0.1)
+            assert by["ar_tokens_per_s"][str(C)] == pytest.approx(1e3 * B / curve[1])
+            assert by["predicted_speedup"][str(C)]["2"] == pytest.approx(1.5 * curve[1] / step[2])
+    assert rec["knee"] == rec["by_batch"]["1"]["knee"]  # the top-level fields are the first batch size's
+    import matplotlib.image as mpimg
+
+    for name in ("latency.png", "latency_batch.png"):
+        img = mpimg.imread(out / name)
+        assert img.shape[0] > 100 and img.std() > 0
+    assert (out / "latency_batch.svg").is_file()
+    assert main(["profile-latency", "--config", "tiny", "--batch", "0,2", "--out", str(tmp_path / "b")]) == 2
+
+
+def test_measure_feeds_every_row(tiny_llama):
+    """A batch-B point times forwards of B rows over a B-row cache prefilled to the context."""
+    from tidar_bench.model import load_model
+
+    model = load_model(tiny_llama, "float32", "cpu")
+    seen = []
+    forward = model.forward
+
+    def spy(ids, pos=None, mask=None, cache=None, **kw):
+        seen.append((tuple(ids.shape), cache.length, cache.k[0].shape[0]))
+        return forward(ids, pos, mask, cache, **kw)
+
+    model.forward = spy
+    points = prof.measure(model, [10], [1, 3], [2], repeats=1, warmup=0, batches=[4])
+    assert {(p.batch, p.slots, p.mask) for p in points} == {(4, 1, "causal"), (4, 3, "causal"), (4, 6, "tidar")}
+    timed = [s for s in seen if s[1] == 10]
+    assert timed and all(s[0][0] == 4 and s[2] == 4 for s in timed)
+    assert sum(s[0][1] for s in seen if s[1] < 10) == 10  # the prefill filled every row to the context

@@ -159,3 +159,34 @@ def test_check_bad_baseline_is_a_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not found" in err and "not valid JSON" in err
     shutil.rmtree(run)
+
+
+def make_speed_batch(path):
+    """A batched speed result in report.SPEED_BATCH_FORMAT."""
+    def cell(tps, sp, ratios, mm):
+        return {"tokens": 512, "decode_s": 512 / tps, "nfe": 300, "tokens_per_s": tps, "tokens_per_nfe": 1.7,
+                "per_sequence_latency_s": {"median": 0.5, "q1": 0.4, "q3": 0.6}, "speedup_vs_reference": sp,
+                "paired_ratios": ratios, "lossless_mismatches": mm}
+    rec = {"command": "tidar-bench speed --model m --decoders ar,tidar --batch-size 1,2,4 --out s.json",
+           "environment": {"cpu": "Test CPU", "gpu": None}, "model": "m", "prompts": "8 prompts",
+           "reference": "ar", "batch_sizes": [1, 2, 4], "decoders": {"ar": {}, "tidar": {}},
+           "batch": {str(b): {"ar": cell(100.0 * b, 1.0, [1.0, 1.0], None),
+                              "tidar": cell(180.0 * b / (1 + b / 4), 1.8 / (1 + b / 4), [1.5, 1.7, 1.9], 0)}
+                     for b in (1, 2, 4)}}
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def test_plot_speed_vs_batch_size(tmp_path):
+    speed = make_speed_batch(tmp_path / "speed.json")
+    out = tmp_path / "fig"
+    assert main(["plot", str(speed), "--out", str(out)]) == 0
+    with Image.open(out / "speed_batch_speed.png") as im:
+        im.verify()
+        assert im.size[0] > 400
+    report = (out / "report.md").read_text()
+    assert "speed_batch_speed.png" in report and "| 4 | tidar | 360.0 |" in report and "1.60–1.80" in report  # IQR, inclusive
+    assert "tidar-bench speed --model m" in report
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"decoders": {}}))  # a batch-1 speed file: no batch section
+    assert main(["plot", str(bad), "--out", str(tmp_path / "f2")]) == 2

@@ -1,5 +1,5 @@
-"""Forward latency vs token slots at batch 1 (the paper's Figure 1), the free-slot knee, and the
-TiDAR speedup it predicts.
+"""Forward latency vs token slots (the paper's Figure 1) at batch 1 and at larger batch sizes, the
+free-slot knee per batch size, and the TiDAR speedup it predicts per block size and batch size.
 
 For each context length C: a KV cache prefilled to C with random token ids, then timed forwards
 of the model core (Transformer.forward, its real attention path) over n fed tokens, cropping the
@@ -16,6 +16,14 @@ Timing: CUDA events around each forward after warm-up (optionally replaying a ca
 of the fixed-shape forward); on CPU `time.perf_counter`. Median and interquartile range over the
 repeats. Knee: the largest n such that every measured n' <= n costs <= (1 + tolerance) x latency(1).
 Predicted TiDAR speedup in tokens/s over AR: T/NFE(k) x latency(1) / latency(TiDAR step with k).
+
+Batch B > 1: every forward feeds B rows at once, each row the same n tokens (the same layout and
+mask, broadcast), over a cache of B rows each prefilled to C. Knee and prediction are per batch
+size, against AR at the same batch size: AR commits B tokens per lat_B(1), TiDAR B x T/NFE(k) per
+lat_B(step k), so the throughput speedup is T/NFE(k) x lat_B(1) / lat_B(step k). A batched decoder
+pads every row to the longest row of the step, so lat_B(step k) is what a batched TiDAR step costs.
+As B grows the forward leaves the memory-bound regime sooner: the knee moves left and so does the
+speedup drafting can buy.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from .model import ModelConfig, Transformer, init_weights, rope_inv_freq
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 PREFILL_CHUNK = 512
+PREFILL_TOKENS = 4096
 
 
 # ----------------------------------------------------------------------------- models
@@ -127,6 +136,7 @@ class Point:
     repeats: int
     mask: str
     block_size: int | None
+    batch: int = 1  # rows per forward; slots are tokens fed per row
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -180,27 +190,38 @@ def _time_ms(run: Callable[[], None], reset: Callable[[], None], repeats: int, w
 
 @torch.inference_mode()
 def measure(model: Transformer, contexts: list[int], slots: list[int], block_sizes: list[int], repeats: int,
-            warmup: int, seed: int = 0, cuda_graphs: bool = False, progress: Callable[[], None] | None = None) -> list[Point]:
+            warmup: int, seed: int = 0, cuda_graphs: bool = False, progress: Callable[[], None] | None = None,
+            batches: list[int] = (1,)) -> list[Point]:
     """Causal latency at every n in `slots` and TiDAR-step latency for every k in `block_sizes`,
-    at every context length."""
+    at every context length and every batch size (B rows, each fed the same n tokens)."""
     dev = model.device
     cuda = dev.type == "cuda"
     if cuda_graphs and not cuda:
         raise UserError("--cuda-graphs needs a CUDA device")
-    V = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     jobs = [("causal", n) for n in slots] + [("tidar", k) for k in block_sizes]
     biggest = max([*slots, *(tidar_slots(k) for k in block_sizes)])
     points = []
-    cache = model.new_cache(max(contexts) + biggest)
+    for B in batches:
+        cache = model.new_cache(max(contexts) + biggest, batch=B)
+        points += _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_graphs, progress)
+        del cache  # freed before the next batch size's cache is allocated
+    return points
+
+
+def _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_graphs, progress) -> list[Point]:
+    dev, V = model.device, model.config.vocab_size
+    cuda = dev.type == "cuda"
+    points = []
+    chunk = max(1, min(PREFILL_CHUNK, PREFILL_TOKENS // B))  # prefill forwards of <= PREFILL_TOKENS tokens
     for C in contexts:
         cache.reset()
-        for s in range(0, C, PREFILL_CHUNK):
-            ids = torch.randint(0, V, (1, min(PREFILL_CHUNK, C - s)), generator=g).to(dev)
+        for s in range(0, C, chunk):
+            ids = torch.randint(0, V, (B, min(chunk, C - s)), generator=g).to(dev)
             model(ids, cache=cache, return_logits=False)
         for kind, n in jobs:
             f = step_inputs(kind, C, n, dev)
-            ids = torch.randint(0, V, (1, f.n), generator=g).to(dev)
+            ids = torch.randint(0, V, (B, f.n), generator=g).to(dev)
 
             def run():
                 model(ids, f.positions, f.mask, cache, logits_index=f.logits_index)
@@ -217,7 +238,7 @@ def measure(model: Transformer, contexts: list[int], slots: list[int], block_siz
             else:
                 times = _time_ms(run, reset, repeats, warmup, cuda)
             med, q1, q3 = quartiles(times)
-            points.append(Point(C, f.n, med, q1, q3, repeats, kind, f.block_size))
+            points.append(Point(C, f.n, med, q1, q3, repeats, kind, f.block_size, B))
             if progress is not None:
                 progress()
     return points
@@ -249,6 +270,39 @@ def predict_speedup(tnfe: dict[int, float], lat1: float, step_latency: dict[int,
 
 def best_block_size(speedup: dict[int, float]) -> int | None:
     return max(speedup, key=speedup.get) if speedup else None
+
+
+@dataclass
+class Analysis:
+    """What one (batch size, context length) curve says."""
+
+    batch: int
+    context: int
+    knee: int
+    latency_1_ms: float
+    ratios: dict[int, float]  # slots -> latency / latency(1)
+    predicted_speedup: dict[int, float]  # block size -> predicted speedup over AR at this batch size
+    recommended_block_size: int | None
+
+
+def analyse(points: list[Point], tolerance: float, tnfe: dict[int, float] | None = None) -> list[Analysis]:
+    """Knee, latency ratios and (with `tnfe`) the predicted TiDAR speedup for every measured
+    (batch, context), each against latency(1) at the same batch size. The step latency of block
+    size k is the exact TiDAR step when it was measured (mask "tidar"), else the causal forward of
+    k + k*k tokens."""
+    out = []
+    for B, C in sorted({(p.batch, p.context) for p in points}):
+        here = [p for p in points if p.batch == B and p.context == C]
+        curve = {p.slots: p.median_ms for p in here if p.mask == "causal"}
+        pred: dict[int, float] = {}
+        if tnfe:
+            step = {p.block_size: p.median_ms for p in here if p.mask == "tidar"}
+            if not step:
+                step = {k: curve[tidar_slots(k)] for k in tnfe if tidar_slots(k) in curve}
+            pred = predict_speedup(tnfe, curve[1], step)
+        out.append(Analysis(B, C, knee(curve, tolerance), curve[1], {n: v / curve[1] for n, v in sorted(curve.items())},
+                            pred, best_block_size(pred)))
+    return out
 
 
 def parse_tnfe(spec: str) -> dict[int, float]:
@@ -344,6 +398,17 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+def save_figure(fig, out_base: Path) -> list[Path]:
+    """fig -> out_base.png and out_base.svg, each written to a temp file and renamed."""
+    out = []
+    for ext in ("png", "svg"):
+        tmp = out_base.with_name(f".{out_base.name}.tmp.{ext}")
+        fig.savefig(tmp, dpi=130, format=ext)
+        tmp.replace(out_base.with_suffix(f".{ext}"))
+        out.append(out_base.with_suffix(f".{ext}"))
+    return out
+
+
 def plot(points: list[Point], knees: dict[int, int], tolerance: float, title: str, out_base: Path) -> None:
     """latency vs slots (log2 x), one line per context with its IQR band, its knee and the knee's
     limit (1 + tolerance) x latency(1) dotted; TiDAR steps as crosses. Writes out_base.png and
@@ -374,14 +439,86 @@ def plot(points: list[Point], knees: dict[int, int], tolerance: float, title: st
             ax.annotate(f"TiDAR k={p.block_size}", (p.slots, p.median_ms), textcoords="offset points",
                         xytext=(4, -10), fontsize=7, color=color or "black")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens fed in one forward (slots), batch 1")
+    batch = {p.batch for p in points}
+    ax.set_xlabel(f"tokens fed in one forward (slots), batch {'/'.join(map(str, sorted(batch)))}")
     ax.set_ylabel("forward latency, median (ms)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    for ext in ("png", "svg"):
-        tmp = out_base.with_name(f".{out_base.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=130, format=ext)
-        tmp.replace(out_base.with_suffix(f".{ext}"))
+    save_figure(fig, out_base)
+    plt.close(fig)
+
+
+def plot_batches(points: list[Point], analyses: list[Analysis], title: str, out_base: Path) -> None:
+    """The batch figure: per context length, latency vs tokens fed per sequence with one line per
+    batch size (knee circled, TiDAR steps as crosses); then the knee vs batch size and, when
+    predicted, the TiDAR speedup over AR at the same batch size vs batch size per block size.
+    Writes out_base.png and out_base.svg atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({p.context for p in points})
+    batches = sorted({p.batch for p in points})
+    predicted = any(a.predicted_speedup for a in analyses)
+    ncols = len(contexts) + 1 + predicted
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 4.2), squeeze=False)
+    axes = axes[0]
+    cmap = plt.get_cmap("viridis")
+    color = {B: cmap(i / max(1, len(batches) - 1) * 0.9) for i, B in enumerate(batches)}
+    by = {(a.batch, a.context): a for a in analyses}
+    for ax, C in zip(axes, contexts):
+        for B in batches:
+            causal = sorted((p.slots, p.median_ms, p.q1_ms, p.q3_ms) for p in points
+                            if p.context == C and p.batch == B and p.mask == "causal")
+            if not causal:
+                continue
+            xs, ys, lo, hi = zip(*causal)
+            ax.plot(xs, ys, marker="o", ms=3, color=color[B], label=f"batch {B}")
+            ax.fill_between(xs, lo, hi, color=color[B], alpha=0.2)
+            a = by.get((B, C))
+            if a is not None:
+                y = dict(zip(xs, ys))[a.knee]
+                ax.scatter([a.knee], [y], s=90, facecolors="none", edgecolors=color[B], zorder=5)
+            for p in (p for p in points if p.context == C and p.batch == B and p.mask == "tidar"):
+                ax.scatter([p.slots], [p.median_ms], marker="x", color=color[B], zorder=6)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens fed per sequence (slots)")
+        ax.set_ylabel("forward latency, median (ms)")
+        ax.set_title(f"context {C} (o = knee, x = TiDAR step)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    ax = axes[len(contexts)]
+    for C in contexts:
+        xs = [B for B in batches if (B, C) in by]
+        ax.plot(xs, [by[B, C].knee for B in xs], marker="o", label=f"context {C}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("knee: free slots per sequence")
+    ax.set_title("where extra tokens stop being free", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    if predicted:
+        ax = axes[-1]
+        ks = sorted({k for a in analyses for k in a.predicted_speedup})
+        styles = ["-", "--", ":", "-."]
+        for ci, C in enumerate(contexts):
+            for k in ks:
+                xs = [B for B in batches if k in getattr(by.get((B, C)), "predicted_speedup", {})]
+                ax.plot(xs, [by[B, C].predicted_speedup[k] for B in xs], marker="o", ls=styles[ci % len(styles)],
+                        label=f"k={k}, context {C}")
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("predicted TiDAR speedup over AR (same batch)")
+        ax.set_title("T/NFE(k) x lat_B(1) / lat_B(step k)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_base)
     plt.close(fig)

@@ -3,12 +3,17 @@
 Inputs, any mix:
 - a `tidar-bench run` folder (summary.csv + run.json), or an embedded-suite folder (summary.csv with a
   model column + suite.json, one run folder per checkpoint inside);
-- a `tidar-bench profile-latency` folder (latency.csv + latency.json).
+- a `tidar-bench profile-latency` folder (latency.csv + latency.json);
+- a batched `tidar-bench speed --batch-size 1,2,4 --out FILE.json` result (or a folder holding one
+  as speed.json): throughput and speedup vs batch size per decoder (format: `SPEED_BATCH_FORMAT`).
 
 Per task: quality vs tokens/s and quality vs T/NFE, one point per (run, checkpoint, decoder, setting),
 the Pareto frontier (no other point is both faster and better), AR as the reference (dashed lines at
 its score and speed) and every point's speedup over AR annotated. Per profile folder: the latency vs
-slots curve (profiling.plot). PNG + SVG each, and report.md with the figures and the summary table."""
+slots curve (profiling.plot; with several batch sizes also profiling.plot_batches). Per batched speed
+file: tokens/s over the batch and speedup over the reference decoder at the same batch size, both
+against batch size, one line per decoder. PNG + SVG each, and report.md with the figures and the
+summary table."""
 
 from __future__ import annotations
 
@@ -92,13 +97,9 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _savefig(fig, base: Path) -> list[Path]:
-    out = []
-    for ext in ("png", "svg"):
-        tmp = base.with_name(f".{base.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=130, format=ext)
-        tmp.replace(base.with_suffix(f".{ext}"))
-        out.append(base.with_suffix(f".{ext}"))
-    return out
+    from .profiling import save_figure
+
+    return save_figure(fig, base)
 
 
 def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) -> list[Path]:
@@ -160,7 +161,9 @@ def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) ->
 
 
 def plot_latency(folder: Path, out_base: Path) -> list[Path]:
-    from .profiling import Point, plot
+    """The latency curve of the first batch size; with several batch sizes also out_base + "_batch"
+    (profiling.plot_batches, knee and predicted speedup per batch size recomputed from the points)."""
+    from .profiling import Point, analyse, plot, plot_batches
 
     folder = Path(folder)
     meta = json.loads((folder / "latency.json").read_text())
@@ -169,12 +172,99 @@ def plot_latency(folder: Path, out_base: Path) -> list[Path]:
         for r in csv.DictReader(f):
             points.append(Point(int(r["context"]), int(r["slots"]), float(r["median_ms"]), float(r["q1_ms"]),
                                 float(r["q3_ms"]), int(r["repeats"]), r["mask"],
-                                int(r["block_size"]) if r["block_size"] else None))
+                                int(r["block_size"]) if r["block_size"] else None, int(r.get("batch") or 1)))
+    batches = sorted({p.batch for p in points})
     knees = {int(k): v for k, v in (meta.get("knee") or {}).items()}
     env = meta.get("environment") or {}
-    title = f"{meta.get('model', '?')} · {env.get('device_name') or meta.get('label', '')} · {meta.get('dtype', '')} · batch 1"
-    plot(points, knees, float(meta.get("tolerance", 0.1)), title, out_base)
-    return [out_base.with_suffix(".png"), out_base.with_suffix(".svg")]
+    title = f"{meta.get('model', '?')} · {env.get('device_name') or meta.get('label', '')} · {meta.get('dtype', '')}"
+    tolerance = float(meta.get("tolerance", 0.1))
+    plot([p for p in points if p.batch == batches[0]], knees, tolerance, f"{title} · batch {batches[0]}", out_base)
+    written = [out_base.with_suffix(".png"), out_base.with_suffix(".svg")]
+    if len(batches) > 1:
+        tnfe = {int(k): float(v) for k, v in (meta.get("tnfe") or {}).items()}
+        batch_base = out_base.with_name(out_base.name + "_batch")
+        plot_batches(points, analyse(points, tolerance, tnfe), f"{title} · batch {','.join(map(str, batches))}", batch_base)
+        written += [batch_base.with_suffix(".png"), batch_base.with_suffix(".svg")]
+    return written
+
+
+SPEED_BATCH_FORMAT = """\
+`tidar-bench speed --batch-size 1,2,4 --out FILE.json` writes one JSON object:
+  command, environment, model, seed, prompts, max_new_tokens, dtype, device  (as batch-1 speed)
+  reference: the first decoder (speedups are against it at the same batch size)
+  batch_sizes: [1, 2, 4]
+  decoders: {name: {options, lossless}}
+  batch: {"<B>": {name: {tokens, decode_s, nfe, tokens_per_s (all new tokens / decode wall time,
+          over the batch), tokens_per_nfe, per_sequence_latency_s: {median, q1, q3} (prompt in to
+          last token out, per prompt), speedup_vs_reference (tokens_per_s / the reference's),
+          paired_ratios ([per round] tokens/s ratio vs the reference decoding the same prompts in the
+          same process, back to back), lossless_mismatches (prompts whose greedy tokens differ from
+          the reference's; lossless decoders only, else null)}}}
+"""
+
+
+def read_speed_batch(path: Path) -> dict:
+    """A batched speed result: FILE.json or a folder holding speed.json (see SPEED_BATCH_FORMAT)."""
+    path = Path(path)
+    f = path / "speed.json" if path.is_dir() else path
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read a speed result: {e}")
+    if not isinstance(rec, dict) or not isinstance(rec.get("batch"), dict) or not rec.get("batch_sizes"):
+        raise UserError(f"{f} is not a batched speed result (no `batch` / `batch_sizes`; "
+                        "write one with `tidar-bench speed --batch-size 1,2,4 --out FILE.json`)")
+    return rec
+
+
+def plot_speed_batch(rec: dict, out_base: Path) -> list[Path]:
+    """Left: tokens/s over the batch vs batch size; right: speedup over the reference decoder at the
+    same batch size (bars: interquartile range of the paired per-round ratios), one line per decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted(int(b) for b in rec["batch"])
+    names = list(dict.fromkeys(n for b in batches for n in rec["batch"][str(b)]))
+    ref = rec.get("reference") or names[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for name in names:
+        xs = [b for b in batches if name in rec["batch"][str(b)]]
+        cells = [rec["batch"][str(b)][name] for b in xs]
+        (line,) = left.plot(xs, [c["tokens_per_s"] for c in cells], marker="o", label=name)
+        ys = [c["speedup_vs_reference"] for c in cells]
+        lo, hi = [], []
+        for c, y in zip(cells, ys):
+            r = sorted(c.get("paired_ratios") or [y])
+            q = _quartiles(r)
+            lo.append(max(0.0, y - q[0]))
+            hi.append(max(0.0, q[1] - y))
+        if name != ref:
+            right.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=line.get_color(), label=name)
+    right.axhline(1.0, ls="--", lw=0.8, color="black", label=f"{ref} (reference)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size (sequences decoded together)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    left.set_ylabel("tokens / s over the batch")
+    right.set_ylabel(f"speedup over {ref} at the same batch size")
+    env = rec.get("environment") or {}
+    device = env.get("gpu") or f"CPU {env.get('cpu') or ''}".strip()
+    fig.suptitle(f"{rec.get('model', '?')} — {device} — {rec.get('prompts', '')}", fontsize=9)
+    fig.tight_layout()
+    paths = _savefig(fig, out_base)
+    plt.close(fig)
+    return paths
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    from .profiling import quartiles
+
+    _, q1, q3 = quartiles(xs)
+    return q1, q3
 
 
 def _md_table(rows: list[dict], multi: bool) -> str:
@@ -193,14 +283,31 @@ def _md_table(rows: list[dict], multi: bool) -> str:
     return "\n".join(lines)
 
 
+def _speed_batch_table(rec: dict) -> str:
+    ref = rec.get("reference")
+    lines = [f"| batch | decoder | tokens/s | T/NFE | per-seq latency s (median) | speedup vs {ref} | "
+             "paired ratio IQR | lossless mismatches |", "|" + "---|" * 8]
+    for b in sorted(rec["batch"], key=int):
+        for name, c in rec["batch"][b].items():
+            r = sorted(c.get("paired_ratios") or [])
+            iqr = "–" if not r else "{:.2f}–{:.2f}".format(*_quartiles(r))
+            mm = c.get("lossless_mismatches")
+            lines.append(f"| {b} | {name} | {c['tokens_per_s']:.1f} | {c.get('tokens_per_nfe', 0):.2f} | "
+                         f"{c['per_sequence_latency_s']['median']:.3f} | {c['speedup_vs_reference']:.2f} | {iqr} | "
+                         f"{'–' if mm is None else mm} |")
+    return "\n".join(lines)
+
+
 def make_report(folders: list[Path], out: Path) -> list[Path]:
     """Figures for every task of every run folder and every latency folder, plus report.md."""
-    runs, latency = [], []
+    runs, latency, speeds = [], [], []
     for d in folders:
         d = Path(d)
-        if not d.is_dir():
-            raise UserError(f"{d} is not a folder")
-        if (d / "latency.csv").is_file() and (d / "latency.json").is_file():
+        if (d.is_file() and d.suffix == ".json") or (d / "speed.json").is_file():
+            speeds.append((d, read_speed_batch(d)))
+        elif not d.is_dir():
+            raise UserError(f"{d} is neither a folder nor a speed .json file")
+        elif (d / "latency.csv").is_file() and (d / "latency.json").is_file():
             latency.append(d)
         else:
             runs.append(read_run(d))
@@ -219,6 +326,13 @@ def make_report(folders: list[Path], out: Path) -> list[Path]:
         base = out / f"latency_{d.name or i}"
         written += plot_latency(d, base)
         md += [f"## Forward latency: {d}", "", f"![latency]({base.name}.png)", ""]
+        if (out / f"{base.name}_batch.png") in written:
+            md += [f"![latency vs batch size]({base.name}_batch.png)", ""]
+    for d, rec in speeds:
+        base = out / f"speed_batch_{d.stem if d.is_file() else d.name}"
+        written += plot_speed_batch(rec, base)
+        md += [f"## Throughput and speedup vs batch size: {d}", "", f"![speed vs batch]({base.name}.png)", "",
+               _speed_batch_table(rec), "", f"Command: `{rec.get('command', '')}`", ""]
     if rows:
         md += ["## Summary", "", _md_table(rows, multi), "", "Speedup: tokens/s over the reference `ar` on the same task. "
                "Lossless mismatches: greedy outputs of a lossless decoder that differ from its checkpoint's `ar`.", ""]

@@ -57,6 +57,8 @@ def profile_latency(
     mask: str = typer.Option("tidar", help="causal: the causal curve only (TiDAR steps approximated by causal "
                              "forwards of k + k*k tokens); tidar: also the exact TiDAR step mask for each block size"),
     block_size: str = typer.Option("4,8,16", help="TiDAR block sizes k (a steady-state step feeds k + k*k tokens)"),
+    batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,4,16,64: every forward feeds B rows of the same "
+                              "layout; knee and predicted speedup per batch size, plus latency_batch.png"),
     dtype: str = typer.Option("auto", help="auto = bf16 on CUDA, fp32 on CPU"),
     device: str = typer.Option("auto"),
     repeats: int = typer.Option(20, min=1),
@@ -84,6 +86,9 @@ def profile_latency(
     contexts = sorted(set(parse_ints(context, "--context")))
     ns = sorted(set(parse_ints(slots, "--slots")))
     ks = sorted(set(parse_ints(block_size, "--block-size")))
+    batches = sorted(set(parse_ints(batch, "--batch")))
+    if batches[0] < 1:
+        raise UserError(f"--batch must all be >= 1, got {batches[0]}")
     if ns[0] < 1:
         raise UserError(f"--slots must all be >= 1, got {ns[0]}")
     if ks[0] < 1:
@@ -130,23 +135,19 @@ def profile_latency(
         m = load_model(model, dt, dev)
     name = config or str(model)
     with Progress(transient=True, console=console) as bar:
-        task = bar.add_task("timing forwards", total=len(contexts) * (len(ns) + len(ks)))
-        points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=lambda: bar.advance(task))
+        task = bar.add_task("timing forwards", total=len(batches) * len(contexts) * (len(ns) + len(ks)))
+        points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=lambda: bar.advance(task),
+                              batches=batches)
     info = prof.device_info(dev)
 
-    # ---- analysis per context
-    knees, lat1, ratios, predictions, best = {}, {}, {}, {}, {}
-    for C in contexts:
-        curve = {p.slots: p.median_ms for p in points if p.context == C and p.mask == "causal"}
-        knees[C], lat1[C] = prof.knee(curve, tolerance), curve[1]
-        ratios[C] = {n: v / curve[1] for n, v in curve.items()}
-        if tnfe_table:
-            if mask == "tidar":
-                step = {p.block_size: p.median_ms for p in points if p.context == C and p.mask == "tidar"}
-            else:
-                step = {k: curve[prof.tidar_slots(k)] for k in tnfe_table}
-            predictions[C] = prof.predict_speedup(tnfe_table, curve[1], step)
-            best[C] = prof.best_block_size(predictions[C])
+    # ---- analysis per (batch, context); the top-level fields are the first batch size's
+    analyses = prof.analyse(points, tolerance, tnfe_table)
+    first = [a for a in analyses if a.batch == batches[0]]
+    knees = {a.context: a.knee for a in first}
+    lat1 = {a.context: a.latency_1_ms for a in first}
+    ratios = {a.context: a.ratios for a in first}
+    predictions = {a.context: a.predicted_speedup for a in first} if tnfe_table else {}
+    best = {a.context: a.recommended_block_size for a in first}
 
     # ---- outputs
     from ..provenance import write_atomic
@@ -159,7 +160,7 @@ def profile_latency(
     write_atomic(out / "latency.csv", buf.getvalue())
     argv = ["tidar-bench", "profile-latency", *(["--model", str(model)] if model else ["--config", config]),
             "--context", ",".join(map(str, contexts)), "--slots", slots, "--mask", mask, "--block-size", block_size,
-            "--dtype", dtype, "--device", device, "--repeats", str(repeats), "--warmup", str(warmup),
+            *(["--batch", batch] if batches != [1] else []), "--dtype", dtype, "--device", device, "--repeats", str(repeats), "--warmup", str(warmup),
             "--tolerance", str(tolerance), *(["--cuda-graphs"] if cuda_graphs else []),
             *(["--tnfe", tnfe] if tnfe else []), "--seed", str(seed), "--out", str(out)]
     dtype_name = str(dt).replace("torch.", "")
@@ -167,7 +168,7 @@ def profile_latency(
     record = {
         "command": shlex.join(argv), "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
         "timer": info["timer"], "cuda_graphs": cuda_graphs, "repeats": repeats, "warmup": warmup,
-        "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "notes": notes,
+        "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "batch_sizes": batches, "notes": notes,
         "environment": info, "points": [asdict(p) for p in points],
         "knee": {str(C): k for C, k in knees.items()},
         "latency_1_ms": {str(C): v for C, v in lat1.items()},
@@ -178,15 +179,31 @@ def profile_latency(
         record["step_latency_source"] = "TiDAR step mask" if mask == "tidar" else "causal forward of k + k*k tokens"
         record["predicted_speedup"] = {str(C): {str(k): v for k, v in p.items()} for C, p in predictions.items()}
         record["recommended_block_size"] = {str(C): k for C, k in best.items()}
+    record["by_batch"] = {str(B): {
+        "knee": {str(a.context): a.knee for a in analyses if a.batch == B},
+        "latency_1_ms": {str(a.context): a.latency_1_ms for a in analyses if a.batch == B},
+        "ar_tokens_per_s": {str(a.context): 1e3 * B / a.latency_1_ms for a in analyses if a.batch == B},
+        **({"predicted_speedup": {str(a.context): {str(k): v for k, v in a.predicted_speedup.items()}
+                                  for a in analyses if a.batch == B},
+            "recommended_block_size": {str(a.context): a.recommended_block_size for a in analyses if a.batch == B}}
+           if tnfe_table else {})} for B in batches}
     write_atomic(out / "latency.json", json.dumps(record, indent=2) + "\n")
-    title = f"{name} · {label}: {info['device_name']} · {dtype_name} · batch 1 · torch {info.get('torch')}"
-    prof.plot(points, knees, tolerance, title, out / "latency")
-    _print_table(console, points, contexts, ns, ks, knees, repeats, label, info["device_name"])
-    for C, p in predictions.items():
-        if p:
-            console.print(f"context {C}: predicted speedup over AR " + ", ".join(f"k={k}: {v:.2f}x" for k, v in p.items())
-                          + f" -> recommended block size {best[C]}")
-    console.print(f"wrote {out}/latency.csv, latency.json, latency.png, latency.svg")
+    title = f"{name} · {label}: {info['device_name']} · {dtype_name} · batch {batches[0]} · torch {info.get('torch')}"
+    prof.plot([p for p in points if p.batch == batches[0]], knees, tolerance, title, out / "latency")
+    if len(batches) > 1:
+        prof.plot_batches(points, analyses, title.replace(f"batch {batches[0]}", "batch " + ",".join(map(str, batches))),
+                          out / "latency_batch")
+    for B in batches:
+        _print_table(console, [p for p in points if p.batch == B], contexts, ns, ks,
+                     {a.context: a.knee for a in analyses if a.batch == B}, repeats, label,
+                     info["device_name"] + (f", batch {B}" if batches != [1] else ""))
+    for a in analyses:
+        if a.predicted_speedup:
+            console.print((f"batch {a.batch}, " if batches != [1] else "") + f"context {a.context}: predicted speedup over AR "
+                          + ", ".join(f"k={k}: {v:.2f}x" for k, v in a.predicted_speedup.items())
+                          + f" -> recommended block size {a.recommended_block_size}")
+    console.print(f"wrote {out}/latency.csv, latency.json, latency.png, latency.svg"
+                  + (", latency_batch.png, latency_batch.svg" if len(batches) > 1 else ""))
 
 
 def _print_table(console, points, contexts, ns, ks, knees, repeats, label, device_name) -> None:

@@ -13,12 +13,15 @@ from .app import app
 
 @app.command("plot")
 def plot_cmd(
-    folders: list[Path] = typer.Argument(..., help="run folders (tidar-bench run), embedded-suite folders and/or "
-                                                   "profile-latency folders"),
-    out: Path = typer.Option(..., "--out", help="output folder: pareto_<task>.png/.svg, latency_*.png/.svg, report.md"),
+    folders: list[Path] = typer.Argument(..., help="run folders (tidar-bench run), embedded-suite folders, "
+                                                   "profile-latency folders and/or batched speed JSON files "
+                                                   "(speed --batch-size ... --out FILE.json)"),
+    out: Path = typer.Option(..., "--out", help="output folder: pareto_<task>.png/.svg, latency_*.png/.svg, "
+                                                "speed_batch_*.png/.svg, report.md"),
 ) -> None:
     """Pareto figures per task (quality vs tokens/s and vs T/NFE, AR as reference, speedups annotated),
-    latency curves, and a report.md with the figures and the summary table."""
+    latency curves (and latency vs batch size), speedup vs batch size per decoder, and a report.md with
+    the figures and the summary tables."""
     from ..report import make_report
 
     written = make_report(folders, out)
