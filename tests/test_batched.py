@@ -1,0 +1,112 @@
+"""Batched decoding (tidar_bench/batched.py): row by row, the greedy tokens of every batched decoder
+equal batch-1 `ar` on that prompt (fp32, the embedded trained models, prompts of different lengths,
+more prompts than slots so finished rows are refilled), and a row that stops early changes nobody."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tidar_bench.batched import generate_batch, supports_batch
+from tidar_bench.decoding import GenerationConfig, SamplingParams
+from tidar_bench.errors import UserError
+from tidar_bench.registry import DecoderContext, build_decoder
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "tidar_bench" / "embedded"
+GSM = Path(__file__).resolve().parents[1] / "tasks" / "data" / "mini" / "gsm.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tidar_ctx():
+    return DecoderContext(EMBEDDED / "tidar", "cpu", "float32")
+
+
+def prompts_of(tok, n=6):
+    """n real prompts of different lengths (some cut short, so rows start at different offsets)."""
+    texts = [json.loads(line)["prompt"] for line in GSM.read_text().splitlines()[:n]]
+    ids = [tok.encode(t) for t in texts]
+    ids = [p[: max(2, len(p) - 4 * i)] for i, p in enumerate(ids)]
+    assert len({len(p) for p in ids}) >= n - 1
+    return ids
+
+
+_REFERENCE: dict = {}
+
+
+def batch1(dec, prompts, cfg):
+    """Batch-1 tokens (cached per decoder kind, prompts and config: the reference is shared by tests)."""
+    key = (dec.name, tuple(map(tuple, prompts)), cfg)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = [dec.generate(p, cfg).tokens for p in prompts]
+    return _REFERENCE[key]
+
+
+@pytest.mark.parametrize("name,options", [("ar", {}), ("tidar", {}), ("tidar", {"max_blocks": "2"}),
+                                          ("tidar", {"block_size": "4"})])
+def test_batched_rows_equal_batch1_ar(tidar_ctx, name, options):
+    ar = build_decoder("ar", tidar_ctx, {"compile": "off"})
+    dec = build_decoder(name, tidar_ctx, options)
+    tok = tidar_ctx.tokenizer
+    prompts = prompts_of(tok)
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(tok.eos_token_id,))
+    want = batch1(ar, prompts, cfg)
+    done = []
+    got = generate_batch(dec, prompts, cfg, 4, on_done=lambda i, g: done.append(i))
+    assert [g.tokens for g in got] == want
+    assert sorted(done) == list(range(len(prompts)))
+    for g, p in zip(got, prompts):
+        s = g.stats
+        assert s.new_tokens == len(g.tokens) and s.nfe == len(s.tokens_fed) == len(s.accepted_lengths) + 1
+        assert s.wall_time_s >= s.prefill_time_s > 0
+        if name == "tidar":
+            k = dec.k
+            assert s.tokens_fed[0] == len(p) + k and all(n <= k + k * k for n in s.tokens_fed[1:])
+            assert max(s.accepted_lengths) <= k
+    if name == "tidar":  # drafting pays off per row: fewer forwards than tokens
+        assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)
+
+
+def test_a_row_stopping_early_changes_nobody(tidar_ctx):
+    ar = build_decoder("ar", tidar_ctx, {"compile": "off"})
+    dec = build_decoder("tidar", tidar_ctx, {})
+    prompts = prompts_of(tidar_ctx.tokenizer, 4)
+    free = GenerationConfig(max_new_tokens=24)
+    full = batch1(ar, prompts, free)
+    # a stop id that row 0 produces early and no other row produces at all
+    others = set().union(*map(set, full[1:]))
+    stop_id = next((t for t in full[0][1:12] if t not in others), None)
+    assert stop_id is not None, "no token unique to row 0: pick other prompts"
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(stop_id,))
+    for d in (ar, dec):
+        got = generate_batch(d, prompts, cfg, 4)
+        assert got[0].finish_reason == "stop_token" and len(got[0].tokens) < 12
+        assert got[0].tokens == full[0][: full[0].index(stop_id)]
+        assert [g.tokens for g in got[1:]] == full[1:]  # the others run on, untouched
+
+
+def test_batch_of_one_and_more_slots_than_prompts(tidar_ctx):
+    ar = build_decoder("ar", tidar_ctx, {"compile": "off"})
+    dec = build_decoder("tidar", tidar_ctx, {})
+    prompts = prompts_of(tidar_ctx.tokenizer, 3)
+    cfg = GenerationConfig(max_new_tokens=16)
+    want = batch1(ar, prompts, cfg)
+    assert [g.tokens for g in generate_batch(dec, prompts, cfg, 1)] == want
+    assert [g.tokens for g in generate_batch(dec, prompts, cfg, 8)] == want
+    assert generate_batch(dec, [], cfg, 4) == []
+
+
+def test_batched_bad_input(tidar_ctx):
+    dec = build_decoder("tidar", tidar_ctx, {})
+    cfg = GenerationConfig(max_new_tokens=4)
+    with pytest.raises(UserError, match="greedy"):
+        generate_batch(dec, [[1, 2]], GenerationConfig(max_new_tokens=4, sampling=SamplingParams(temperature=1.0)), 2)
+    with pytest.raises(UserError):
+        generate_batch(dec, [[1, 2], []], cfg, 2)
+    with pytest.raises(UserError):
+        generate_batch(dec, [[1, 2]], cfg, 0)
+    lossy = build_decoder("tidar", tidar_ctx, {"beta": "0.5"})
+    assert "lossless" in supports_batch(lossy)
+    hf = build_decoder("hf", tidar_ctx, {})
+    assert supports_batch(hf) and "hf" in supports_batch(hf)
+    torch.manual_seed(0)
