@@ -4,7 +4,11 @@ the loop runs data-parallel (DDP)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -17,27 +21,111 @@ train_app = typer.Typer(help="Train models with the project's recipes (continued
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-DATA_HELP = "training text: .jsonl (field --field) or plain text files (documents separated by two blank lines)"
+DATA_HELP = ("training data, repeatable: .jsonl/.json (field --text-field), .parquet, .arrow, plain text "
+             "(documents separated by two blank lines), a datasets directory, or a Hugging Face dataset NAME[:CONFIG]")
+
+FIELD_HELP = "record field holding the text, or a chat (list of role/content messages, rendered with the chat template)"
+
+
+@dataclass
+class ScaleOptions:
+    """The options every recipe shares beyond its own (sharding, resume, data mixing, logging,
+    evaluation); `scale_options` adds them to a Typer command, which passes them to run_recipe."""
+
+    shard: str = "auto"
+    activation_checkpointing: bool = False
+    resume: bool = False
+    keep_checkpoints: int = 2
+    data_weights: str = ""
+    data_split: str = "train"
+    streaming: bool = False
+    max_docs: int = 0
+    peak_tflops: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_prompts: Path | None = None
+    eval_limit: int = 32
+    eval_max_new_tokens: int = 64
+
+
+_SCALE_HELP = {
+    "shard": "auto (DDP under torchrun) | ddp | fsdp (FSDP2 fully_shard per block, bf16 params with fp32 master "
+             "weights on CUDA; needs torchrun)",
+    "activation_checkpointing": "recompute each block's activations in the backward pass (less memory, ~1/3 more compute)",
+    "resume": "continue from the newest checkpoint in --out/checkpoints (model, optimizer, schedule, RNG, data position)",
+    "keep_checkpoints": "keep the newest N checkpoints of --save-every (0 = all)",
+    "data_weights": "mixing weights of the --data sources, comma-separated (default: one sequence stream, sources concatenated)",
+    "data_split": "split of Hugging Face / directory datasets",
+    "streaming": "stream Hugging Face datasets (with --max-docs: read only that many records)",
+    "max_docs": "read at most N records per source (0 = all)",
+    "peak_tflops": "peak TFLOPS of one device (e.g. 989 for H100 SXM bf16 dense) to log MFU; 0 = no MFU",
+    "log_every": "log (train_log.jsonl, progress bar) every N steps",
+    "eval_every": "evaluate on --eval-prompts every N steps (and at the end)",
+    "eval_prompts": "held-out prompts (.jsonl with 'prompt', optional 'answer') for --eval-every",
+    "eval_limit": "evaluate on the first N prompts",
+    "eval_max_new_tokens": "tokens generated per evaluation prompt",
+}
+
+
+def scale_options(fn):
+    """Add ScaleOptions' fields as Typer options to command `fn`; they reach it as `scale=` (a dict
+    of run_recipe keyword arguments)."""
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                               default=typer.Option(f.default, help=_SCALE_HELP[f.name]), annotation=f.type)
+             for f in fields(ScaleOptions)]
+    types = typing.get_type_hints(ScaleOptions)
+    extra = [p.replace(annotation=types[p.name]) for p in extra]
+    params = [p for p in sig.parameters.values() if p.name != "scale"]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        scale = {f.name: kwargs.pop(f.name) for f in fields(ScaleOptions)}
+        return fn(*args, **kwargs, scale=scale)
+
+    wrapper.__signature__ = sig.replace(parameters=params + extra)
+    return wrapper
 
 
 def run_recipe(make_objective: Callable[[object, str], object], base: Path, data: list[Path], out: Path, *,
                field: str, seq_len: int, batch_size: int, grad_accum: int, lr: float, warmup_steps: int, steps: int,
-               seed: int, device: str, dtype: str = "auto", save_every: int = 0) -> list[dict]:
+               seed: int, device: str, dtype: str = "auto", save_every: int = 0, shard: str = "auto",
+               activation_checkpointing: bool = False, resume: bool = False, keep_checkpoints: int = 2,
+               data_weights: str = "", data_split: str = "train", streaming: bool = False, max_docs: int = 0,
+               peak_tflops: float = 0.0, log_every: int = 10, eval_every: int = 0, eval_prompts: Path | None = None, eval_limit: int = 32,
+               eval_max_new_tokens: int = 64, eval_target: Path | None = None) -> list[dict]:
     """Shared by every `train` command: checks, tokenizer, data, objective, loop.
 
     `make_objective(tokenizer, device)` builds the objective on `device` (under torchrun on CUDA,
-    this process's GPU). Warm-up is capped at a tenth of the steps so short runs reach the peak lr."""
+    this process's GPU). Warm-up is capped at a tenth of the steps so short runs reach the peak lr.
+    Every check that needs no model (options, output folder, resume point, data) runs first, so a
+    mistake costs no model load and writes nothing. `eval_target`: the checkpoint the evaluation
+    decodes with when the objective trains a draft head (default: base)."""
     import torch
 
     from ..model import read_config, resolve_device
     from ..registry import load_tokenizer
-    from ..training.data import PackedDataset, read_texts
-    from ..training.loop import TrainConfig, check_out_dir, dist_info, train
+    from ..training.data import MixedDataset, PackedDataset, read_texts
+    from ..training.evaluate import check_eval_prompts, make_evaluator
+    from ..training.loop import TrainConfig, check_out_dir, check_resume, dist_info, train
 
     read_config(base)  # a clear error for a missing or broken base checkpoint
-    check_out_dir(out)
-    if min(seq_len, batch_size, grad_accum, steps) < 1:
-        raise UserError("--seq-len, --batch-size, --grad-accum and --steps must be >= 1")
+    if min(seq_len, batch_size, grad_accum, steps, log_every) < 1:
+        raise UserError("--seq-len, --batch-size, --grad-accum, --steps and --log-every must be >= 1")
+    cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      warmup_steps=min(warmup_steps, max(1, steps // 10)) if warmup_steps else 0, steps=steps,
+                      seed=seed, save_every=save_every, dtype=dtype, progress=dist_info()[0] == 0, shard=shard,
+                      activation_checkpointing=activation_checkpointing, resume=resume,
+                      keep_checkpoints=keep_checkpoints, peak_tflops=peak_tflops, eval_every=eval_every,
+                      log_every=log_every)
+    cfg.check()
+    check_resume(out) if resume else check_out_dir(out)
+    if eval_every and eval_prompts is None:
+        raise UserError("--eval-every needs --eval-prompts FILE")
+    prompts = check_eval_prompts(eval_prompts, eval_limit) if eval_prompts is not None else None
+    weights = [float(w) for w in data_weights.split(",")] if data_weights else None
+    if weights is not None and len(weights) != len(data):
+        raise UserError(f"--data-weights has {len(weights)} weights for {len(data)} --data sources")
     tokenizer = load_tokenizer(base)
     if tokenizer is None:
         raise UserError(f"{base} has no tokenizer files; training needs one")
@@ -46,18 +134,20 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
-    cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      warmup_steps=min(warmup_steps, max(1, steps // 10)) if warmup_steps else 0, steps=steps,
-                      seed=seed, save_every=save_every, dtype=dtype, progress=rank == 0)
     cfg.autocast(dev)  # a bad --dtype fails before the model is loaded
-    texts = read_texts(data, field)
+    read = dict(split=data_split, streaming=streaming, max_docs=max_docs)
+    sources = [read_texts([d], field, tokenizer, **read) for d in data] if weights else [read_texts(data, field, tokenizer, **read)]
     torch.manual_seed(seed)
     objective = make_objective(tokenizer, str(dev))
-    dataset = PackedDataset(texts, tokenizer, seq_len, seed)
+    packed = [PackedDataset(texts, tokenizer, seq_len, seed) for texts in sources]
+    dataset = MixedDataset(packed, weights, seed) if weights else packed[0]
     if rank == 0:
         print(f"{dataset.n_tokens} tokens in {len(dataset)} sequences of {seq_len}; "
               f"{steps} steps x {batch_size * grad_accum} sequences")
-    hist = train(objective, dataset, out, cfg)
+    evaluator = None
+    if prompts is not None:
+        evaluator = make_evaluator(objective, prompts, eval_target or base, str(dev), eval_max_new_tokens)
+    hist = train(objective, dataset, out, cfg, evaluator)
     if rank == 0 and hist:
         last = ", ".join(f"{k}={v:.4f}" for k, v in hist[-1].items() if k not in ("step", "lr", "tokens"))
         print(f"saved {out} ({last})")
@@ -65,12 +155,13 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
 
 
 @train_app.command("ar")
+@scale_options
 def train_ar(
     base: Path = typer.Option(..., help="checkpoint to continue from (config.json, safetensors, tokenizer); "
                                           "a random-init one to pretrain"),
     data: list[Path] = typer.Option(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="output checkpoint directory (must not exist or be empty)"),
-    field: str = typer.Option("text", help="JSONL field holding the text"),
+    field: str = typer.Option("text", "--text-field", "--field", help=FIELD_HELP),
     seq_len: int = typer.Option(256),
     batch_size: int = typer.Option(16, help="global batch (split across torchrun processes)"),
     grad_accum: int = typer.Option(1),
@@ -81,6 +172,7 @@ def train_ar(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
+    scale: dict | None = None,
 ) -> None:
     """Plain next-token training: the AR base the other recipes continue from."""
     from ..training.ar import AutoregressiveObjective
@@ -90,17 +182,18 @@ def train_ar(
 
     run_recipe(make, base, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
-               save_every=save_every)
+               save_every=save_every, **scale)
 
 
 @train_app.command("tidar")
+@scale_options
 def train_tidar(
     base: Path = typer.Option(..., help="AR checkpoint to continue from (config.json, safetensors, tokenizer)"),
     data: list[Path] = typer.Option(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="output checkpoint directory (must not exist or be empty)"),
     block_size: int = typer.Option(8, help="diffusion block size k"),
     alpha: float = typer.Option(1.0, help="AR loss weight: loss = (alpha*L_AR + L_Diff)/(1+alpha)"),
-    field: str = typer.Option("text", help="JSONL field holding the text"),
+    field: str = typer.Option("text", "--text-field", "--field", help=FIELD_HELP),
     seq_len: int = typer.Option(256),
     batch_size: int = typer.Option(16, help="global batch (split across torchrun processes)"),
     grad_accum: int = typer.Option(1),
@@ -112,6 +205,7 @@ def train_tidar(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (torchrun: each process its LOCAL_RANK GPU)"),
     dtype: str = typer.Option("auto", help="compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16; "
                                             "weights and optimiser stay fp32"),
+    scale: dict | None = None,
 ) -> None:
     """TiDAR dual-mode training ("full mask"): [clean | mask copy], AR + diffusion loss in one forward."""
     from ..training.tidar import TidarObjective
@@ -126,10 +220,11 @@ def train_tidar(
 
     run_recipe(make, base, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
-               save_every=save_every)
+               save_every=save_every, **scale)
 
 
 @train_app.command("block-diffusion")
+@scale_options
 def train_block_diffusion(
     base: Path = typer.Option(..., help="AR checkpoint to continue from (config.json, safetensors, tokenizer)"),
     data: list[Path] = typer.Option(..., help=DATA_HELP),
@@ -139,7 +234,7 @@ def train_block_diffusion(
     loss_weighting: str = typer.Option("none", help="none | inv_t (1/t weighting of masked positions)"),
     token_shift: bool = typer.Option(False, help="Fast-dLLM v2 convention: output i predicts token i+1"),
     complementary: bool = typer.Option(False, help="also train on the complementary masking of each sequence"),
-    field: str = typer.Option("text"),
+    field: str = typer.Option("text", "--text-field", "--field", help=FIELD_HELP),
     seq_len: int = typer.Option(256),
     batch_size: int = typer.Option(16),
     grad_accum: int = typer.Option(1),
@@ -150,6 +245,7 @@ def train_block_diffusion(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
+    scale: dict | None = None,
 ) -> None:
     """Block diffusion (BD3-LM / Fast-dLLM v2 style), continued from an AR checkpoint."""
     from ..model import load_model
@@ -163,4 +259,4 @@ def train_block_diffusion(
 
     run_recipe(make, base, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
-               save_every=save_every)
+               save_every=save_every, **scale)

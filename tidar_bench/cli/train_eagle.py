@@ -8,11 +8,12 @@ from pathlib import Path
 
 import typer
 
-from .train import DATA_HELP, run_recipe, train_app
+from .train import DATA_HELP, FIELD_HELP, run_recipe, scale_options, train_app
 from ..errors import UserError
 
 
 @train_app.command("eagle")
+@scale_options
 def train_eagle(
     target: Path = typer.Option(..., help="target checkpoint (config.json, safetensors, tokenizer); stays frozen"),
     data: list[Path] = typer.Option(..., help=DATA_HELP),
@@ -20,7 +21,7 @@ def train_eagle(
     form: str = typer.Option("eagle3", help="eagle3 (fused low/mid/high features, own vocab) | eagle1 (last feature)"),
     draft_vocab_size: int = typer.Option(0, help="eagle3: keep the N most frequent training tokens (0 = full vocab)"),
     ttt_steps: int = typer.Option(0, help="training-time test: unrolled draft steps (0 = 3 for eagle3, 1 for eagle1)"),
-    field: str = typer.Option("text", help="JSONL field holding the text"),
+    field: str = typer.Option("text", "--text-field", "--field", help=FIELD_HELP),
     seq_len: int = typer.Option(256),
     batch_size: int = typer.Option(16, help="global batch (split across torchrun processes)"),
     grad_accum: int = typer.Option(1),
@@ -30,6 +31,7 @@ def train_eagle(
     save_every: int = typer.Option(0, help="also checkpoint every N steps (0 = only at the end)"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    scale: dict | None = None,
 ) -> None:
     """EAGLE draft head (EAGLE-3 or EAGLE-1 style) trained on the target's own features and distributions."""
     import torch
@@ -50,10 +52,11 @@ def train_eagle(
         model = load_model(target, "float32", dev)
         head = EagleHead.from_target(model, form, draft_vocab_size or None, seed=seed)
         if draft_vocab_size:
-            ids = [i for t in read_texts(data, field) for i in tokenizer.encode(t, add_special_tokens=False)]
+            read = dict(split=scale["data_split"], streaming=scale["streaming"], max_docs=scale["max_docs"])
+            ids = [i for t in read_texts(data, field, tokenizer, **read) for i in tokenizer.encode(t, add_special_tokens=False)]
             head.set_draft_vocab(frequent_tokens(torch.tensor(ids), draft_vocab_size, model.config.vocab_size))
         steps_ = ttt_steps or (3 if form == "eagle3" else 1)
         return EagleHeadObjective(model, head, ttt_steps=steps_)
 
     run_recipe(make, target, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, save_every=save_every)
+               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, save_every=save_every, **scale)

@@ -1,8 +1,16 @@
-"""Training data: text/JSONL files -> token ids packed into fixed-length sequences.
+"""Training data: documents from files or datasets -> token ids packed into fixed-length sequences.
+
+Sources (`read_source`): local `.jsonl`/`.json` (one record per line), `.parquet`, `.arrow`, plain
+text (documents separated by two blank lines), a directory written by `Dataset.save_to_disk`, any
+other directory or a Hugging Face dataset name `NAME[:CONFIG]` (through `datasets.load_dataset`,
+optionally streaming). A record's `field` holds either text or a chat (`[{"role", "content"}, ...]`),
+which is rendered with the tokenizer's chat template.
 
 Documents are tokenized, joined with EOS between them and cut into `seq_len` chunks (the tail
 shorter than seq_len is dropped). Batches are drawn from a seeded permutation per epoch, so a run is
-reproducible, and each rank of a distributed run takes its rows of every global batch."""
+reproducible and resumable at any batch (`batches(..., start=n)`), and each rank of a distributed
+run takes its rows of every global batch. `MixedDataset` draws each row from one of several packed
+sources with given weights."""
 
 from __future__ import annotations
 
@@ -15,33 +23,112 @@ from torch import nn
 
 from ..errors import UserError
 
-
-def read_texts(files: Sequence[str | Path], field: str = "text") -> list[str]:
-    """Documents of the training files. `.jsonl`: one document per non-empty line, the string in
-    `field`. Any other file: plain UTF-8 text whose documents are separated by two blank lines
-    ("\\n\\n\\n"; single blank lines stay inside a document, a file without separators is one
-    document). Empty documents are skipped; no documents at all is a UserError."""
-    texts: list[str] = []
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            raise UserError(f"training data file not found: {p}")
-        if p.suffix == ".jsonl":
-            for i, line in enumerate(_read(p).splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{p}:{i + 1}: not valid JSON")
-                if not isinstance(doc, dict) or field not in doc:
-                    raise UserError(f"{p}:{i + 1}: no field {field!r}")
-                texts.append(str(doc[field]))
-        else:
-            texts.extend(d for d in _read(p).split("\n\n\n") if d.strip())
+def read_texts(files: Sequence[str | Path], field: str = "text", tokenizer=None, *, split: str = "train",
+               streaming: bool = False, max_docs: int = 0) -> list[str]:
+    """Documents of all `files` (each any source `read_source` takes), in order."""
+    texts = [t for f in files for t in read_source(f, field, tokenizer, split=split, streaming=streaming,
+                                                   max_docs=max_docs)]
     if not texts:
         raise UserError("the training corpus is empty")
     return texts
+
+
+def read_source(src: str | Path, field: str = "text", tokenizer=None, *, split: str = "train",
+                streaming: bool = False, max_docs: int = 0) -> list[str]:
+    """Documents of one source (see the module docstring); empty documents are skipped.
+    `max_docs` > 0 keeps the first max_docs records (with `streaming`, only those are read)."""
+    out: list[str] = []
+    for value in iter_records(src, field, split=split, streaming=streaming, max_docs=max_docs):
+        text = render(value, tokenizer, src)
+        if text.strip():
+            out.append(text)
+    return out
+
+
+def iter_records(src: str | Path, field: str = "text", *, split: str = "train", streaming: bool = False,
+                 max_docs: int = 0) -> Iterator:
+    """The raw `field` value of each record of one source (text, or a chat for `render`)."""
+    p = Path(src)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        records = _jsonl_records(p, field)
+    elif p.is_file() and p.suffix in (".parquet", ".arrow"):
+        records = _dataset_records(str(p), _load_dataset(str(p), p.suffix[1:], data_files=str(p), split="train"),
+                                   field)
+    elif p.is_file():
+        records = (t for t in _read(p).split("\n\n\n") if t.strip())
+    elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = _split(ds, split, str(p))
+        records = _dataset_records(str(p), ds, field)
+    elif p.is_dir():
+        records = _dataset_records(str(p), _load_dataset(str(p), str(p), split=split, streaming=streaming), field)
+    elif p.suffix in (".jsonl", ".json", ".parquet", ".arrow", ".txt", ".md") or str(src).startswith((".", "/", "~")):
+        raise UserError(f"training data file not found: {src}")
+    else:  # a Hub dataset NAME[:CONFIG]
+        name, _, config = str(src).partition(":")
+        records = _dataset_records(str(src), _load_dataset(str(src), name, config or None, split=split,
+                                                           streaming=streaming), field)
+    for i, r in enumerate(records):
+        if max_docs and i >= max_docs:
+            return
+        yield r
+
+
+def _jsonl_records(p: Path, field: str) -> Iterator:
+    for i, line in enumerate(_read(p).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{p}:{i + 1}: not valid JSON")
+        if not isinstance(doc, dict) or field not in doc:
+            raise UserError(f"{p}:{i + 1}: no field {field!r}")
+        yield doc[field]
+
+
+def _load_dataset(what: str, *args, **kw):
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # its cache-building bars would bury a one-line error
+    try:
+        return datasets.load_dataset(*args, **kw)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(f"cannot load dataset {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def _split(ds, split: str, what: str):
+    if split not in ds:
+        raise UserError(f"{what} has no split {split!r} (splits: {', '.join(ds)})")
+    return ds[split]
+
+
+def _dataset_records(what: str, ds, field: str) -> Iterator:
+    names = ds.column_names
+    if names is not None and field not in names:
+        raise UserError(f"{what}: no field {field!r} (fields: {', '.join(names)}); pick one with --text-field")
+    for rec in ds:
+        if field not in rec:
+            raise UserError(f"{what}: no field {field!r} (fields: {', '.join(rec)}); pick one with --text-field")
+        yield rec[field]
+
+
+def render(value, tokenizer, src) -> str:
+    """A text field as it is; a chat (list of {role, content}) through the tokenizer's chat template."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{src}: chat messages need a tokenizer with a chat template; this one has none")
+        return tokenizer.apply_chat_template(value, tokenize=False)
+    raise UserError(f"{src}: the text field holds {type(value).__name__}, not text or chat messages")
 
 
 def _read(p: Path) -> str:
@@ -73,19 +160,68 @@ class PackedDataset:
     def n_tokens(self) -> int:
         return self.data.numel()
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-        """Endless global batches of `batch_size` rows; this rank's rows are rank::world_size."""
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[torch.Tensor]:
+        """Endless global batches of `batch_size` rows, from global batch number `start` on (a
+        resumed run continues where it stopped); this rank's rows are rank::world_size."""
         if batch_size % world_size:
             raise UserError(f"batch size {batch_size} is not divisible by {world_size} processes")
-        epoch = 0
+        per_epoch = len(self) // batch_size
+        if per_epoch == 0:
+            raise UserError(f"the corpus has {len(self)} sequences, fewer than one batch of {batch_size}")
+        epoch, i = divmod(start, per_epoch)
         while True:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            perm = torch.randperm(len(self), generator=g)
-            for i in range(0, len(perm) - batch_size + 1, batch_size):
-                yield self.data[perm[i : i + batch_size][rank::world_size]]
-            if len(perm) < batch_size:
-                raise UserError(f"the corpus has {len(self)} sequences, fewer than one batch of {batch_size}")
-            epoch += 1
+            perm = self._perm(epoch)
+            for b in range(i, per_epoch):
+                yield self.data[perm[b * batch_size : (b + 1) * batch_size][rank::world_size]]
+            epoch, i = epoch + 1, 0
+
+
+class MixedDataset:
+    """Several packed sources of one seq_len; each row of a global batch comes from source s with
+    probability weights[s] (seeded per batch), each source read in its own shuffled epochs."""
+
+    def __init__(self, sources: Sequence[PackedDataset], weights: Sequence[float], seed: int = 0):
+        if len(sources) != len(weights):
+            raise UserError(f"{len(weights)} data weights for {len(sources)} data sources")
+        if any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise UserError(f"data weights must be >= 0 with a positive sum, got {list(weights)}")
+        self.sources = list(sources)
+        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.double)
+        self.seq_len = sources[0].seq_len
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.sources)
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[torch.Tensor]:
+        if batch_size % world_size:
+            raise UserError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        used = [0] * len(self.sources)  # rows taken from each source so far
+        perms: dict[tuple[int, int], torch.Tensor] = {}
+        b = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100003 + 7919 * b)
+            choice = torch.multinomial(self.weights, batch_size, replacement=True, generator=g).tolist()
+            rows = []
+            for s in choice:
+                src = self.sources[s]
+                epoch, j = divmod(used[s], len(src))
+                used[s] += 1
+                if b >= start:
+                    if (s, epoch) not in perms:
+                        perms = {k: v for k, v in perms.items() if k[0] != s}
+                        perms[(s, epoch)] = src._perm(epoch)
+                    rows.append(src.data[perms[(s, epoch)][j]])
+            if b >= start:
+                yield torch.stack(rows)[rank::world_size]
+            b += 1
 
 
 def add_mask_token(model, tokenizer, token: str = "[MASK]") -> int:

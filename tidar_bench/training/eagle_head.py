@@ -73,6 +73,10 @@ class EagleHeadObjective:
     def module(self):
         return self.head
 
+    def block_names(self) -> list[str]:
+        """The head's one decoder layer: the unit FSDP shards and activation checkpointing wraps."""
+        return ["midlayer"]
+
     def _mask(self, n_pairs: int, n_steps: int, device) -> torch.Tensor:
         key = (n_pairs, n_steps, str(device))
         if key not in self._masks:
