@@ -9,6 +9,8 @@ outcome (or runs the program itself if the filter did not).
 
 from __future__ import annotations
 
+import re
+
 from tidar_bench.harness import sandbox
 from tidar_bench.harness.tasks import lm_eval_dataset
 
@@ -35,6 +37,14 @@ def humaneval_process_results(doc: dict, results: list[str]) -> dict[str, float]
     return {"pass@1": _passed(humaneval_test_program(doc, results[0]))}
 
 
+def humaneval_instruct_programs(resps: list[list[str]], docs: list[dict]) -> list[str]:
+    """humaneval_instruct: the answer continues `gen_prefix` (an open ```python block holding the
+    prompt), so the program is the prompt plus the answer up to the closing ``` (lm-eval's rule)."""
+    candidates = [doc["prompt"] + resp[0].split("```", 1)[0] for resp, doc in zip(resps, docs)]
+    _run_all([humaneval_test_program(d, c) for d, c in zip(docs, candidates)])
+    return candidates
+
+
 # ----------------------------------------------------------------------------------------------- MBPP
 def mbpp_test_program(doc: dict, candidate: str) -> str:
     # The solution goes before test_setup_code: the setup of tasks 367/927 builds objects the code defines.
@@ -49,6 +59,21 @@ def mbpp_programs(resps: list[list[str]], docs: list[dict]) -> list[str]:
 
 def mbpp_process_results(doc: dict, results: list[str]) -> dict[str, float]:
     return {"pass@1": _passed(mbpp_test_program(doc, results[0]))}
+
+
+def first_code_block(text: str) -> str:
+    """mbpp_instruct: the answer continues `gen_prefix` (an open ```python block), so the code is the
+    body of the first ``` block of "```" + answer (a language tag after the fence dropped); "" when
+    there is none. Same rule as lm-eval's mbpp `extract_code_blocks` (a test compares them)."""
+    fence = re.compile(r"```(?:\w+)?\n?(.*?)\n?```", re.DOTALL)
+    found = fence.search("```" + text) or fence.search(text.replace("```python", "```"))
+    return found.group(1) if found else ""
+
+
+def mbpp_instruct_programs(resps: list[list[str]], docs: list[dict]) -> list[str]:
+    candidates = [first_code_block(resp[0]) for resp in resps]
+    _run_all([mbpp_test_program(d, c) for d, c in zip(docs, candidates)])
+    return candidates
 
 
 def mbpp_fewshot_samples() -> list[dict]:

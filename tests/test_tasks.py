@@ -87,17 +87,24 @@ def test_mbpp_fewshot_items_equal_lm_evals():
 
 @pytest.mark.parametrize("ours,theirs", [("tb_gsm8k", "gsm8k/gsm8k.yaml"), ("tb_gsm8k_cot", "gsm8k/gsm8k-cot.yaml"),
                                          ("tb_humaneval", "humaneval/humaneval.yaml"), ("tb_mbpp", "mbpp/mbpp.yaml"),
-                                         ("tb_minerva_math_algebra", "minerva_math/minerva_math_algebra.yaml")])
+                                         ("tb_minerva_math_algebra", "minerva_math/minerva_math_algebra.yaml"),
+                                         ("tb_humaneval_instruct", "humaneval/humaneval_instruct.yaml"),
+                                         ("tb_mbpp_instruct", "mbpp/mbpp_instruct.yaml"),
+                                         ("tb_gsm8k_cot_zeroshot", "gsm8k/gsm8k-cot-zeroshot.yaml"),
+                                         ("tb_gsm8k_cot_llama", "gsm8k/gsm8k-cot-llama.yaml"),
+                                         ("tb_gsm8k_llama", "llama3/instruct/gsm8k/gsm8k.yaml")])
 def test_task_yamls_mirror_lm_eval(ours, theirs):
     a = _raw_yaml(T.tasks_dir() / f"{ours}.yaml")
     b = _raw_yaml(LM_EVAL_TASKS / theirs)
     # Intentional differences: code tasks score with our sandbox (filter + process_results instead of
     # evaluate's code_eval); function-valued fields point at our tasks/utils.py wrappers.
     differ = {"tb_humaneval": {"filter_list", "metric_list"}, "tb_mbpp": {"filter_list", "metric_list", "fewshot_config"},
+              "tb_humaneval_instruct": {"filter_list", "metric_list"},
+              "tb_mbpp_instruct": {"filter_list", "metric_list", "fewshot_config"},
               "tb_minerva_math_algebra": {"doc_to_text", "fewshot_config"}}.get(ours, set())
     for key in ("doc_to_text", "doc_to_target", "target_delimiter", "generation_kwargs", "num_fewshot", "repeats",
                 "output_type", "test_split", "fewshot_split", "filter_list", "fewshot_config", "metric_list",
-                "unsafe_code"):
+                "unsafe_code", "gen_prefix"):
         if key not in differ:
             assert a.get(key) == b.get(key), key
     for key in differ & {"fewshot_config"}:
@@ -272,7 +279,10 @@ def _raw_yaml(path: Path) -> dict:
         pass
 
     Loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
-    return yaml.load(path.read_text(), Loader=Loader)
+    cfg = yaml.load(path.read_text(), Loader=Loader)
+    if "include" in cfg:  # lm-eval's include: the included file's keys, overridden by this file's
+        cfg = {**_raw_yaml(path.parent / cfg["include"]), **{k: v for k, v in cfg.items() if k != "include"}}
+    return cfg
 
 
 def _context(sample: dict) -> str:

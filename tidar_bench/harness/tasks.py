@@ -1,7 +1,8 @@
 """The benchmark tasks tidar-bench ships: names, data, checksums, and the lm-eval TaskManager.
 
 The task YAMLs live in `tasks/` (repository root) and mirror lm-eval 0.4.13's own `humaneval`, `mbpp`,
-`gsm8k`, `gsm8k_cot` and `minerva_math` configs (prompts, few-shot settings, stop sequences,
+`gsm8k`, `gsm8k_cot` and `minerva_math` configs, and the instruct variants `humaneval_instruct`,
+`mbpp_instruct`, `gsm8k_cot_zeroshot`, `gsm8k_cot_llama` and `gsm8k_llama` (llama3/instruct) (prompts, few-shot settings, stop sequences,
 max_gen_toks, filters, metrics). They differ in three ways only:
 - names carry a `tb_` prefix so they never collide with lm-eval's builtins (results are keyed by it);
 - data come from `tasks/data/` (checked against `tasks/data/SHA256SUMS` on every load) through a
@@ -47,13 +48,20 @@ _BUILTIN = {
     "gsm8k": "gsm8k",
     "gsm8k_cot": "gsm8k_cot",
     "minerva_math": "minerva_math",
+    # instruct / chat variants (use with --apply-chat-template on instruct models)
+    "humaneval_instruct": "humaneval_instruct",
+    "mbpp_instruct": "mbpp_instruct",
+    "gsm8k_cot_zeroshot": "gsm8k_cot_zeroshot",
+    "gsm8k_cot_llama": "gsm8k_cot_llama",
+    "gsm8k_llama": "gsm8k_llama",
     **{f"minerva_math_{s}": f"minerva_math_{s}" for s in MINERVA_SUBJECTS},
 }
 # the embedded default's mini tasks: held-out items of tidar_bench/corpus.py (shipped only, no Hub twin)
 MINI_TASKS = ("mini_gsm", "mini_code", "mini_math")
 TASK_ALIASES = {user: f"tb_{name}" for user, name in _BUILTIN.items()} | {m: f"tb_{m}" for m in MINI_TASKS}
 HUB_TASK_ALIASES = dict(_BUILTIN)
-CODE_TASKS = frozenset({"tb_humaneval", "tb_mbpp", "tb_mini_code", "humaneval", "mbpp"})
+CODE_TASKS = frozenset({"tb_humaneval", "tb_mbpp", "tb_mini_code", "humaneval", "mbpp", "tb_humaneval_instruct",
+                        "tb_mbpp_instruct", "humaneval_instruct", "mbpp_instruct"})
 
 # dataset name -> data files (relative to the data dir) it reads
 DATA_FILES = {
