@@ -299,3 +299,19 @@ def _load_utils():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_mbpp_instruct_code_extraction_equals_lm_evals():
+    """Our `first_code_block` vs lm-eval's `extract_code_blocks` (its source, executed alone: the
+    module itself fetches code_eval from the Hub at import)."""
+    import re
+
+    tree = ast.parse((LM_EVAL_TASKS / "mbpp" / "utils.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "extract_code_blocks")
+    scope = {"re": re}
+    exec(compile(ast.Module([fn], []), "lm_eval_mbpp_utils", "exec"), scope)
+    theirs = scope["extract_code_blocks"]
+    ours = _load_utils().first_code_block
+    for text in ["def f():\n    return 1\n```\nmore", "```python\ndef g(): pass\n```", "no code", "x = 1\n```",
+                 "text\n```python\ny = 2\n```\n```\nz\n```", "```\n```", "a\n```py\nb\n```"]:
+        assert ours(text) == theirs(text), text
