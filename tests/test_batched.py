@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
 from tidar_bench.batched import generate_batch, supports_batch
 from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
@@ -20,6 +18,15 @@ GSM = Path(__file__).resolve().parents[1] / "tasks" / "data" / "mini" / "gsm.jso
 @pytest.fixture(scope="module")
 def tidar_ctx():
     return DecoderContext(EMBEDDED / "tidar", "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def base_ctx():
+    """The embedded AR base with its EAGLE-3 head as the draft."""
+    return DecoderContext(EMBEDDED / "base", "cpu", "float32", EMBEDDED / "eagle")
+
+
+CHAIN = {"tree": "False", "chain_length": "4"}
 
 
 def prompts_of(tok, n=6):
@@ -35,8 +42,8 @@ _REFERENCE: dict = {}
 
 
 def batch1(dec, prompts, cfg):
-    """Batch-1 tokens (cached per decoder kind, prompts and config: the reference is shared by tests)."""
-    key = (dec.name, tuple(map(tuple, prompts)), cfg)
+    """Batch-1 tokens (cached per decoder kind, model, prompts and config: shared by tests)."""
+    key = (dec.name, id(dec.model), tuple(map(tuple, prompts)), cfg)
     if key not in _REFERENCE:
         _REFERENCE[key] = [dec.generate(p, cfg).tokens for p in prompts]
     return _REFERENCE[key]
@@ -67,10 +74,12 @@ def test_batched_rows_equal_batch1_ar(tidar_ctx, name, options):
         assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)
 
 
-def test_a_row_stopping_early_changes_nobody(tidar_ctx):
-    ar = build_decoder("ar", tidar_ctx, {"compile": "off"})
-    dec = build_decoder("tidar", tidar_ctx, {})
-    prompts = prompts_of(tidar_ctx.tokenizer, 4)
+@pytest.mark.parametrize("name", ["tidar", "eagle"])
+def test_a_row_stopping_early_changes_nobody(tidar_ctx, base_ctx, name):
+    ctx = tidar_ctx if name == "tidar" else base_ctx
+    ar = build_decoder("ar", ctx, {"compile": "off"})
+    dec = build_decoder(name, ctx, {} if name == "tidar" else CHAIN)
+    prompts = prompts_of(ctx.tokenizer, 4)
     free = GenerationConfig(max_new_tokens=24)
     full = batch1(ar, prompts, free)
     # a stop id that row 0 produces early and no other row produces at all
@@ -83,6 +92,25 @@ def test_a_row_stopping_early_changes_nobody(tidar_ctx):
         assert got[0].finish_reason == "stop_token" and len(got[0].tokens) < 12
         assert got[0].tokens == full[0][: full[0].index(stop_id)]
         assert [g.tokens for g in got[1:]] == full[1:]  # the others run on, untouched
+
+
+@pytest.mark.parametrize("options", [CHAIN, {"tree": "False", "chain_length": "1"}])
+def test_batched_eagle_chain_rows_equal_batch1_ar(base_ctx, options):
+    ar = build_decoder("ar", base_ctx, {"compile": "off"})
+    dec = build_decoder("eagle", base_ctx, options)
+    tok = base_ctx.tokenizer
+    prompts = prompts_of(tok)
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(tok.eos_token_id,))
+    want = batch1(ar, prompts, cfg)
+    got = generate_batch(dec, prompts, cfg, 4)
+    assert [g.tokens for g in got] == want
+    D = dec.depth
+    for g in got:
+        s = g.stats
+        assert s.tokens_fed[1:] == [D + 1] * (s.nfe - 1) and max(s.accepted_lengths, default=1) <= D + 1
+        assert s.draft_forwards == 1 + D * (s.nfe - 1) or s.draft_forwards == D * (s.nfe - 1)  # 1-token prompt: no head prefill
+    if D > 1:
+        assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)
 
 
 def test_batch_of_one_and_more_slots_than_prompts(tidar_ctx):
@@ -109,4 +137,10 @@ def test_batched_bad_input(tidar_ctx):
     assert "lossless" in supports_batch(lossy)
     hf = build_decoder("hf", tidar_ctx, {})
     assert supports_batch(hf) and "hf" in supports_batch(hf)
-    torch.manual_seed(0)
+
+
+def test_eagle_tree_is_refused(base_ctx):
+    tree = build_decoder("eagle", base_ctx, {})
+    assert "tree=False" in supports_batch(tree)
+    with pytest.raises(UserError, match="chain"):
+        generate_batch(tree, [[1, 2, 3]], GenerationConfig(max_new_tokens=4), 2)

@@ -15,7 +15,8 @@
   wait and never change: every row computes exactly what it would alone, up to float rounding.
 - Lossless decoders stay lossless per row: greedy verification per row against that row's AR rows.
 
-Supported: `ar` and `tidar` (mode tidar, beta 1, any block size, max_blocks), greedy only
+Supported: `ar`, `tidar` (mode tidar, beta 1, any block size, max_blocks) and `eagle` with chain
+drafting (tree=False; the head's cache gets per-row offsets too), greedy only
 (temperature 0). Per-row stats: nfe = forwards the row took part in (its prefill included),
 tokens_fed = its own unpadded layout, wall_time_s = admission to last token (per-sequence latency,
 including waiting inside batched steps), prefill_time_s = its prefill.
@@ -44,6 +45,8 @@ def supports_batch(decoder) -> str | None:
         return f"batched decoding (--batch-size > 1) supports {', '.join(sorted(_RUNNERS))}; not {name!r}"
     if name == "tidar" and not decoder.lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1)"
+    if name == "eagle" and decoder.tree:
+        return "batched eagle drafts chains: use --decoder-arg eagle.tree=False (chain_length=N)"
     return None
 
 
@@ -118,19 +121,13 @@ class _Batched:
         self.next_prompt += 1
         t0 = self.timer.now()
         row = _Row(i, StopChecker(self.config, self.tok), DecodeStats(), t0, len(self.prompts[i]), -1)
-        done = self.prefill(row, self.prompts[i])
-        self._copy_scratch(slot, row.length)
+        done = self.prefill(row, self.prompts[i], slot)
+        _copy_row(self.cache, self.scratch, slot, row.length)
         row.stats.nfe = 1
         row.stats.prefill_time_s = self.timer.now() - t0
         self.rows[slot] = row
         if done:
             self._finish(slot)
-
-    def _copy_scratch(self, slot: int, n: int) -> None:
-        """The prefilled prompt's KV (scratch row 0, slots [0, n)) into row `slot` of the batch cache."""
-        for dst, src in ((self.cache.k, self.scratch.k), (self.cache.v, self.scratch.v)):
-            for d, s_ in zip(dst, src):
-                d[slot, :, :n] = s_[0, :, :n]
 
     def _finish(self, slot: int) -> None:
         row = self.rows[slot]
@@ -154,7 +151,9 @@ class _Batched:
         h = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
         return self.model.lm_head(self.model.model.norm(h)).float()
 
-    def prefill(self, row: _Row, prompt: list[int]) -> bool:
+    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
+        """Prefill `prompt` at batch 1 into self.scratch (row.length slots are then copied into the
+        slot's row), set the row's first token; True when it already stops."""
         raise NotImplementedError
 
     def step(self, active: list[int]) -> None:
@@ -164,8 +163,15 @@ class _Batched:
 # ----------------------------------------------------------------------------- AR
 
 
+def _copy_row(dst, src, slot: int, n: int) -> None:
+    """KV slots [0, n) of row 0 of cache `src` into row `slot` of cache `dst`."""
+    for d_layers, s_layers in ((dst.k, src.k), (dst.v, src.v)):
+        for d, s_ in zip(d_layers, s_layers):
+            d[slot, :, :n] = s_[0, :, :n]
+
+
 class _BatchedAR(_Batched):
-    def prefill(self, row: _Row, prompt: list[int]) -> bool:
+    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
         self.scratch.reset()
         ids = torch.tensor([prompt], device=self.dev)
         logits = self.model(ids, cache=self.scratch, logits_index=slice(-1, None)).logits[0, -1]
@@ -224,7 +230,7 @@ class _BatchedTidar(_Batched):
             self._layouts[key] = _Layout(lay.n_fed, tidar_step(lay, "cpu"), lay.positions("cpu"), rows)
         return self._layouts[key]
 
-    def prefill(self, row: _Row, prompt: list[int]) -> bool:
+    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
         """The decoder's own prefill layout, at batch 1: prompt causal + one pre-draft block at L."""
         k, L = self.k, len(prompt)
         first = tidar_first_step(L, k, self.dev)
@@ -290,4 +296,193 @@ class _BatchedTidar(_Batched):
                 row.drafts, row.conf = [], None
 
 
-_RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar}
+# ----------------------------------------------------------------------------- EAGLE (chain)
+
+
+def _head_step(head, ids, pos, local, cache, start, target_feats=None, hidden=None):
+    """The draft head's forward in static form (per-row offsets `start`), as EagleHead.forward is
+    in eager form: returns (hidden [B, q, H], logits [B, q, V_draft])."""
+    import inspect
+
+    if "start" in inspect.signature(head.forward).parameters:
+        return head(ids, target_feats=target_feats, hidden=hidden, position_ids=pos, mask=local, cache=cache,
+                    start=start)
+    from .model import prepare_step, rope_cos_sin
+
+    parts = ([head.fc(target_feats) if head.form == "eagle3" else target_feats] if target_feats is not None else []) + (
+        [hidden] if hidden is not None else [])
+    h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    start, pos, mask = prepare_step(ids, pos, local, cache, start)
+    cos, sin = rope_cos_sin(pos, head.inv_freq, h.dtype)
+    emb = head.embed_tokens(ids)
+    if head.form == "eagle3":
+        out = head.midlayer(emb, h, cos, sin, mask, cache, start, head.attn)
+    else:
+        out = head.midlayer(head.fc(torch.cat([emb, h], dim=-1)), cos, sin, mask, 0, cache, start, head.attn)
+    return out, head.lm_head(head.norm(out)).float()
+
+
+class _BatchedEagle(_Batched):
+    """EAGLE chain drafting (tree=False), greedy. Per row: the target cache length, the head cache
+    length, and the pairs (target feature i, token i+1) the head has not absorbed yet. A step: the
+    head absorbs every row's pending pairs (ragged, padded; causal) and drafts a chain of
+    `chain_length` tokens in chain_length head forwards over [B, 1]; the target verifies
+    [newest token | chain] of every row in one forward; each row keeps its accepted prefix."""
+
+    def __init__(self, decoder, *args):
+        self.D = decoder.depth
+        self.step_rows = self.D + 1
+        super().__init__(decoder, *args)
+        from .cache import KVCache
+
+        head = decoder.head
+        lc = head.layer_config
+        w = head.lm_head.weight
+        hc = getattr(decoder, "_batch_hcache", None)
+        if hc is None or hc.max_len < self.cache.max_len or hc.batch != self.B:
+            hc = KVCache(1, lc.num_key_value_heads, lc.head_dim, self.cache.max_len, batch=self.B, dtype=w.dtype,
+                         device=w.device)
+        hs = getattr(decoder, "_batch_hscratch", None)
+        self.hcache, self.hscratch = hc, head.new_cache(self.scratch.max_len, reuse=hs)
+        decoder._batch_hcache, decoder._batch_hscratch = self.hcache, self.hscratch
+        self.hlen = [0] * self.B
+        self.pend: list[tuple[list[int], torch.Tensor] | None] = [None] * self.B
+
+    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
+        """Target prefill, then the head absorbs all prompt pairs but the last (kept pending, so
+        every step starts with an absorb of 1..chain_length+1 pairs per row)."""
+        from tidar_bench.baselines.eagle import target_features
+
+        dec, head, L = self.dec, self.dec.head, len(prompt)
+        self.scratch.reset()
+        self.hscratch.reset()
+        out = self.model(torch.tensor([prompt], device=self.dev), cache=self.scratch, hidden_layers=dec.layers,
+                         logits_index=slice(-1, None))
+        row.stats.tokens_fed = [L]
+        row.last = int(out.logits[0, -1].argmax(-1))
+        feats = target_features(self.model, out.hidden_states, head.form)[0]  # [L, F]: pair i = (feat i, token i+1)
+        pair_ids = prompt[1:] + [row.last]
+        if L > 1:
+            head(torch.tensor([pair_ids[:-1]], device=self.dev), target_feats=feats[None, :-1], cache=self.hscratch)
+            row.stats.draft_forwards += 1
+        _copy_row(self.hcache, self.hscratch, slot, L - 1)
+        self.hlen[slot] = L - 1
+        self.pend[slot] = ([row.last], feats[-1:])
+        return row.stop.extend([row.last])
+
+    def step(self, active: list[int]) -> None:
+        from tidar_bench.baselines.eagle import target_features
+
+        B, D, dev, head = self.B, self.D, self.dev, self.dec.head
+        # 1. the head absorbs each row's pending pairs (padded to the longest; causal, so pads see rows, not vice versa)
+        P = max(len(self.pend[s][0]) for s in active)
+        F = self.pend[active[0]][1].shape[-1]
+        ids = torch.zeros(B, P, dtype=torch.long, device=dev)
+        feats = torch.zeros(B, P, F, dtype=self.pend[active[0]][1].dtype, device=dev)
+        last = torch.zeros(B, dtype=torch.long, device=dev)
+        hstart = [0] * B
+        for s in active:
+            pids, pf = self.pend[s]
+            ids[s, : len(pids)] = torch.tensor(pids, device=dev)
+            feats[s, : len(pids)] = pf
+            last[s] = len(pids) - 1
+            hstart[s] = self.hlen[s]
+        hs = torch.tensor(hstart, dtype=torch.long, device=dev)
+        h, lg = _head_step(head, ids, hs[:, None] + torch.arange(P, device=dev), None, self.hcache, hs, target_feats=feats)
+        rows = torch.arange(B, device=dev)
+        front_h, front_lg = h[rows, last][:, None], lg[rows, last]
+        for s in active:
+            self.hlen[s] += len(self.pend[s][0])
+        # 2. the chain: D tokens, D - 1 more head forwards over [B, 1] (each sees the committed pairs + the chain so far)
+        base = torch.tensor(self.hlen, dtype=torch.long, device=dev)
+        chain = [head.to_target(front_lg.argmax(-1))]
+        for d in range(1, D):
+            front_h, lg = _head_step(head, chain[-1][:, None], (base + d - 1)[:, None], None, self.hcache, base + d - 1,
+                                     hidden=front_h)
+            chain.append(head.to_target(lg[:, 0].argmax(-1)))
+        # 3. the target verifies [newest token | chain] of every row in one forward
+        starts = [self.rows[s].length if s in active else 0 for s in range(B)]
+        tok = torch.tensor([self.rows[s].last if s in active else 0 for s in range(B)], device=dev)
+        fed = torch.stack([tok, *chain], dim=1)  # [B, D + 1]
+        st = torch.tensor(starts, dtype=torch.long, device=dev)
+        out = self.model(fed, st[:, None] + torch.arange(D + 1, device=dev), None, self.cache, start=st,
+                         hidden_layers=self.dec.layers)
+        best = out.logits.argmax(-1).tolist()
+        drafts = fed[:, 1:].tolist()
+        feats = target_features(self.model, out.hidden_states, head.form)
+        for s in active:
+            row = self.rows[s]
+            acc = 0
+            while acc < D and drafts[s][acc] == best[s][acc]:
+                acc += 1
+            accepted = drafts[s][:acc] + [best[s][acc]]
+            row.stats.nfe += 1
+            row.stats.draft_forwards += D
+            row.stats.tokens_fed.append(D + 1)
+            row.stats.accepted_lengths.append(acc + 1)
+            row.length += acc + 1  # newest token + accepted drafts; the new token's KV comes next step
+            row.last = accepted[-1]
+            self.pend[s] = (accepted, feats[s, : acc + 1])
+            if row.stop.extend(accepted):
+                self._finish(s)
+
+
+_RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar, "eagle": _BatchedEagle}
+
+
+# ----------------------------------------------------------------------------- the batched speed benchmark
+
+
+def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConfig, batch_sizes: list[int],
+                rounds: int = 1, progress: Callable[[], None] | None = None) -> dict:
+    """Paired batched throughput: at each batch size, `rounds` times, every decoder in turn decodes
+    ALL prompts with that many sequences in flight (after one warm-up call on the first B prompts);
+    the first decoder is the reference. Returns {"reference", "batch_sizes", "batch"} in
+    report.SPEED_BATCH_FORMAT: per batch size and decoder, tokens/s over the batch (all new tokens /
+    decode wall time, prefills included), T/NFE, per-sequence latency quartiles, speedup vs the
+    reference at the same batch size, the per-round paired ratios, and for lossless decoders the
+    prompts whose tokens differ from the reference's at the first batch size."""
+    from .profiling import quartiles
+
+    names = list(decoders)
+    ref_name = names[0]
+    dev = decoders[ref_name].model.device
+    timer = Timer(dev)
+    ref_tokens = None
+    section = {}
+    for B in batch_sizes:
+        for dec in decoders.values():
+            generate_batch(dec, prompts[:B], config, B)  # warm-up: caches allocated, kernels loaded
+        acc = {n: {"tokens": 0, "decode_s": 0.0, "nfe": 0, "lat": [], "tps": [], "mismatch": 0} for n in names}
+        for _ in range(rounds):
+            for n, dec in decoders.items():
+                t0 = timer.now()
+                gens = generate_batch(dec, prompts, config, B)
+                dt = timer.now() - t0
+                a = acc[n]
+                toks = sum(len(g.tokens) for g in gens)
+                a["tokens"] += toks
+                a["decode_s"] += dt
+                a["nfe"] += sum(g.stats.nfe for g in gens)
+                a["lat"] += [g.stats.wall_time_s for g in gens]
+                a["tps"].append(toks / dt)
+                if ref_tokens is None:
+                    ref_tokens = [g.tokens for g in gens]  # the reference at the first batch size
+                if dec.lossless:
+                    a["mismatch"] = max(a["mismatch"], sum(g.tokens != r for g, r in zip(gens, ref_tokens)))
+                if progress is not None:
+                    progress()
+        ref = acc[ref_name]
+        cells = {}
+        for n, dec in decoders.items():
+            a = acc[n]
+            med, q1, q3 = quartiles(a["lat"])
+            tps = a["tokens"] / a["decode_s"]
+            cells[n] = {"tokens": a["tokens"], "decode_s": a["decode_s"], "nfe": a["nfe"], "tokens_per_s": tps,
+                        "tokens_per_nfe": a["tokens"] / a["nfe"] if a["nfe"] else 0.0,
+                        "per_sequence_latency_s": {"median": med, "q1": q1, "q3": q3},
+                        "speedup_vs_reference": tps / (ref["tokens"] / ref["decode_s"]),
+                        "paired_ratios": [x / y for x, y in zip(a["tps"], ref["tps"])],
+                        "lossless_mismatches": a["mismatch"] if dec.lossless else None}
+        section[str(B)] = cells
+    return {"reference": ref_name, "batch_sizes": list(batch_sizes), "batch": section}
