@@ -104,12 +104,12 @@ def _objective(kind, base, tok):
 
 @pytest.mark.parametrize("kind", ["tidar", "eagle", "block_diffusion"])
 def test_resume_after_crash_equals_uninterrupted(base, tmp_path, kind):
-    """20 steps (checkpoint every 10, grad accumulation 2) == a run that crashes in step 11 and is
+    """20 steps (checkpoint every 10; tidar with grad accumulation 2) == a run that crashes in step 11 and is
     resumed: same weights, same loss log. Resume restores weights, AdamW moments, schedule, RNG and
     data position; a wrong one of these changes the weights by ~lr."""
     from transformers import AutoTokenizer
 
-    cfg = dict(seq_len=12, batch_size=2, grad_accum=2, steps=20, lr=3e-3, warmup_steps=3, save_every=10,
+    cfg = dict(seq_len=12, batch_size=2, grad_accum=2 if kind == "tidar" else 1, steps=20, lr=3e-3, warmup_steps=3, save_every=10,
                log_every=1, progress=False, keep_checkpoints=1, seed=4)
 
     def run(out, crash_at=0, resume=False):
@@ -131,7 +131,7 @@ def test_resume_after_crash_equals_uninterrupted(base, tmp_path, kind):
 
     whole = run(tmp_path / "whole")
     with pytest.raises(_Crash):
-        run(tmp_path / "cut", crash_at=2 * 10 + 2)  # the second micro-step of step 11
+        run(tmp_path / "cut", crash_at=cfg["grad_accum"] * 10 + cfg["grad_accum"])  # the last micro-step of step 11
     assert latest_checkpoint(tmp_path / "cut").name == "step-00000010"
     assert not (tmp_path / "cut" / "model.safetensors").exists() and not (tmp_path / "cut" / "config.json").exists()
     resumed = run(tmp_path / "cut", resume=True)
@@ -158,6 +158,8 @@ def test_bad_input_one_line_nothing_written(base, tmp_path, capsys):
         "fsdp": (_tidar_cmd(base, tmp_path / "o", "--shard", "fsdp"), "needs several processes: launch with torchrun"),
         "weights": (_tidar_cmd(base, tmp_path / "o", "--data-weights", "1,2"), "2 weights for 1"),
         "eval": (_tidar_cmd(base, tmp_path / "o", "--eval-every", "2"), "--eval-prompts"),
+        "hub offline": (["train", "ar", "--base", str(base / "ckpt"), "--data", "someone/no-such-dataset", "--out",
+                         str(tmp_path / "o"), "--device", "cpu"], "cannot load dataset someone/no-such-dataset"),
     }
     for name, (argv, msg) in cases.items():
         assert main(argv) == 2, name

@@ -72,11 +72,13 @@ def make_evaluator(objective, prompts: list[dict], base: Path, device: str,
 
     def evaluate(ckpt: Path) -> dict[str, float]:
         from ..decoding import GenerationConfig
-        from ..registry import DecoderContext, build_decoder
+        from ..registry import DecoderContext, build_decoder, decoders
 
         ctx = DecoderContext(base, device, "auto", draft_path=ckpt) if as_draft else DecoderContext(ckpt, device, "auto")
         tok = ctx.tokenizer
-        dec = build_decoder(decoder, ctx)
+        # eager: a fresh decoder per evaluation would recompile each time; the counts are the same
+        eager = {"compile": "off"} if "compile" in decoders()[decoder].option_types() else None
+        dec = build_decoder(decoder, ctx, eager)
         gen = GenerationConfig(max_new_tokens=max_new_tokens,
                                stop_token_ids=(tok.eos_token_id,) if tok.eos_token_id is not None else ())
         new = nfe = steps = accepted = hits = 0

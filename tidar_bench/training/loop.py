@@ -187,6 +187,9 @@ class _Runner:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
                 self.own_group = True
+        if self.fsdp and not any(v is self.module for v in vars(objective).values()):
+            raise UserError(f"--shard fsdp: the {objective.name} objective does not keep module() as an attribute, "
+                            "so its save() cannot be given the gathered weights")
         self.template = _meta_copy(self.module) if self.fsdp and self.rank == 0 else None
         blocks = _blocks(objective, self.module)
         if cfg.activation_checkpointing:
@@ -310,11 +313,17 @@ def _load_optimizer_state(path: Path) -> dict:
     return {"state": state, **json.loads((path / "optimizer.json").read_text())}
 
 
+def _generators(objective: Objective) -> dict[str, torch.Generator]:
+    """The objective's own torch.Generator attributes (e.g. a noise sampler): saved like the global RNG."""
+    return {f"objective.{k}": v for k, v in vars(objective).items() if isinstance(v, torch.Generator)}
+
+
 def _rng_states(runner: _Runner) -> dict[str, torch.Tensor]:
-    """Every rank's CPU (and CUDA) generator state, gathered on all ranks."""
+    """Every rank's CPU (and CUDA) generator state and the objective's generators, gathered on all ranks."""
     mine = {"cpu": torch.get_rng_state()}
     if runner.device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(runner.device)
+    mine.update({k: g.get_state() for k, g in _generators(runner.objective).items()})
     states = [mine]
     if runner.world > 1:
         import torch.distributed as dist
@@ -330,6 +339,9 @@ def _set_rng(rng: dict[str, torch.Tensor], runner: _Runner) -> None:
     torch.set_rng_state(rng[f"cpu.rank{r}"])
     if runner.device.type == "cuda" and f"cuda.rank{r}" in rng:
         torch.cuda.set_rng_state(rng[f"cuda.rank{r}"], runner.device)
+    for k, g in _generators(runner.objective).items():
+        if f"{k}.rank{r}" in rng:
+            g.set_state(rng[f"{k}.rank{r}"])
 
 
 # ----------------------------------------------------------------------------- logs and plots
