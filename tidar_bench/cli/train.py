@@ -71,11 +71,10 @@ def scale_options(fn):
     """Add ScaleOptions' fields as Typer options to command `fn`; they reach it as `scale=` (a dict
     of run_recipe keyword arguments)."""
     sig = inspect.signature(fn)
-    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                               default=typer.Option(f.default, help=_SCALE_HELP[f.name]), annotation=f.type)
-             for f in fields(ScaleOptions)]
     types = typing.get_type_hints(ScaleOptions)
-    extra = [p.replace(annotation=types[p.name]) for p in extra]
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[f.name],
+                               default=typer.Option(f.default, help=_SCALE_HELP[f.name]))
+             for f in fields(ScaleOptions)]
     params = [p for p in sig.parameters.values() if p.name != "scale"]
 
     @functools.wraps(fn)
@@ -93,14 +92,13 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
                activation_checkpointing: bool = False, resume: bool = False, keep_checkpoints: int = 2,
                data_weights: str = "", data_split: str = "train", streaming: bool = False, max_docs: int = 0,
                peak_tflops: float = 0.0, log_every: int = 10, eval_every: int = 0, eval_prompts: Path | None = None, eval_limit: int = 32,
-               eval_max_new_tokens: int = 64, eval_target: Path | None = None) -> list[dict]:
+               eval_max_new_tokens: int = 64) -> list[dict]:
     """Shared by every `train` command: checks, tokenizer, data, objective, loop.
 
     `make_objective(tokenizer, device)` builds the objective on `device` (under torchrun on CUDA,
     this process's GPU). Warm-up is capped at a tenth of the steps so short runs reach the peak lr.
     Every check that needs no model (options, output folder, resume point, data) runs first, so a
-    mistake costs no model load and writes nothing. `eval_target`: the checkpoint the evaluation
-    decodes with when the objective trains a draft head (default: base)."""
+    mistake costs no model load and writes nothing."""
     import torch
 
     from ..model import read_config, resolve_device
@@ -146,7 +144,7 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
               f"{steps} steps x {batch_size * grad_accum} sequences")
     evaluator = None
     if prompts is not None:
-        evaluator = make_evaluator(objective, prompts, eval_target or base, str(dev), eval_max_new_tokens)
+        evaluator = make_evaluator(objective, prompts, base, str(dev), eval_max_new_tokens)
     hist = train(objective, dataset, out, cfg, evaluator)
     if rank == 0 and hist:
         last = ", ".join(f"{k}={v:.4f}" for k, v in hist[-1].items() if k not in ("step", "lr", "tokens"))

@@ -77,7 +77,9 @@ def iter_records(src: str | Path, field: str = "text", *, split: str = "train", 
         yield r
 
 
-def _jsonl_records(p: Path, field: str) -> Iterator:
+def read_jsonl(p: Path, field: str) -> Iterator[dict]:
+    """The records (JSON objects) of a .jsonl file, each checked to have `field`; a bad line is a
+    one-line UserError naming file and line."""
     for i, line in enumerate(_read(p).splitlines()):
         if not line.strip():
             continue
@@ -87,7 +89,11 @@ def _jsonl_records(p: Path, field: str) -> Iterator:
             raise UserError(f"{p}:{i + 1}: not valid JSON")
         if not isinstance(doc, dict) or field not in doc:
             raise UserError(f"{p}:{i + 1}: no field {field!r}")
-        yield doc[field]
+        yield doc
+
+
+def _jsonl_records(p: Path, field: str) -> Iterator:
+    return (doc[field] for doc in read_jsonl(p, field))
 
 
 def _load_dataset(what: str, *args, **kw):

@@ -14,11 +14,11 @@ choose its own; objectives without one and without answers cannot be evaluated.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from .data import read_jsonl
 
 # objective name -> (decoder, primary metric or None, the checkpoint is a draft head for the base)
 EVAL_DECODERS = {
@@ -37,15 +37,9 @@ def check_eval_prompts(path: Path, limit: int) -> list[dict]:
     if limit < 1:
         raise UserError("--eval-limit must be >= 1")
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{p}:{i + 1}: not valid JSON")
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise UserError(f"{p}:{i + 1}: no string field 'prompt'")
+    for rec in read_jsonl(p, "prompt"):
+        if not isinstance(rec["prompt"], str):
+            raise UserError(f"{p}: a 'prompt' is not a string")
         rows.append(rec)
         if len(rows) == limit:
             break
