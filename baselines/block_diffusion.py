@@ -63,8 +63,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from tidar_bench.decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer,
-                                  make_generator, sample, warp_probs)
+from tidar_bench.compiled import steps_for
+from tidar_bench.decoding import DecodeRun, Generation, GenerationConfig, sample, warp_probs
 from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step
 from tidar_bench.registry import DecoderContext, register_decoder
@@ -82,7 +82,8 @@ class BlockDiffusionDecoder:
 
     def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 32,
                  threshold: float = 0.9, steps: int | None = None, remasking: str = "low_confidence",
-                 sub_block: int | None = None, block_cache: bool = True, token_shift: bool = False):
+                 sub_block: int | None = None, block_cache: bool = True, token_shift: bool = False,
+                 compile: str = "off"):
         vocab = model.config.vocab_size
         if not 0 <= mask_token_id < vocab:
             raise UserError(f"mask_token_id {mask_token_id} outside the vocabulary [0, {vocab})")
@@ -116,11 +117,15 @@ class BlockDiffusionDecoder:
         self.on_step: Callable | None = None
         self.last_block_steps: list[int] = []
         self._cache = None
+        # compiled mode: the block steps (B or 2B tokens at a block-aligned offset) are fixed shapes;
+        # the first forward (prompt blocks + block) and the no-cache setting stay eager
+        self.runner = steps_for(model, model, compile if block_cache else "off")
+        self._local = {}
 
     def options(self) -> dict:
         return {"block_size": self.B, "mask_token_id": self.mask_id, "threshold": self.threshold,
                 "steps": self.steps, "remasking": self.remasking, "sub_block": self.sub_block,
-                "block_cache": self.block_cache, "token_shift": self.token_shift}
+                "block_cache": self.block_cache, "token_shift": self.token_shift, "compile": self.runner.compiled}
 
     def cache_for(self, needed: int):
         self._cache = self.model.new_cache(needed, reuse=self._cache)
@@ -134,7 +139,14 @@ class BlockDiffusionDecoder:
         `n_commit` fed tokens are final: their KV stays in the cache (the rest is evicted) and they
         join the committed prefix. Without the cache the committed prefix is recomputed."""
         P, n = self._P, fed.shape[0]
-        if self.block_cache:
+        if self.block_cache and self._nfe > 0 and P % self.B == 0:  # a block step: fixed shape
+            if n not in self._local:
+                self._local[n] = block_causal(n, self.B, 0, self.model.device)  # == the step mask at aligned P
+            pos = torch.arange(P, P + n, device=self.model.device)
+            out = self.runner(fed[None], pos, cache=self._cache_live, local_mask=self._local[n],
+                              logits_index=rows).logits[0]
+            self._cache_live.crop(P + n_commit)
+        elif self.block_cache:
             mask = block_diffusion_step(P, n, self.B, self.model.device)
             out = self.model(fed[None], mask=mask, cache=self._cache_live, logits_index=rows).logits[0]
             self._cache_live.crop(P + n_commit)
@@ -156,12 +168,9 @@ class BlockDiffusionDecoder:
         prompt = list(prompt_ids)
         if not prompt:
             raise UserError("block diffusion needs a non-empty prompt")
-        sp, B, dev = config.sampling, self.B, self.model.device
-        timer = Timer(dev)
-        t0 = timer.now()
-        stats = DecodeStats()
-        stop = StopChecker(config, self.tokenizer)
-        gen = make_generator(sp, dev)
+        B, dev = self.B, self.model.device
+        run = DecodeRun(dev, config, self.tokenizer, self.runner)
+        stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
         rgen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else 0)
         L = len(prompt)
         base = (L // B) * B  # prompt's full blocks: the first committed blocks
@@ -182,7 +191,7 @@ class BlockDiffusionDecoder:
             pending = pending[:0]
             head = [int(self._pick(logits, sp, gen)[0][0])]
             finalised.append(1)
-            stats.prefill_time_s = timer.now() - t0
+            run.prefill_done()
             self._notify()
             done, emit_from = stop.extend(head), 1
         while not done:
@@ -203,7 +212,7 @@ class BlockDiffusionDecoder:
                 block_steps += 1
                 finalised.append(len(idx))
                 if self._nfe == 1:
-                    stats.prefill_time_s = timer.now() - t0
+                    run.prefill_done()
                 self._notify()
                 first_unknown = known.index(False) if not all(known) else B
                 if first_unknown > emitted:
@@ -225,8 +234,7 @@ class BlockDiffusionDecoder:
         stats.nfe = self._nfe
         stats.tokens_fed = list(self._fed)
         stats.accepted_lengths = finalised
-        stats.wall_time_s = timer.now() - t0
-        return stop.result(stats)
+        return run.finish()
 
     def _notify(self) -> None:
         if self.on_step is not None:
@@ -308,7 +316,7 @@ def _load_fast_dllm(ctx: DecoderContext):
                   "block_cache, token_shift)")
 def build(ctx: DecoderContext, *, block_size: int | None = None, threshold: float = 0.9, steps: int | None = None,
           remasking: str = "low_confidence", sub_block: int | None = None, block_cache: bool = True,
-          token_shift: bool | None = None) -> BlockDiffusionDecoder:
+          token_shift: bool | None = None, compile: str = "auto") -> BlockDiffusionDecoder:
     path = Path(ctx.model_path)
     if BDConfig.exists(path):
         cfg = BDConfig.load(path)
@@ -325,4 +333,4 @@ def build(ctx: DecoderContext, *, block_size: int | None = None, threshold: floa
         model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
         block_size=block_size if block_size is not None else cfg.block_size,
         threshold=threshold, steps=steps, remasking=remasking, sub_block=sub_block, block_cache=block_cache,
-        token_shift=cfg.token_shift if token_shift is None else token_shift)
+        token_shift=cfg.token_shift if token_shift is None else token_shift, compile=compile)

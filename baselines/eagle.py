@@ -53,8 +53,9 @@ from torch import nn
 from tidar_bench import masks
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
-from tidar_bench.decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer, make_generator,
-                                  next_token, sample, speculative_verify, warp_probs)
+from tidar_bench.compiled import steps_for
+from tidar_bench.decoding import (DecodeRun, DecodeStats, Generation, GenerationConfig, next_token, sample,
+                                  speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
 from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
                                read_config, rope_cos_sin, rope_inv_freq)
@@ -188,10 +189,12 @@ class EagleHead(nn.Module):
 
     def forward(self, ids: torch.Tensor, target_feats: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None, start: torch.Tensor | None = None,
+                window: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, q] target token ids; the q pairs' features are [target_feats ; hidden] along the
         sequence: target features (projected by fc in EAGLE-3) for the first part, the head's own
-        output states for the rest. mask/positions/cache as in the model core. Returns
+        output states for the rest. mask/positions/cache/start/window as in the model core
+        (`prepare_step`: start given = a static compiled step). Returns
         (hidden [B, q, H] (the next feature's estimate), logits [B, q, V_draft] float32)."""
         parts = []
         if target_feats is not None:
@@ -200,14 +203,15 @@ class EagleHead(nn.Module):
             parts.append(hidden)
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         q = ids.shape[1]
-        start, position_ids, mask = prepare_step(ids, position_ids, mask, cache)
+        static = start is not None
+        start, position_ids, mask = prepare_step(ids, position_ids, mask, cache, start, window)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
         emb = self.embed_tokens(ids)
         if self.form == "eagle3":
             out = self.midlayer(emb, h, cos, sin, mask, cache, start, self.attn)
         else:
             out = self.midlayer(self.fc(torch.cat([emb, h], dim=-1)), cos, sin, mask, 0, cache, start, self.attn)
-        if cache is not None:
+        if cache is not None and not static:
             cache.advance(q)
         return out, self.lm_head(self.norm(out)).float()
 
@@ -352,7 +356,7 @@ class EagleDecoder:
     lossless = True
 
     def __init__(self, model, head: EagleHead, tokenizer=None, *, tree: bool = True, depth: int = 6, top_k: int = 4,
-                 total_tokens: int = 32, chain_length: int = 5):
+                 total_tokens: int = 32, chain_length: int = 5, compile: str = "off"):
         if min(depth, top_k, chain_length) < 1 or total_tokens < 2:
             raise ValueError("depth, top_k and chain_length must be >= 1 and total_tokens >= 2")
         self.model, self.head, self.tokenizer = model, head, tokenizer
@@ -364,12 +368,16 @@ class EagleDecoder:
         self.layers = feature_layers(head.form, model.config.num_hidden_layers)
         self._cache: KVCache | None = None
         self._hcache: KVCache | None = None
+        # compiled mode: three fixed shapes (absorb depth+1 pairs, expand top_k nodes, verify
+        # total_tokens), padded where a step has fewer; see tidar_bench/compiled.py
+        self.target_steps = steps_for(model, model, compile)
+        self.head_steps = steps_for(model, head, compile)
         # tests observe every step: on_step(target cache, prompt + committed tokens)
         self.on_step: Callable | None = None
 
     def options(self) -> dict:
         o = {"form": self.head.form, "draft_vocab_size": self.head.lm_head.out_features, "tree": self.tree,
-             "depth": self.depth}
+             "depth": self.depth, "compile": self.target_steps.compiled}
         if self.tree:
             o.update(top_k=self.top_k, total_tokens=self.total_tokens)
         else:
@@ -378,41 +386,47 @@ class EagleDecoder:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
-        model, sp = self.model, config.sampling
+        model, dev = self.model, self.model.device
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("empty prompt")
-        timer = Timer(model.device)
-        t0 = timer.now()
-        stats = DecodeStats()
-        stop = StopChecker(config, self.tokenizer)
-        gen = make_generator(sp, model.device)
+        run = DecodeRun(dev, config, self.tokenizer, self.target_steps, self.head_steps)
+        stats, sp, gen = run.stats, run.sp, run.gen
         cap = len(prompt) + config.max_new_tokens + self.total_tokens + 2
         cache = self._cache = model.new_cache(cap, reuse=self._cache)
         hcache = self._hcache = self.head.new_cache(cap, reuse=self._hcache)
+        padded = self.target_steps.compiled
 
-        ids = torch.tensor([prompt], device=model.device)
+        ids = torch.tensor([prompt], device=dev)
         out = model(ids, cache=cache, hidden_layers=self.layers, logits_index=slice(-1, None))
         stats.nfe, stats.tokens_fed = 1, [len(prompt)]
         tok = int(next_token(out.logits[0, -1], sp, gen))
-        stats.prefill_time_s = timer.now() - t0
+        run.prefill_done()
         feats = target_features(model, out.hidden_states, self.head.form)  # pairs (feature i, token i+1)
         pair_ids = prompt[1:] + [tok]
         history = prompt + [tok]
-        done = stop.extend([tok])
+        done = run.stop.extend([tok])
+        first = True
         while not done:
-            hidden, logits = self.head(torch.tensor([pair_ids], device=model.device), target_feats=feats, cache=hcache)
+            hidden, logits = self._absorb(hcache, pair_ids, feats, eager=first or not padded)
+            first = False
             stats.draft_forwards += 1
-            tree = self._draft(hcache, tok, logits[0, -1], hidden[0, -1], sp, gen, stats)
+            tree = self._draft(hcache, tok, logits, hidden, sp, gen, stats)
 
             start = cache.length
             fed_tokens = [tok] + tree.tokens
             parents = [-1] + [p + 1 for p in tree.parents]
-            positions = torch.tensor([start] + [start + d for d in tree.depths], device=model.device)
-            out = model(torch.tensor([fed_tokens], device=model.device), positions,
-                        masks.tree(parents, start, model.device), cache, hidden_layers=self.layers)
+            depths = [0] + tree.depths
+            if padded:  # fixed verify shape: pad with nodes that see only the cache and themselves
+                pad = self.total_tokens - len(fed_tokens)
+                parents, depths = parents + [-1] * pad, depths + [0] * pad
+            n = len(parents)
+            fed = torch.tensor([fed_tokens + [0] * (n - len(fed_tokens))], device=dev)
+            positions = torch.tensor(depths, device=dev) + start
+            out = self.target_steps(fed, positions, cache=cache, local_mask=masks.tree(parents, 0, dev),
+                                    hidden_layers=self.layers)
             stats.nfe += 1
-            stats.tokens_fed.append(len(fed_tokens))
+            stats.tokens_fed.append(n)
             path, tok = self._verify(out.logits[0], fed_tokens, tree, sp, gen)
             cache.keep([start + i for i in path])
 
@@ -421,11 +435,30 @@ class EagleDecoder:
             feats = target_features(model, out.hidden_states, self.head.form)[:, path]
             pair_ids = accepted
             history += accepted
-            done = stop.extend(accepted)
+            done = run.stop.extend(accepted)
             if self.on_step is not None:
                 self.on_step(cache, history)
-        stats.wall_time_s = timer.now() - t0
-        return stop.result(stats)
+        return run.finish()
+
+    def _absorb(self, hcache: KVCache, pair_ids: list[int], feats: torch.Tensor, eager: bool):
+        """Feed the newly committed pairs to the head: (hidden, logits) of the last one. Compiled:
+        always depth + 1 rows, the padding after the real pairs (seeing only itself) is evicted."""
+        dev = feats.device
+        n = len(pair_ids)
+        if eager:
+            hidden, logits = self.head(torch.tensor([pair_ids], device=dev), target_feats=feats, cache=hcache)
+            return hidden[0, -1], logits[0, -1]
+        A, P = self.depth + 1, hcache.length
+        ids = torch.zeros(1, A, dtype=torch.long, device=dev)
+        ids[0, :n] = torch.tensor(pair_ids, device=dev)
+        f = torch.zeros(1, A, feats.shape[-1], dtype=feats.dtype, device=dev)
+        f[:, :n] = feats
+        local = torch.eye(A, dtype=torch.bool, device=dev)
+        local[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        hidden, logits = self.head_steps(ids, cache=hcache, local_mask=local, target_feats=f,
+                                         position_ids=torch.arange(P, P + A, device=dev))
+        hcache.crop(P + n)
+        return hidden[0, n - 1], logits[0, n - 1]
 
     def _draft(self, hcache: KVCache, root: int, logits: torch.Tensor, hidden: torch.Tensor, sp, gen,
                stats: DecodeStats) -> DraftTree:
@@ -438,7 +471,7 @@ class EagleDecoder:
         depths: list[int] = []
         scores: list[float] = []
         q_rows: list[torch.Tensor] = []
-        anc_slots: dict[int, list[int]] = {}  # fed frontier node -> head-cache slots of its ancestors + itself
+        anc_slots: dict[int, list[int]] = {}  # fed frontier node -> its ancestors' + own head-cache slots - committed
 
         def expand(logits_rows: torch.Tensor, parent_nodes: list[int], parent_scores: list[float], depth: int):
             """Add the top-k children of each parent row; return the new nodes' ids and scores."""
@@ -466,17 +499,17 @@ class EagleDecoder:
         frontier = expand(logits[None], [-1], [0.0], 1)
         frontier = frontier[:k]
         front_hidden = hidden[None].expand(len(frontier), -1)
+        W = (self.depth - 1) * k  # head-cache slots the tree can take: the key window of every expand step
         for depth in range(2, self.depth + 1):
             n = len(frontier)
             base = hcache.length
-            mask = torch.zeros(n, base + n, dtype=torch.bool, device=dev)
-            mask[:, :committed] = True
+            local = torch.zeros(n, W, dtype=torch.bool, device=dev)
             for r, node in enumerate(frontier):
-                anc_slots[node] = anc_slots.get(parents[node], []) + [base + r]
-                mask[r, anc_slots[node]] = True
+                anc_slots[node] = anc_slots.get(parents[node], []) + [base - committed + r]
+                local[r, anc_slots[node]] = True
             pos = torch.full((n,), committed + depth - 2, device=dev)
-            h, lg = head(torch.tensor([[tokens[i] for i in frontier]], device=dev), hidden=front_hidden[None],
-                         position_ids=pos, mask=mask, cache=hcache)
+            h, lg = self.head_steps(torch.tensor([[tokens[i] for i in frontier]], device=dev), cache=hcache,
+                                    local_mask=local, window=committed, hidden=front_hidden[None], position_ids=pos)
             stats.draft_forwards += 1
             children = expand(lg[0], frontier, [scores[i] for i in frontier], depth)
             if sampled_chain:
@@ -523,7 +556,7 @@ class EagleDecoder:
                   help="EAGLE-style speculative decoding: one-layer draft head (--draft DIR, EAGLE-3 layout), "
                        "dynamic draft tree verified in one target forward")
 def build(ctx: DecoderContext, *, tree: bool = True, depth: int = 6, top_k: int = 4, total_tokens: int = 32,
-          chain_length: int = 5) -> EagleDecoder:
+          chain_length: int = 5, compile: str = "auto") -> EagleDecoder:
     head = load_eagle_head(ctx.draft_path, ctx.model)
     return EagleDecoder(ctx.model, head, ctx.tokenizer, tree=tree, depth=depth, top_k=top_k,
-                        total_tokens=total_tokens, chain_length=chain_length)
+                        total_tokens=total_tokens, chain_length=chain_length, compile=compile)

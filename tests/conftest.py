@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# compile=auto means eager in tests (compilation costs tens of seconds per graph on 2 cores);
+# tests/test_compiled.py asks for compile=on explicitly
+os.environ.setdefault("TIDAR_BENCH_COMPILE", "off")
 
 import pytest
 import torch

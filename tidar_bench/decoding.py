@@ -70,6 +70,7 @@ class DecodeStats:
     accepted_lengths: list[int] = field(default_factory=list)
     tokens_fed: list[int] = field(default_factory=list)  # tokens per forward (slots spent)
     draft_forwards: int = 0  # forwards of a separate draft model (EAGLE head), not counted in nfe
+    compile_s: float = 0.0  # torch.compile time spent inside this call (first use of a step shape), not in wall_time_s
 
     @property
     def tokens_per_nfe(self) -> float:
@@ -96,6 +97,7 @@ class DecodeStats:
             "accepted_lengths": list(self.accepted_lengths),
             "tokens_fed": list(self.tokens_fed),
             "draft_forwards": self.draft_forwards,
+            "compile_s": self.compile_s,
         }
 
 
@@ -246,7 +248,11 @@ class StopChecker:
         self.finish_reason: str | None = None
         self._stop_ids = set(config.stop_token_ids)
         self._max_stop = max((len(s) for s in config.stop_strings), default=0)
-        self._text_len_checked = 0
+        # incremental detokenisation (the prefix/read offsets of streaming detokenisers): each new
+        # token decodes a short window, never the whole output again
+        self._text = ""
+        self._prefix_off = 0
+        self._read_off = 0
 
     @property
     def done(self) -> bool:
@@ -270,10 +276,21 @@ class StopChecker:
         return False
 
     def _hit_stop_string(self) -> bool:
-        text = self.tokenizer.decode(self.tokens)
-        start = max(0, self._text_len_checked - self._max_stop)
-        self._text_len_checked = len(text)
-        return any(s in text[start:] for s in self.config.stop_strings)
+        """Decode only tokens[prefix_off:] (a few tokens): the text they add beyond
+        tokens[prefix_off:read_off] is new; an incomplete UTF-8 sequence (trailing U+FFFD) waits
+        for the next token. The stop strings are searched in the new text plus the max_stop - 1
+        characters before it, so every occurrence is found at the token that completes it."""
+        dec = self.tokenizer.decode
+        prefix = dec(self.tokens[self._prefix_off : self._read_off]) if self._read_off > self._prefix_off else ""
+        full = dec(self.tokens[self._prefix_off :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return False
+        new = full[len(prefix) :]
+        tail = self._text[max(0, len(self._text) - self._max_stop + 1) :]
+        self._text += new
+        self._prefix_off, self._read_off = self._read_off, len(self.tokens)
+        window = tail + new
+        return any(s in window for s in self.config.stop_strings)
 
     def text(self) -> str | None:
         if self.tokenizer is None:
@@ -299,3 +316,35 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+class DecodeRun:
+    """The bookkeeping of one `generate` call, the same in every decoder: the clock started, stats,
+    the stop checker, the sampling generator; `prefill_done` stamps the prefill time and `finish`
+    the wall time (compile time of steps first used in this call is reported apart, not in it).
+
+        run = DecodeRun(model.device, config, tokenizer, steps)
+        ... run.stats.nfe += 1; done = run.stop.extend(tokens) ...
+        return run.finish()
+    """
+
+    def __init__(self, device: torch.device | str, config: GenerationConfig, tokenizer=None, *steps):
+        self.timer = Timer(device)
+        self.t0 = self.timer.now()
+        self.sp = config.sampling
+        self.stats = DecodeStats()
+        self.stop = StopChecker(config, tokenizer)
+        self.gen = make_generator(config.sampling, device)
+        self._steps = [s for s in steps if s is not None]
+        self._compile0 = sum(s.compile_s for s in self._steps)
+
+    def compile_s(self) -> float:
+        return sum(s.compile_s for s in self._steps) - self._compile0
+
+    def prefill_done(self) -> None:
+        self.stats.prefill_time_s = self.timer.now() - self.t0 - self.compile_s()
+
+    def finish(self) -> Generation:
+        self.stats.compile_s = self.compile_s()
+        self.stats.wall_time_s = self.timer.now() - self.t0 - self.stats.compile_s
+        return self.stop.result(self.stats)

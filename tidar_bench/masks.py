@@ -19,6 +19,28 @@ def causal(q: int, cached: int = 0, device: torch.device | str = "cpu") -> torch
     return j <= i + cached
 
 
+def static_step(start: torch.Tensor, local: torch.Tensor | None, q: int, max_len: int,
+                window: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask of a static-shape step (compiled mode) over the WHOLE static cache: [B|1, 1, q, max_len].
+
+    The q fed tokens are written at slots [start, start + q) (`start`: long tensor [] or [B], per
+    row). `local` [q, W] or [B, q, W] covers the key window [window, window + W) (default: the fed
+    tokens' own slots, window = start, W = q; None = causal); every slot before the window is
+    attended (the committed prefix) and every slot after it is not (stale entries). Built from
+    device tensors only: no host sync, one graph for every cache length."""
+    dev = start.device
+    if local is None:
+        local = causal(q, device=dev)
+    W = local.shape[-1]
+    local = local.view(-1, q, W)
+    w0 = start if window is None else window
+    rel = torch.arange(max_len, device=dev)[None, :] - w0.view(-1, 1)  # [B, T] slot - window start
+    B = max(rel.shape[0], local.shape[0])
+    idx = rel.clamp(0, W - 1)[:, None, :].expand(B, q, max_len)
+    inside = local.expand(B, q, W).gather(2, idx) & ((rel >= 0) & (rel < W))[:, None, :]
+    return ((rel < 0)[:, None, :] | inside)[:, None]
+
+
 def tree(parents: list[int], cached: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """Tree attention: node i attends to the cache and to its ancestors (and itself).
 

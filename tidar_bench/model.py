@@ -23,6 +23,7 @@ from torch import nn
 from .attention import select_backend
 from .cache import KVCache
 from .errors import UserError
+from .masks import static_step
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -208,11 +209,22 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
 
 
 def prepare_step(input_ids: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor | None,
-                 cache: KVCache | None):
-    """Shared by every forward over the cache (the model, draft heads): reserve cache room and
-    normalise positions/mask. Returns (start = cache length before the call, position ids [B, q],
-    mask [B, 1, q, C + q], "causal" or None (q == 1 attends to everything cached))."""
+                 cache: KVCache | None, start: torch.Tensor | None = None, window: torch.Tensor | None = None):
+    """Shared by every forward over the cache (the model, draft heads): normalise positions/mask.
+
+    Eager (start None): reserve cache room; returns (start = cache length before the call, position
+    ids [B, q], mask [B, 1, q, C + q] or "causal" or None (q == 1 attends to everything cached)).
+    Static (start a long tensor, compiled mode): `mask` is the local [q, q] / [B, q, q] mask of the
+    fed tokens (None: causal), or of the key window starting at `window`, and becomes
+    `masks.static_step` over the whole cache; positions are required; the host cache length is left
+    alone (the caller advances it)."""
     B, q = input_ids.shape
+    if start is not None:
+        if cache is None or position_ids is None:
+            raise ValueError("a static step needs a cache and explicit position ids")
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(B, q)
+        return start, position_ids, static_step(start, mask, q, cache.max_len, window)
     start = cache.length if cache is not None else 0
     if cache is not None:
         cache.reserve(q)
@@ -254,13 +266,16 @@ class Transformer(nn.Module):
         return self.lm_head.weight.dtype
 
     def new_cache(self, max_len: int, batch: int = 1, reuse: KVCache | None = None) -> KVCache:
-        """A static cache for max_len tokens; `reuse` (a decoder's cache from its last call) is
-        reset and returned when it is big enough, so repeated calls allocate nothing."""
-        if reuse is not None and reuse.max_len >= max_len and reuse.k.shape[1] == batch:
+        """A static cache for at least max_len tokens; `reuse` (a decoder's cache from its last call)
+        is reset and returned when it is big enough, so repeated calls allocate nothing. Sizes are
+        rounded up to a power of two (>= 256): compiled steps have the cache length in their shape,
+        so a few sizes mean a few compilations, not one per prompt length."""
+        if reuse is not None and reuse.max_len >= max_len and reuse.batch == batch:
             reuse.reset()
             return reuse
         c = self.config
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_len,
+        size = max(256, 1 << (max_len - 1).bit_length())
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, size,
                        batch=batch, dtype=self.dtype, device=self.device)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +291,8 @@ class Transformer(nn.Module):
         hidden_layers: Sequence[int] = (),
         logits_index: torch.Tensor | slice | None = None,
         return_logits: bool = True,
+        start: torch.Tensor | None = None,
+        window: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """input_ids [B, q]. position_ids [B, q] or [q] (default: cache.length + arange(q)).
 
@@ -285,8 +302,14 @@ class Transformer(nn.Module):
         written at [C, C + q) and cache.length advances by q; crop() to evict them.
 
         hidden_layers: layer indices whose outputs to return (-1 or L-1: last layer, pre-norm).
-        logits_index: positions (among the q) to compute logits for; default all."""
-        start, position_ids, mask = prepare_step(input_ids, position_ids, mask, cache)
+        logits_index: positions (among the q) to compute logits for; default all.
+
+        start: a long tensor for a static-shape step (compiled mode, `prepare_step`): mask is then
+        the local mask of the fed tokens (or of the key window from `window`), the cache buffers
+        keep their full shape and cache.length is not advanced (the caller does it; see
+        tidar_bench/compiled.py)."""
+        static = start is not None
+        start, position_ids, mask = prepare_step(input_ids, position_ids, mask, cache, start, window)
         cos, sin = self.rope(position_ids)
         want = {i % self.config.num_hidden_layers for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -295,7 +318,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, i, cache, start, self.attn)
             if i in want:
                 hidden[i] = x
-        if cache is not None:
+        if cache is not None and not static:
             cache.advance(input_ids.shape[1])
         if not return_logits:
             return ForwardOutput(logits=torch.empty(0), hidden_states=hidden)

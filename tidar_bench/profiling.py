@@ -191,9 +191,11 @@ def _time_ms(run: Callable[[], None], reset: Callable[[], None], repeats: int, w
 @torch.inference_mode()
 def measure(model: Transformer, contexts: list[int], slots: list[int], block_sizes: list[int], repeats: int,
             warmup: int, seed: int = 0, cuda_graphs: bool = False, progress: Callable[[], None] | None = None,
-            batches: list[int] = (1,)) -> list[Point]:
+            batches: list[int] = (1,), compile: bool = False) -> list[Point]:
     """Causal latency at every n in `slots` and TiDAR-step latency for every k in `block_sizes`,
-    at every context length and every batch size (B rows, each fed the same n tokens)."""
+    at every context length and every batch size (B rows, each fed the same n tokens).
+    compile: time the decoders' compiled static-shape step (tidar_bench/compiled.py; its
+    compilation happens in the warm-up runs, outside the timings) instead of the eager forward."""
     dev = model.device
     cuda = dev.type == "cuda"
     if cuda_graphs and not cuda:
@@ -202,14 +204,20 @@ def measure(model: Transformer, contexts: list[int], slots: list[int], block_siz
     jobs = [("causal", n) for n in slots] + [("tidar", k) for k in block_sizes]
     biggest = max([*slots, *(tidar_slots(k) for k in block_sizes)])
     points = []
+    steps = None
+    if compile:
+        from .compiled import Steps
+
+        steps = Steps(model, dev, compiled=True, dynamic=None)  # dozens of shapes: automatic dynamic shapes
+        warmup = max(warmup, 3)  # first calls compile (and record CUDA graphs)
     for B in batches:
         cache = model.new_cache(max(contexts) + biggest, batch=B)
-        points += _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_graphs, progress)
+        points += _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_graphs, progress, steps)
         del cache  # freed before the next batch size's cache is allocated
     return points
 
 
-def _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_graphs, progress) -> list[Point]:
+def _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_graphs, progress, steps=None) -> list[Point]:
     dev, V = model.device, model.config.vocab_size
     cuda = dev.type == "cuda"
     points = []
@@ -224,7 +232,11 @@ def _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_gra
             ids = torch.randint(0, V, (B, f.n), generator=g).to(dev)
 
             def run():
-                model(ids, f.positions, f.mask, cache, logits_index=f.logits_index)
+                if steps is not None:  # the compiled static step: local mask over the fed tokens only
+                    local = None if f.mask is None else f.mask[:, C:]
+                    steps(ids, f.positions, cache=cache, local_mask=local, logits_index=f.logits_index)
+                else:
+                    model(ids, f.positions, f.mask, cache, logits_index=f.logits_index)
 
             def reset():
                 cache.crop(C)

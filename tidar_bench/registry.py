@@ -23,6 +23,7 @@ DECODER_MODULES = (
     "tidar_bench.tidar",
     "tidar_bench.baselines.block_diffusion",
     "tidar_bench.baselines.eagle",
+    "tidar_bench.baselines.dflash",
 )
 
 
@@ -46,6 +47,71 @@ class DecoderContext:
     @cached_property
     def tokenizer(self):
         return load_tokenizer(self.model_path)
+
+    @cached_property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Every id a decoder stops on: `generation_config.json`'s `eos_token_id` (an int or a list,
+        e.g. Llama-3 / Qwen2.5 instruct models end turns with a second id) — config.json's when there
+        is no generation_config.json, as transformers does — plus the tokenizer's eos."""
+        return eos_token_ids(self.model_path, self.tokenizer)
+
+
+def eos_token_ids(path: str | Path, tokenizer=None) -> tuple[int, ...]:
+    """See DecoderContext.stop_token_ids; order: generation config first, tokenizer last."""
+    import json
+
+    path = Path(path)
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                eos = json.loads(f.read_text()).get("eos_token_id")
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"cannot read {f}: {e}")
+            ids += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+            break
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tok_eos, int):
+        ids.append(tok_eos)
+    return tuple(dict.fromkeys(ids))
+
+
+HUB_OFFLINE_HINT = "HF_HUB_OFFLINE"
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A checkpoint folder, or a Hugging Face Hub id (`Qwen/Qwen2.5-1.5B-Instruct`) downloaded once
+    into the Hugging Face cache (config, tokenizer and safetensors files only) and used from there.
+    Offline (HF_HUB_OFFLINE=1, or no network) a hub id works only when it is already cached."""
+    path = Path(model)
+    text = str(model)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        from huggingface_hub.constants import HF_HUB_OFFLINE as offline
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        offline = False
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        local = Path(snapshot_download(text, allow_patterns=patterns, local_files_only=bool(offline)))
+    except HFValidationError:
+        return path  # not a hub id: the usual "not found" error follows
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, network: one line
+        if offline:
+            raise UserError(f"--model {text}: not a local folder, and it is not in the Hugging Face cache while "
+                            f"{HUB_OFFLINE_HINT}=1; unset {HUB_OFFLINE_HINT} (and HF_DATASETS_OFFLINE) to download "
+                            "it once, or pass a checkpoint folder")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"--model {text}: not a local folder, not in the Hugging Face cache, and the Hub cannot be "
+                        f"reached ({type(e).__name__}: {first}); connect once to download it, or pass a checkpoint folder")
+    if not any(local.glob("*.safetensors")):
+        raise UserError(f"--model {text} has no safetensors weights on the Hub (only .bin/.pt, which "
+                        "tidar-bench does not load from the Hub)")
+    return local
 
 
 def load_tokenizer(path: str | Path):
@@ -120,6 +186,62 @@ def parse_options(spec: DecoderSpec, raw: dict[str, str]) -> dict[str, Any]:
             out[k] = _convert(v, types[k]) if isinstance(v, str) else v
         except ValueError:
             raise UserError(f"option {k}={v!r} of decoder {spec.name!r} is not a valid {getattr(types[k], '__name__', types[k])}")
+    return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One entry of --decoders: `tidar(block_size=4,max_blocks=3)` = decoder `tidar` with those
+    options, labelled as written (the label keys its results, rows and plot points)."""
+
+    label: str
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
+def parse_settings(value: str, what: str = "--decoders") -> list[Setting]:
+    """`ar,ar(compile=false),tidar(block_size=4,max_blocks=3)` -> settings (commas inside
+    parentheses separate options). Unknown decoders/options and repeated labels are user errors."""
+    items, depth, cur = [], 0, ""
+    for ch in value:
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise UserError(f"{what}: unbalanced parentheses in {value!r}")
+        cur += ch
+    items.append(cur)
+    if depth:
+        raise UserError(f"{what}: unbalanced parentheses in {value!r}")
+    specs = decoders()
+    out: list[Setting] = []
+    for raw in (i.strip() for i in items):
+        if not raw:
+            continue
+        name, _, rest = raw.partition("(")
+        name = name.strip()
+        opts: list[tuple[str, str]] = []
+        if rest:
+            if not rest.endswith(")"):
+                raise UserError(f"{what}: expected NAME(key=value,...) , got {raw!r}")
+            for kv in filter(None, (x.strip() for x in rest[:-1].split(","))):
+                if "=" not in kv:
+                    raise UserError(f"{what}: option {kv!r} of {name!r} must be key=value")
+                k, v = (x.strip() for x in kv.split("=", 1))
+                opts.append((k, v))
+        if name not in specs:
+            raise UserError(f"unknown decoder {name!r}; valid: {', '.join(sorted(specs))}")
+        parse_options(specs[name], dict(opts))  # validates names and values now, before anything runs
+        label = name + (f"({','.join(f'{k}={v}' for k, v in opts)})" if opts else "")
+        out.append(Setting(label, name, tuple(opts)))
+    if not out:
+        raise UserError(f"{what} is empty")
+    labels = [s.label for s in out]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise UserError(f"{what} lists {', '.join(dup)} twice")
     return out
 
 

@@ -29,8 +29,9 @@ from typing import Callable, Sequence
 import torch
 
 from .checkpoint import TidarConfig
-from .decoding import (DecodeStats, Generation, GenerationConfig, StopChecker, Timer, greedy_verify,
-                       make_generator, next_token, sample, speculative_verify, warp_probs)
+from .compiled import steps_for
+from .decoding import (DecodeRun, Generation, GenerationConfig, greedy_verify, next_token, sample,
+                       speculative_verify, warp_probs)
 from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
 from .registry import DecoderContext, register_decoder
@@ -47,13 +48,15 @@ class _StepShape:
     local_mask: torch.Tensor  # [n, n] the fed-to-fed part of the mask (the cache part is all True)
     rel_positions: torch.Tensor  # [n] positions relative to P
     logits_index: torch.Tensor  # which fed rows get logits
+    causal_rows: int  # logits rows of the causal segment (m + 1; k in the padded compiled layout)
 
 
 class TidarDecoder:
     name = "tidar"
 
     def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 8, beta: float = 1.0,
-                 max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None):
+                 max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None,
+                 compile: str = "off"):
         vocab = model.config.vocab_size
         if not 0 <= mask_token_id < vocab:
             raise UserError(f"mask_token_id {mask_token_id} outside the vocabulary [0, {vocab})")
@@ -79,8 +82,9 @@ class TidarDecoder:
         self.on_step: Callable | None = None
         self._cache = None
         self._shapes: dict[tuple, _StepShape] = {}
-        self._mask_buf = torch.empty(0, dtype=torch.bool, device=model.device)
-        self._pos_buf = torch.empty(0, dtype=torch.long, device=model.device)
+        self.runner = steps_for(model, model, compile)
+        # compiled mode feeds one fixed step shape: x + k-1 draft slots + n_blocks blocks of k
+        self.n_blocks = min(block_size, max_blocks or block_size)
         self._ids_buf = torch.full((1, block_size * (block_size + 1)), mask_token_id, device=model.device)
 
     @property
@@ -88,7 +92,8 @@ class TidarDecoder:
         return self.mode == "tidar" and self.beta == 1.0
 
     def options(self) -> dict:
-        opts = {"mode": self.mode, "block_size": self.k, "mask_token_id": self.mask_id, "lossless": self.lossless}
+        opts = {"mode": self.mode, "block_size": self.k, "mask_token_id": self.mask_id, "lossless": self.lossless,
+                "compile": self.runner.compiled}
         if self.mode == "tidar":
             opts.update(beta=self.beta, max_blocks=self.max_blocks, drafts_per_step=self.k - 1)
         else:
@@ -101,17 +106,14 @@ class TidarDecoder:
         self._cache = self.model.new_cache(needed, reuse=self._cache)
         return self._cache
 
-    def _ensure_buffers(self, max_rows: int, max_len: int) -> None:
-        if self._mask_buf.numel() < max_rows * max_len:
-            self._mask_buf = torch.empty(max_rows * max_len, dtype=torch.bool, device=self.model.device)
-        if self._pos_buf.numel() < max_rows:
-            self._pos_buf = torch.empty(max_rows, dtype=torch.long, device=self.model.device)
-
     def _shape(self, m: int, outcomes: tuple[int, ...], diffusion: bool = False) -> _StepShape:
         key = (m, outcomes, diffusion)
         shape = self._shapes.get(key)
         if shape is None:
-            shape = self._make_shape(TidarStepLayout(0, m, self.k, outcomes), diffusion)
+            if self.runner.compiled and not diffusion:
+                shape = self._padded_shape(m, outcomes)
+            else:
+                shape = self._make_shape(TidarStepLayout(0, m, self.k, outcomes), diffusion)
             self._shapes[key] = shape
         return shape
 
@@ -127,17 +129,40 @@ class TidarDecoder:
             for b in range(len(layout.outcomes)):
                 rows += range(layout.block_start(b) + 1, layout.block_start(b) + k)
         return _StepShape(layout.n_fed, tidar_step(layout, dev), layout.positions(dev),
-                          torch.tensor(rows, dtype=torch.long, device=dev))
+                          torch.tensor(rows, dtype=torch.long, device=dev), 1 if prefill else layout.n_causal)
+
+    def _padded_shape(self, m: int, outcomes: tuple[int, ...]) -> _StepShape:
+        """The compiled step: always k causal slots (x, the m drafts, then padding that no real row
+        attends to and nothing verifies) and `n_blocks` blocks of k (block b serves outcomes[b]
+        exactly as in `tidar_step`; unused blocks see x and themselves and are ignored), so every
+        step has one shape and only the mask and positions (device tensors) change."""
+        k, nb, dev = self.k, self.n_blocks, self.model.device
+        n = k + nb * k
+        local = torch.zeros(n, n, dtype=torch.bool, device=dev)
+        local[:k, :k] = torch.ones(k, k, dtype=torch.bool, device=dev).tril()
+        pos = torch.zeros(n, dtype=torch.long, device=dev)
+        pos[:k] = torch.arange(k, device=dev)
+        rows = list(range(k))
+        for b in range(nb):
+            s = k + b * k
+            j = outcomes[b] if b < len(outcomes) else 0
+            local[s : s + k, : j + 1] = True  # x and the first j drafts
+            local[s : s + k, s : s + k] = True  # own block, bidirectional
+            pos[s : s + k] = torch.arange(j + 1, j + 1 + k, device=dev)
+            rows += range(s + 1, s + k)
+        return _StepShape(n, local, pos, torch.tensor(rows, dtype=torch.long, device=dev), k)
 
     def _forward(self, cache, ids: torch.Tensor, shape: _StepShape) -> torch.Tensor:
-        """One forward of `ids` [1, n] laid out as `shape`, after the P cached tokens. The mask is
-        [all-True over the cache | shape.local_mask], written into a reused buffer."""
-        P, n = cache.length, shape.n
-        pos = torch.add(shape.rel_positions, P, out=self._pos_buf[:n])
-        mask = self._mask_buf[: n * (P + n)].view(n, P + n)
-        mask[:, :P] = True
-        mask[:, P:] = shape.local_mask
-        return self.model(ids, pos, mask, cache, logits_index=shape.logits_index).logits[0]
+        """One step of `ids` [1, n] laid out as `shape`, after the P cached tokens (mask: [all
+        cached | shape.local_mask]; eager or compiled, see tidar_bench/compiled.py)."""
+        pos = shape.rel_positions + cache.length
+        return self.runner(ids, pos, cache=cache, local_mask=shape.local_mask,
+                           logits_index=shape.logits_index).logits[0]
+
+    def _prefill(self, cache, prompt: list[int], shape: _StepShape) -> torch.Tensor:
+        """The first forward (variable length, so eager in both modes): prompt + one block."""
+        ids = torch.tensor([prompt + [self.mask_id] * self.k], device=self.model.device)
+        return self.model(ids, shape.rel_positions, shape.local_mask, cache, logits_index=shape.logits_index).logits[0]
 
     # ------------------------------------------------------------------------- generate
 
@@ -150,27 +175,22 @@ class TidarDecoder:
         return self._generate_tidar(list(prompt_ids), config)
 
     def _generate_tidar(self, prompt: list[int], config: GenerationConfig) -> Generation:
-        sp, k, dev = config.sampling, self.k, self.model.device
-        timer = Timer(dev)
-        t0 = timer.now()
-        stats = DecodeStats()
-        stop = StopChecker(config, self.tokenizer)
-        gen = make_generator(sp, dev)
+        k, dev = self.k, self.model.device
+        run = DecodeRun(dev, config, self.tokenizer, self.runner)
+        stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
         L = len(prompt)
         step_rows = k * (k + 1)  # at most x + k-1 drafts + k blocks of k
         cache = self.cache_for(L + config.max_new_tokens + step_rows + 1)
-        self._ensure_buffers(max(L + k, step_rows), cache.max_len)
         history = list(prompt) if self.on_step is not None else None
 
         # prefill: prompt causal + one pre-draft block at position L (where the first token goes)
         first = tidar_first_step(L, k, dev)
-        ids = torch.tensor([prompt + [self.mask_id] * k], device=dev)
-        logits = self._forward(cache, ids, self._make_shape(first, diffusion=False, prefill=True))
+        logits = self._prefill(cache, prompt, self._make_shape(first, diffusion=False, prefill=True))
         stats.nfe, stats.tokens_fed = 1, [first.n_fed]
         t = int(next_token(logits[0], sp, gen))
         cache.crop(L)
         drafts, draft_logits, draft_probs, conf = self._draft(logits[1:], sp, gen)
-        stats.prefill_time_s = timer.now() - t0
+        run.prefill_done()
         done = stop.extend([t])
         committed = [t]
 
@@ -201,12 +221,12 @@ class TidarDecoder:
             if not done:
                 if n in outcomes:  # block n starts at t's position: offsets 1..k-1 are the next drafts
                     b = outcomes.index(n)
-                    blocks = logits[m + 1 :].view(len(outcomes), k - 1, logits.shape[-1])
+                    n_blocks = self.n_blocks if self.runner.compiled else len(outcomes)
+                    blocks = logits[shape.causal_rows :].view(n_blocks, k - 1, logits.shape[-1])
                     drafts, draft_logits, draft_probs, conf = self._draft(blocks[b], sp, gen)
                 else:  # no block for this outcome (max_blocks): the next step verifies nothing
                     drafts, draft_logits, draft_probs, conf = self._draft(logits[:0], sp, gen)
-        stats.wall_time_s = timer.now() - t0
-        return stop.result(stats)
+        return run.finish()
 
     def _draft(self, block_logits: torch.Tensor, sp, gen):
         """Drafts from a pre-draft block's logits at offsets 1..k-1 [k-1, V]: argmax (greedy) or
@@ -254,26 +274,21 @@ class TidarDecoder:
         `steps` forwards; each unmasks the most confident still-masked positions (ceil of the
         remaining / steps left). The forward that starts block b+1 also writes block b's KV
         causally (the same one-step layout as TiDAR with m = k-1 and one block)."""
-        sp, k, dev = config.sampling, self.k, self.model.device
-        timer = Timer(dev)
-        t0 = timer.now()
-        stats = DecodeStats()
-        stop = StopChecker(config, self.tokenizer)
-        gen = make_generator(sp, dev)
+        k, dev = self.k, self.model.device
+        run = DecodeRun(dev, config, self.tokenizer, self.runner)
+        stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
         L = len(prompt)
         n_blocks = -(-config.max_new_tokens // k)
         cache = self.cache_for(L + (n_blocks + 1) * k + 1)
-        self._ensure_buffers(max(L + k, 2 * k), cache.max_len)
 
         first = tidar_first_step(L, k, dev)
-        ids = torch.tensor([prompt + [self.mask_id] * k], device=dev)
-        logits = self._forward(cache, ids, self._make_shape(first, diffusion=True))
+        logits = self._prefill(cache, prompt, self._make_shape(first, diffusion=True))
         stats.nfe, stats.tokens_fed = 1, [first.n_fed]
         cache.crop(L)
         commit_shape = self._shape(k - 1, (k - 1,), diffusion=True)
         # a block alone (while denoising): it sees the cache and all of itself
         denoise_shape = _StepShape(k, torch.ones(k, k, dtype=torch.bool, device=dev), torch.arange(k, device=dev),
-                                   torch.arange(k, device=dev))
+                                   torch.arange(k, device=dev), 0)
         ids_buf = self._ids_buf[:, : 2 * k]
         while True:
             P = cache.length
@@ -292,7 +307,7 @@ class TidarDecoder:
                 if stats.nfe > 1:
                     stats.accepted_lengths.append(u)
             if stats.nfe == 1:
-                stats.prefill_time_s = timer.now() - t0
+                run.prefill_done()
             if stop.extend(block.tolist()):
                 break
             ids_buf[0, :k] = block
@@ -301,8 +316,7 @@ class TidarDecoder:
             cache.crop(P + k)
             stats.nfe += 1
             stats.tokens_fed.append(2 * k)
-        stats.wall_time_s = timer.now() - t0
-        return stop.result(stats)
+        return run.finish()
 
     @staticmethod
     def _unmask(logits, block, masked, u, sp, gen) -> None:
@@ -320,10 +334,11 @@ class TidarDecoder:
 
 
 @register_decoder("tidar", help="TiDAR: diffusion drafts + AR verification in one forward per step "
-                  "(options: block_size, beta, max_blocks, mode=tidar|diffusion, steps)")
+                  "(options: block_size, beta, max_blocks, mode=tidar|diffusion, steps, compile)")
 def build(ctx: DecoderContext, *, block_size: int | None = None, beta: float = 1.0,
-          max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None) -> TidarDecoder:
+          max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None,
+          compile: str = "auto") -> TidarDecoder:
     cfg = TidarConfig.load(ctx.model_path)
     return TidarDecoder(ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
                         block_size=block_size if block_size is not None else cfg.block_size,
-                        beta=beta, max_blocks=max_blocks, mode=mode, steps=steps)
+                        beta=beta, max_blocks=max_blocks, mode=mode, steps=steps, compile=compile)

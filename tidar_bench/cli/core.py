@@ -32,18 +32,12 @@ def parse_list(value: str, what: str) -> list[str]:
     return items
 
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
-
-
 def random_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of a shipped architecture config to `out`."""
     from ..model import ModelConfig, Transformer, init_weights, save_model
+    from ..profiling import shipped_config
 
-    f = CONFIGS_DIR / f"{name}.json"
-    if not f.is_file():
-        names = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
-        raise UserError(f"unknown config {name!r}; shipped configs: {', '.join(names) or 'none'}")
-    cfg = ModelConfig.from_dict(json.loads(f.read_text()))
+    cfg = ModelConfig.from_dict(shipped_config(name))
     model = init_weights(Transformer(cfg), seed=seed)
     save_model(model, out)
     return out
@@ -71,7 +65,7 @@ def generate_cmd(
     model: Path = typer.Option(..., "--model", help="checkpoint directory (config.json + safetensors)"),
     prompt: Optional[str] = typer.Option(None, help="prompt text (needs the checkpoint's tokenizer)"),
     prompt_ids: Optional[str] = typer.Option(None, help="prompt as comma-separated token ids"),
-    decoder: str = typer.Option("ar", help="decoder name (see `tidar-bench decoders`)"),
+    decoder: str = typer.Option("ar", help="decoder name or setting, e.g. tidar(block_size=4) (see `tidar-bench decoders`)"),
     draft: Optional[Path] = typer.Option(None, help="draft checkpoint for decoders that need one"),
     max_new_tokens: int = typer.Option(64, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
@@ -80,6 +74,7 @@ def generate_cmd(
     seed: int = typer.Option(0),
     stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable)"),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option key=value (repeatable)"),
+    compile: str = typer.Option("auto", "--compile", help="compiled decoding: auto (on where torch.compile works), on, off"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="print the generation and stats as JSON"),
@@ -89,7 +84,12 @@ def generate_cmd(
     from ..registry import DecoderContext, build_decoder
 
     ctx = DecoderContext(model, device, dtype, draft)
-    dec = build_decoder(decoder, ctx, parse_kv(decoder_arg))
+    chosen = decoder_settings(decoder, [f"{decoder.split('(')[0].strip()}.{a}" for a in decoder_arg or []],
+                              compile, "generate")
+    if len(chosen) != 1:
+        raise UserError("generate takes one decoder (use `speed` to compare several)")
+    setting, opts = chosen[0]
+    dec = build_decoder(setting.name, ctx, opts)
     tok = ctx.tokenizer
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give exactly one of --prompt or --prompt-ids")
@@ -111,8 +111,7 @@ def generate_cmd(
         sampling = SamplingParams(temperature, top_k, top_p, seed)
     except ValueError as e:
         raise UserError(str(e))
-    eos = () if tok is None or tok.eos_token_id is None else (tok.eos_token_id,)
-    cfg = GenerationConfig(max_new_tokens, tuple(stop or ()), eos, sampling)
+    cfg = GenerationConfig(max_new_tokens, tuple(stop or ()), ctx.stop_token_ids, sampling)
     g = dec.generate(ids, cfg)
     if as_json:
         print(json.dumps({"tokens": g.tokens, "text": g.text, "finish_reason": g.finish_reason,
@@ -120,8 +119,10 @@ def generate_cmd(
         return
     print(g.text if g.text is not None else " ".join(map(str, g.tokens)))
     s = g.stats
-    print(f"[{dec.name}] tokens={s.new_tokens} nfe={s.nfe} T/NFE={s.tokens_per_nfe:.2f} "
-          f"mean_accepted={s.mean_accepted_length:.2f} tokens/s={s.tokens_per_s:.1f} finish={g.finish_reason}")
+    print(f"[{setting.label}] tokens={s.new_tokens} nfe={s.nfe} T/NFE={s.tokens_per_nfe:.2f} "
+          f"mean_accepted={s.mean_accepted_length:.2f} tokens/s={s.tokens_per_s:.1f} "
+          f"compiled={'yes' if dec.options().get('compile') else 'no'} compile_s={s.compile_s:.1f} "
+          f"finish={g.finish_reason}")
 
 
 def read_prompts(path: Path, limit: int) -> list[str]:
@@ -144,11 +145,61 @@ def read_prompts(path: Path, limit: int) -> list[str]:
     return out
 
 
+COMPILE_HELP = ("compiled decoding (gpt-fast style static-shape steps under torch.compile; CUDA graphs on GPU): "
+                "auto = on where torch.compile works here, on, off; a decoder setting such as ar(compile=false) "
+                "overrides it")
+
+
+def decoder_settings(decoders_: str, decoder_arg: list[str] | None, compile: str, what: str = "speed"):
+    """--decoders settings + --decoder-arg DECODER.key=value + --compile -> [(setting, options)]:
+    --decoder-arg applies to every setting of that decoder, options in parentheses win over both."""
+    from ..compiled import normalize
+    from ..registry import decoders, parse_settings
+
+    settings = parse_settings(decoders_)
+    names = {st.name for st in settings}
+    scoped: dict[str, dict[str, str]] = {n: {} for n in names}
+    for k, v in parse_kv(decoder_arg).items():
+        if "." not in k or k.split(".", 1)[0] not in scoped:
+            raise UserError(f"--decoder-arg for {what} must be DECODER.key=value with DECODER in "
+                            f"{sorted(names)}, got {k!r}")
+        d, key = k.split(".", 1)
+        scoped[d][key] = v
+    compile = normalize(compile)
+    specs = decoders()
+    out = []
+    for st in settings:
+        opts = dict(scoped[st.name])
+        if "compile" in specs[st.name].option_types():
+            opts["compile"] = compile
+        opts.update(dict(st.options))
+        out.append((st, opts))
+    return out
+
+
+# datasheet peak memory bandwidth (GB/s) by device-name fragment: the denominator of the achieved
+# fraction that `speed` prints on CUDA (override with --peak-bandwidth)
+PEAK_BANDWIDTH_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
+                      ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("RTX 4090", 1008.0))
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
 @app.command("speed")
 def speed_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="checkpoint directory"),
     config: Optional[str] = typer.Option(None, "--config", help="a shipped architecture with random weights instead of --model"),
-    decoders_: str = typer.Option("ar,hf", "--decoders", help="comma-separated decoders; the first is the reference"),
+    decoders_: str = typer.Option(
+        "ar,hf", "--decoders", help="comma-separated decoder settings, the first is the reference: "
+                                    "e.g. ar,ar(compile=false),hf(compile=true),tidar(block_size=4)"),
     draft: Optional[Path] = typer.Option(None),
     prompts: int = typer.Option(8, min=1, help="number of prompts (random token ids, seeded; or the first N of --prompts-file)"),
     prompts_file: Optional[Path] = typer.Option(
@@ -157,15 +208,21 @@ def speed_cmd(
     prompt_len: int = typer.Option(64, min=1),
     max_new_tokens: int = typer.Option(128, min=1),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option decoder.key=value (repeatable)"),
+    compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)"),
+    peak_bandwidth: Optional[float] = typer.Option(
+        None, "--peak-bandwidth", help="device peak memory bandwidth in GB/s for the achieved fraction (CUDA; "
+                                       "default: datasheet value of known GPUs)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the table, command and environment to this JSON file"),
 ) -> None:
-    """Paired speed benchmark: each prompt is decoded greedily by every decoder in turn (after one
-    warm-up each), and tokens/s ratios vs the first decoder are printed, with a check that
-    lossless decoders produced the reference's tokens."""
+    """Paired speed benchmark: each prompt is decoded greedily by every decoder setting in turn
+    (after a warm-up of each on the longest prompt, which also compiles: compile time is printed
+    apart), and tokens/s ratios vs the first setting are printed with their spread over prompts,
+    the reference's own tokens/s and compile mode, and a check that lossless decoders produced the
+    reference's tokens. On CUDA: the achieved weight bandwidth of every setting."""
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -177,22 +234,16 @@ def speed_cmd(
         torch.set_num_threads(threads)
     if (model is None) == (config is None):
         raise UserError("give exactly one of --model or --config")
-    names = parse_list(decoders_, "--decoders")
-    scoped: dict[str, dict[str, str]] = {n: {} for n in names}
-    for k, v in parse_kv(decoder_arg).items():
-        if "." not in k or k.split(".", 1)[0] not in scoped:
-            raise UserError(f"--decoder-arg for speed must be DECODER.key=value with DECODER in {names}, got {k!r}")
-        d, key = k.split(".", 1)
-        scoped[d][key] = v
+    settings = decoder_settings(decoders_, decoder_arg, compile)
+    labels = [st.label for st, _ in settings]
     with tempfile.TemporaryDirectory() as tmp:
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
         ctx = DecoderContext(path, device, dtype, draft)
-        decs = [build_decoder(n, ctx, scoped[n]) for n in names]
+        decs = [build_decoder(st.name, ctx, opts) for st, opts in settings]
         if prompts_file is not None:
             texts = read_prompts(prompts_file, prompts)
             batch = [ctx.tokenizer.encode(t) for t in texts]
-            eos = ctx.tokenizer.eos_token_id
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=(eos,) if eos is not None else ())
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=ctx.stop_token_ids)
             source = f"{len(batch)} prompts of {prompts_file}"
         else:
             vocab = ctx.model.config.vocab_size
@@ -200,36 +251,68 @@ def speed_cmd(
             batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
             source = f"{prompts} random prompts of {prompt_len} tokens"
-        for d in decs:
-            d.generate(batch[0], cfg)  # warm-up
-        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0} for n in names}
+        longest = max(batch, key=len)
+        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0}
+                for n in labels}
+        for n, d in zip(labels, decs):
+            g = d.generate(longest, cfg)  # warm-up: kernels, allocator, caches, compilation
+            rows[n]["compile_s"] += g.stats.compile_s
         for p in batch:
             ref = None
-            for n, d in zip(names, decs):
+            for n, d in zip(labels, decs):
                 g = d.generate(p, cfg)
                 r = rows[n]
                 r["tokens"] += g.stats.new_tokens
                 r["time"] += g.stats.wall_time_s
                 r["nfe"] += g.stats.nfe
+                r["compile_s"] += g.stats.compile_s
                 if ref is None:
                     ref = g
                 else:
                     r["ratios"].append(g.stats.tokens_per_s / ref.stats.tokens_per_s)
                     if d.lossless and g.tokens != ref.tokens:
                         r["mismatch"] += 1
+        wbytes = weight_bytes(ctx.model)
+    dev = ctx.model.device
+    peak = peak_bandwidth
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    if peak is None and dev_name:
+        peak = next((v for frag, v in PEAK_BANDWIDTH_GBS if frag in dev_name), None)
+    compiled = {n: bool(d.options().get("compile", False)) for n, d in zip(labels, decs)}
+    ref_tps = rows[labels[0]]["tokens"] / rows[labels[0]]["time"]
     t = Table(title=f"speed: {source}, up to {max_new_tokens} new tokens, "
-                    f"{'random ' + config if config else path}, {ctx.model.device}, {ctx.model.dtype}, "
+                    f"{'random ' + config if config else path}, {dev_name or dev}, {ctx.model.dtype}, "
                     f"{torch.get_num_threads()} threads")
-    for col in ("decoder", "tokens/s", "T/NFE", f"speedup vs {names[0]} (total)", "median paired ratio", "lossless mismatches"):
+    cols = ["decoder", "compiled", "tokens/s", "T/NFE", f"vs {labels[0]} (total)", "paired ratio median [min-max]",
+            "compile s", "lossless mismatches"]
+    if dev.type == "cuda":
+        cols.insert(3, "weight GB/s" + (" (% of peak)" if peak else ""))
+    for col in cols:
         t.add_column(col)
-    ref_tps = rows[names[0]]["tokens"] / rows[names[0]]["time"]
-    for n, d in zip(names, decs):
+    record_decs = {}
+    for n, d in zip(labels, decs):
         r = rows[n]
         tps = r["tokens"] / r["time"]
-        med = f"{statistics.median(r['ratios']):.3f}" if r["ratios"] else "-"
-        mm = str(r["mismatch"]) if (d.lossless and n != names[0]) else "-"
-        t.add_row(n, f"{tps:.1f}", f"{r['tokens'] / r['nfe']:.2f}", f"{tps / ref_tps:.3f}x", med, mm)
-    Console().print(t)
+        rs = r["ratios"]
+        spread = f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]" if rs else "-"
+        mm = str(r["mismatch"]) if (d.lossless and n != labels[0]) else "-"
+        # a decode step reads every weight once per forward: bytes x forwards/s
+        gbs = wbytes * (r["nfe"] / r["time"]) / 1e9
+        cells = [n, "yes" if compiled[n] else "no", f"{tps:.1f}", f"{r['tokens'] / r['nfe']:.2f}",
+                 f"{tps / ref_tps:.3f}x", spread, f"{r['compile_s']:.1f}", mm]
+        if dev.type == "cuda":
+            cells.insert(3, f"{gbs:.0f}" + (f" ({100 * gbs / peak:.0f}%)" if peak else ""))
+        t.add_row(*cells)
+        record_decs[n] = {"decoder": d.name, "options": d.options(), "compiled": compiled[n],
+                          "tokens": r["tokens"], "decode_s": r["time"], "nfe": r["nfe"], "tokens_per_s": tps,
+                          "speedup_vs_first": tps / ref_tps, "paired_ratios": rs, "compile_s": r["compile_s"],
+                          "lossless_mismatches": r["mismatch"],
+                          "weight_bandwidth_GBs": gbs if dev.type == "cuda" else None}
+    console = Console()
+    console.print(t)
+    console.print(f"reference: {labels[0]} ({'compiled' if compiled[labels[0]] else 'eager'}) at {ref_tps:.1f} tokens/s; "
+                  f"paired ratio = a setting's tokens/s over the reference's on the same prompt ({len(batch)} prompts); "
+                  "compile s = first-use compilation, excluded from tokens/s", style="dim")
     if out is not None:
         import sys
 
@@ -237,13 +320,10 @@ def speed_cmd(
 
         record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
                   "model": str(model) if model else f"random weights, config {config}", "seed": seed,
-                  "prompts": source, "max_new_tokens": max_new_tokens,
-                  "dtype": str(ctx.model.dtype), "device": str(ctx.model.device),
-                  "decoders": {n: {"options": d.options(), "tokens": rows[n]["tokens"], "decode_s": rows[n]["time"],
-                                   "nfe": rows[n]["nfe"], "tokens_per_s": rows[n]["tokens"] / rows[n]["time"],
-                                   "speedup_vs_first": (rows[n]["tokens"] / rows[n]["time"]) / ref_tps,
-                                   "paired_ratios": rows[n]["ratios"], "lossless_mismatches": rows[n]["mismatch"]}
-                               for n, d in zip(names, decs)}}
+                  "prompts": source, "n_prompts": len(batch), "max_new_tokens": max_new_tokens,
+                  "dtype": str(ctx.model.dtype), "device": str(dev), "device_name": dev_name,
+                  "compile": compile, "reference": labels[0], "reference_tokens_per_s": ref_tps,
+                  "weight_bytes": wbytes, "peak_bandwidth_GBs": peak, "decoders": record_decs}
         write_atomic(out, json.dumps(record, indent=2) + "\n")
-    if any(rows[n]["mismatch"] for n in names):
+    if any(rows[n]["mismatch"] for n in labels):
         raise UserError("a lossless decoder's greedy tokens differ from the reference decoder's")

@@ -64,7 +64,10 @@ def profile_latency(
     repeats: int = typer.Option(20, min=1),
     warmup: int = typer.Option(3, min=0),
     tolerance: float = typer.Option(0.1, min=0.0, help="knee: largest n with latency <= (1 + tolerance) x latency(1)"),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="time replays of a captured CUDA graph of each forward"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="time replays of a captured CUDA graph of each eager forward"),
+    compile: str = typer.Option("auto", "--compile", help="time the decoders' compiled static-shape step (torch.compile, CUDA "
+                                "graphs on GPU) instead of the eager forward: auto (on where it works), on, off; "
+                                "one compilation per (slots, batch) shape"),
     tnfe: Optional[str] = typer.Option(None, help="T/NFE per block size to predict speedups: 4=3.1,8=5.2, a CSV "
                                        "(k, tidar_T_per_NFE) and/or `tidar-bench run` folders, comma-separated"),
     seed: int = typer.Option(0),
@@ -109,6 +112,11 @@ def profile_latency(
     dt = resolve_dtype(dtype, dev)
     if cuda_graphs and dev.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+    from ..compiled import normalize, resolve
+
+    compiled = resolve(compile, dev)
+    if compiled and cuda_graphs:
+        raise UserError("--compile already uses CUDA graphs (mode reduce-overhead): drop --cuda-graphs")
     notes = []
     if dev.type == "cpu" and dt != torch.float32:
         notes.append(f"{str(dt).replace('torch.', '')} on CPU: CPU kernels for it are often slower than fp32; "
@@ -137,7 +145,7 @@ def profile_latency(
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("timing forwards", total=len(batches) * len(contexts) * (len(ns) + len(ks)))
         points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=lambda: bar.advance(task),
-                              batches=batches)
+                              batches=batches, compile=compiled)
     info = prof.device_info(dev)
 
     # ---- analysis per (batch, context); the top-level fields are the first batch size's
@@ -161,13 +169,13 @@ def profile_latency(
     argv = ["tidar-bench", "profile-latency", *(["--model", str(model)] if model else ["--config", config]),
             "--context", ",".join(map(str, contexts)), "--slots", slots, "--mask", mask, "--block-size", block_size,
             *(["--batch", batch] if batches != [1] else []), "--dtype", dtype, "--device", device, "--repeats", str(repeats), "--warmup", str(warmup),
-            "--tolerance", str(tolerance), *(["--cuda-graphs"] if cuda_graphs else []),
+            "--tolerance", str(tolerance), *(["--cuda-graphs"] if cuda_graphs else []), "--compile", normalize(compile),
             *(["--tnfe", tnfe] if tnfe else []), "--seed", str(seed), "--out", str(out)]
     dtype_name = str(dt).replace("torch.", "")
     label = "GPU" if dev.type == "cuda" else "CPU"
     record = {
         "command": shlex.join(argv), "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
-        "timer": info["timer"], "cuda_graphs": cuda_graphs, "repeats": repeats, "warmup": warmup,
+        "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled, "repeats": repeats, "warmup": warmup,
         "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "batch_sizes": batches, "notes": notes,
         "environment": info, "points": [asdict(p) for p in points],
         "knee": {str(C): k for C, k in knees.items()},

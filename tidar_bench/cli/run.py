@@ -10,16 +10,19 @@ from typing import Optional
 import typer
 
 from .app import app
-from .core import parse_list
+from .core import COMPILE_HELP, parse_list
 from ..errors import UserError
 
 
 @app.command("run")
 def run_cmd(
     model: Optional[Path] = typer.Option(
-        None, "--model", help="checkpoint directory (config.json + safetensors + tokenizer); "
+        None, "--model", help="checkpoint directory (config.json + safetensors + tokenizer) or a Hugging Face Hub "
+                              "id (downloaded once into the HF cache, safetensors only); "
                               "omitted: the embedded model suite on the mini tasks (see README)"),
-    decoders_: str = typer.Option("ar", "--decoders", help="comma-separated decoders (see `tidar-bench decoders`)"),
+    decoders_: str = typer.Option(
+        "ar", "--decoders", help="comma-separated decoder settings (see `tidar-bench decoders`), e.g. "
+                                 "ar,ar(compile=false),hf(compile=true),tidar(block_size=4); speedups are against `ar`"),
     tasks: Optional[str] = typer.Option(
         None, "--tasks", help="comma-separated tasks: humaneval, mbpp, gsm8k, gsm8k_cot, minerva_math, "
                               "mini_gsm, mini_code, mini_math (required with --model)"),
@@ -30,12 +33,23 @@ def run_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="first N documents of each task"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="sampling seed of the decoders (lm-eval's own seeds keep its defaults: "
+                                     "random 0, numpy 1234, torch 1234, few-shot 1234)"),
     decoder_arg: Optional[list[str]] = typer.Option(
         None, "--decoder-arg", help="decoder option key=value (all decoders having it) or decoder.key=value (repeatable)"),
     allow_code_exec: bool = typer.Option(False, "--allow-code-exec", help="allow tasks that execute generated code"),
     hub_datasets: bool = typer.Option(False, "--hub-datasets", help="load task data from the HF Hub instead of the shipped files"),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="use your own lm-eval task YAMLs from DIR"),
+    apply_chat_template: bool = typer.Option(
+        False, "--apply-chat-template", help="format prompts with the tokenizer's chat template (lm-eval's --apply_chat_template)"),
+    fewshot_as_multiturn: Optional[bool] = typer.Option(
+        None, "--fewshot-as-multiturn/--no-fewshot-as-multiturn",
+        help="few-shot examples as chat turns (lm-eval's; default: on with --apply-chat-template)"),
+    system_instruction: Optional[str] = typer.Option(
+        None, "--system-instruction", help="system message / instruction before the prompt (lm-eval's --system_instruction)"),
+    gen_kwargs: Optional[str] = typer.Option(
+        None, "--gen-kwargs", help="generation settings for every task, e.g. max_gen_toks=64 (lm-eval's --gen_kwargs)"),
+    compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
 ) -> None:
     """Evaluate decoders on lm-eval tasks at batch 1: scores, tokens/s, T/NFE, accepted length,
     speedup vs ar, lossless check. Re-running the same command resumes; works under torchrun.
@@ -43,16 +57,27 @@ def run_cmd(
     from ..harness.runner import RunSpec, run
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if model is None and (apply_chat_template or fewshot_as_multiturn is not None or system_instruction is not None
+                          or gen_kwargs is not None):
+        raise UserError("--apply-chat-template, --fewshot-as-multiturn, --system-instruction and --gen-kwargs need --model")
     if model is None:
         return _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec, decoders_, draft,
-                             include_path, hub_datasets)
+                             include_path, hub_datasets, compile)
     if tasks is None or out is None:
         raise UserError("--model needs --tasks and --out")
 
-    spec = RunSpec(model=model, decoders=parse_list(decoders_, "--decoders"), tasks=parse_list(tasks, "--tasks"),
+    from ..registry import resolve_model
+
+    from ..compiled import normalize
+    from ..registry import parse_settings
+
+    labels = [st.label for st in parse_settings(decoders_)]
+    spec = RunSpec(model=resolve_model(model), decoders=labels, tasks=parse_list(tasks, "--tasks"), compile=normalize(compile),
                    out=out, draft=draft, limit=limit, device=device, dtype=dtype, seed=seed,
                    decoder_args=list(decoder_arg or []), allow_code_exec=allow_code_exec,
-                   hub_datasets=hub_datasets, include_path=include_path)
+                   hub_datasets=hub_datasets, include_path=include_path, apply_chat_template=apply_chat_template,
+                   fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction,
+                   gen_kwargs=gen_kwargs)
     result = run(spec)
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return
@@ -67,13 +92,24 @@ def run_cmd(
         console.print(f"[bold red]lossless decoders differ from ar on greedy outputs: {bad}[/bold red]")
 
 
+def metric_label(key: str) -> str:
+    """lm-eval's `metric,filter` key as `metric (filter)`: gsm8k scores one row per filter
+    (strict-match, flexible-extract); `none` (no filter) is left out."""
+    metric, _, flt = key.partition(",")
+    return metric if flt in ("", "none") else f"{metric} ({flt})"
+
+
+def _yes(x) -> str:
+    return "-" if x in (None, "") else ("yes" if x in (True, "True", "true", 1) else "no")
+
+
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
 def _print_table(rows: list[dict], title: str):
-    """One compact row per (task, checkpoint, decoder); metric names, filters and every other
-    column are in summary.csv. Piped output gets a wide console so the table is never folded."""
+    """One compact row per (task, checkpoint, decoder, metric and filter); every other column is in
+    summary.csv. Piped output gets a wide console so the table is never folded."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -83,25 +119,29 @@ def _print_table(rows: list[dict], title: str):
         console = Console(width=160)
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     with_model = any("model" in r for r in rows)
-    cols = ["task"] + ["model"] * with_model + ["decoder", "score ± se", "tok/s", "T/NFE", "acc.len", "vs ar", "n",
-                                                "≠ar"]
+    cols = ["task"] + ["model"] * with_model + ["decoder", "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE",
+                                                "acc.len", "vs ar", "n", "≠ar"]
     for col in cols:
         t.add_column(col, no_wrap=True, justify="left" if col in ("task", "model", "decoder") else "right")
     for r in rows:
         score = "-" if r["score"] is None else f"{r['score']:.3f} ± {_fmt(r['stderr'], '.3f')}"
-        t.add_row(r["task"].removeprefix("tb_"), *([r["model"]] if with_model else []), r["decoder"], score,
-                  _fmt(r["tokens_per_s"], ".1f"), _fmt(r["tokens_per_nfe"], ".2f"), _fmt(r["mean_accepted_length"], ".2f"),
+        t.add_row(r["task"].removeprefix("tb_"), *([r["model"]] if with_model else []), r["decoder"],
+                  metric_label(r["metric"]), score,
+                  _fmt(r["tokens_per_s"], ".1f"), _yes(r.get("compiled")), _fmt(r["tokens_per_nfe"], ".2f"),
+                  _fmt(r["mean_accepted_length"], ".2f"),
                   _fmt(r["speedup_vs_ar"], ".2f") + ("x" if r["speedup_vs_ar"] is not None else ""), str(r["n"]),
                   "-" if r["mismatches_vs_ar"] is None else str(r["mismatches_vs_ar"]))
     console.print(t)
     console.print("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward; acc.len: "
-                  "tokens committed per decoding step; vs ar: tokens/s over ar's; ≠ar: greedy outputs of a lossless "
+                  "tokens committed per decoding step; vs ar: tokens/s over the tok/s of the ar row of the same task "
+                  "(and checkpoint), whose compiled column gives the baseline's compile mode; compiled: static-shape "
+                  "steps under torch.compile (compile time excluded from tok/s); ≠ar: greedy outputs of a lossless "
                   "decoder that differ from ar's (must be 0)", style="dim")
     return console
 
 
 def _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec, decoders_, draft, include_path,
-                  hub_datasets) -> None:
+                  hub_datasets, compile: str = "auto") -> None:
     import time
 
     from ..harness.suite import run_embedded
@@ -113,7 +153,9 @@ def _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec,
     if out is None:
         out = Path("runs") / time.strftime("embedded-%Y%m%d-%H%M%S")
     dev = "cpu" if device == "auto" else device
-    result = run_embedded(out, task_list, limit, dev, seed, allow_code_exec, list(decoder_arg or []))
+    from ..compiled import normalize
+
+    result = run_embedded(out, task_list, limit, dev, seed, allow_code_exec, list(decoder_arg or []), normalize(compile))
     info, rows = result["info"], result["rows"]
     console = _print_table(rows, f"tidar-bench run (embedded suite) -> {out}  (batch 1, seed {seed}; "
                                  "speedup and ≠ar vs the ar of the same checkpoint)")

@@ -8,7 +8,15 @@
 record per request (tokens, NFE, accepted lengths, latency, finish reason). With a `SampleCache`
 a request already decoded (same prompt, generation kwargs, decoder options, model, seed) is
 answered from the cache, which makes re-runs and interrupted runs resume without new decoding.
-`loglikelihood*` use the model core's causal forward without a cache."""
+`loglikelihood*` use the model core's causal forward without a cache.
+
+Parity with lm-eval's own `hf` model (HFLM) on generation tasks, rule by rule: the context is
+tokenized as HFLM does (the tokenizer's special tokens, e.g. Llama's BOS, unless the text already
+starts with the BOS string, as a chat-templated prompt does), left-truncated to max_length -
+max_gen_toks with lm-eval's max_length and max_gen_toks defaults, the tokenizer's EOS text joins the
+stop strings, decoders stop on every EOS id of the checkpoint (`DecoderContext.stop_token_ids`), and
+the answer is decoded without special tokens and cut at the first stop string (lm-eval's
+`postprocess_generated_text`). Chat templates go through HFLM's own `apply_chat_template`."""
 
 from __future__ import annotations
 
@@ -16,18 +24,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import lm_eval.models  # noqa: F401 - registers lm-eval's own models (hf, vllm, ...) before ours
 import torch
-from lm_eval.api.model import LM
+from lm_eval.api.model import LM, TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
+                                  postprocess_generated_text, resolve_max_length)
 
 from ..decoding import GenerationConfig, SamplingParams, Timer
 from ..errors import UserError
 from ..model import resolve_device
-from ..registry import DecoderContext, build_decoder
+from ..registry import DecoderContext, build_decoder, resolve_model
 from .results import SampleCache, stable_hash
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task sets no max_gen_toks
-WARMUP_TOKENS = 8
 
 
 def item_hash(context: str, gen_kwargs: dict, repeat: int = 0) -> str:
@@ -71,6 +81,7 @@ class TidarBenchLM(LM):
         self.decoder_options = dict(options or {})
         self._factory = decoder_factory or (lambda: build_decoder(decoder_name, ctx, self.decoder_options))
         self._decoder = None
+        self._warm = False  # warmed up on the first decoded request (see _warm_up)
         self.seed = seed
         self._max_length = max_length
         self.store = store
@@ -102,7 +113,7 @@ class TidarBenchLM(LM):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         if "pretrained" not in args:
             raise UserError("model_args needs pretrained=DIR")
-        ctx = DecoderContext(Path(args.pop("pretrained")), args.pop("device", extra.get("device", "auto")),
+        ctx = DecoderContext(resolve_model(args.pop("pretrained")), args.pop("device", extra.get("device", "auto")),
                              args.pop("dtype", "auto"), Path(args["draft"]) if "draft" in args else None)
         args.pop("draft", None)
         name = args.pop("decoder", "ar")
@@ -114,7 +125,6 @@ class TidarBenchLM(LM):
     def decoder(self):
         if self._decoder is None:
             self._decoder = self._factory()
-            self._warm_up()
         return self._decoder
 
     @property
@@ -139,14 +149,43 @@ class TidarBenchLM(LM):
 
     @property
     def max_length(self) -> int:
+        """lm-eval's rule (config n_positions / max_position_embeddings / n_ctx, else the tokenizer's
+        model_max_length, else 2048)."""
         if self._max_length is None:
-            self._max_length = int(self._config().get("max_position_embeddings") or 2048)
+            from types import SimpleNamespace
+
+            cfg = {k: v for k, v in self._config().items() if k != "text_config"}
+            self._max_length = resolve_max_length(SimpleNamespace(**cfg), self.ctx.tokenizer, default=2048)
         return self._max_length
 
-    def _warm_up(self) -> None:
-        """One short generate before anything is timed (kernels, allocator, caches)."""
-        ids = self.tokenizer.encode("Warm up.", add_special_tokens=False) or [0]
-        self._decoder.generate(ids, GenerationConfig(max_new_tokens=WARMUP_TOKENS))
+    def encode_context(self, context: str) -> list[int]:
+        """Token ids of a generation context exactly as HFLM encodes it."""
+        tok = self.tokenizer
+        if has_bos_prefix(context, getattr(tok, "bos_token", None)):
+            return tok(context, add_special_tokens=False)["input_ids"]
+        return tok(context)["input_ids"]
+
+    # ------------------------------------------------------------------ chat templates (lm-eval's own code)
+
+    chat_template_args: dict = {}
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return TemplateLM.chat_template(self, chat_template)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM.apply_chat_template(self, chat_history, add_generation_prompt)
+
+    def _warm_up(self, ids: list[int], cfg: GenerationConfig) -> None:
+        """Before anything is timed: one generate of the first request itself (kernels, allocator,
+        caches, and in compiled mode the step graphs for the KV-cache size these requests use)."""
+        self._decoder.generate(ids, cfg)
+        self._warm = True
 
     # ------------------------------------------------------------------ generation
 
@@ -182,29 +221,35 @@ class TidarBenchLM(LM):
             return cached["output"]
         if not mine:
             return ""
-        if self._decoder is None:  # build + warm-up are not per-request bookkeeping: keep them out
+        if self._decoder is None:  # building the decoder is not per-request bookkeeping: keep it out
             t_build = time.perf_counter()
             _ = self.decoder
             t_start += time.perf_counter() - t_build
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        norm = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+        eos_text = (self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
+                    if self.tokenizer.eos_token_id is not None else None)
+        until = handle_stop_sequences(norm.get("until"), eos=eos_text)
+        max_new = int(norm["max_gen_toks"])
         sampling = sampling_from(gen_kwargs, self.seed, item)
-        ids = self.tokenizer.encode(context, add_special_tokens=False)
+        ids = self.encode_context(context)
         max_new = max(1, min(max_new, self.max_length - 1))
         keep = self.max_length - max_new
         truncated = len(ids) > keep
         ids = ids[-keep:] if truncated else ids
-        eos = self.eos_token_id
         cfg = GenerationConfig(max_new_tokens=max_new, stop_strings=tuple(until),
-                               stop_token_ids=(eos,) if eos is not None else (), sampling=sampling)
+                               stop_token_ids=self.ctx.stop_token_ids, sampling=sampling)
         decoder = self.decoder
+        if not self._warm:  # warm-up: not per-request bookkeeping either
+            t_warm = time.perf_counter()
+            self._warm_up(ids, cfg)
+            t_start += time.perf_counter() - t_warm
         timer = Timer(resolve_device(self.ctx.device))
         t0 = timer.now()
         gen = decoder.generate(ids, cfg)
-        latency = timer.now() - t0
+        latency = timer.now() - t0 - gen.stats.compile_s  # compilation of a new step shape is reported apart
         s = gen.stats
-        text = gen.text if gen.text is not None else self.tokenizer.decode(gen.tokens)
+        # HFLM's answer: the continuation without special tokens, cut at the first stop string
+        text = postprocess_generated_text(self.tokenizer.decode(gen.tokens, skip_special_tokens=True), until, None)
         record = {
             "key": key, "item": item, "task": task, "doc_id": getattr(req, "doc_id", None),
             "prompt_hash": prompt_hash(context), "prompt_tokens": len(ids), "truncated": truncated,
@@ -212,7 +257,8 @@ class TidarBenchLM(LM):
             "accepted_lengths": list(s.accepted_lengths), "latency_s": latency,
             "decoder_wall_s": s.wall_time_s, "prefill_time_s": s.prefill_time_s,
             "tokens_per_s": s.new_tokens / latency if latency > 0 else 0.0,
-            "tokens_per_nfe": s.tokens_per_nfe, "draft_forwards": s.draft_forwards,
+            "tokens_per_nfe": s.tokens_per_nfe, "draft_forwards": s.draft_forwards, "compile_s": s.compile_s,
+            "compiled": bool(decoder.options().get("compile", False)),
             "finish_reason": gen.finish_reason, "greedy": sampling.greedy,
             "lossless": bool(getattr(decoder, "lossless", False)), "max_new_tokens": max_new,
         }

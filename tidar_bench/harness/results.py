@@ -120,6 +120,8 @@ def speed_stats(records: list[dict]) -> dict:
         "tokens_per_nfe": tokens / nfe if nfe else 0.0,
         "mean_accepted_length": sum(steps) / len(steps) if steps else 0.0,
         "harness_s": sum(r.get("harness_s", 0.0) for r in records),
+        "compile_s": sum(r.get("compile_s", 0.0) for r in records),  # first uses of step shapes, not in decode_s
+        "compiled": bool(records) and all(r.get("compiled", False) for r in records),
     }
 
 
@@ -133,12 +135,14 @@ def lossless_mismatches(records: list[dict], ar_records: list[dict]) -> int | No
     return sum(r["tokens"] != tokens for r, tokens in pairs)
 
 
-SUMMARY_COLUMNS = ("task", "decoder", "metric", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
-                   "mean_accepted_length", "speedup_vs_ar", "n", "mismatches_vs_ar")
+SUMMARY_COLUMNS = ("task", "decoder", "metric", "filter", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
+                   "mean_accepted_length", "speedup_vs_ar", "ar_tokens_per_s", "compiled", "ar_compiled", "n",
+                   "mismatches_vs_ar")
 
 
 def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dict]]], decoders: list[str]) -> list[dict]:
-    """One row per task x decoder x metric. `results[decoder]` is lm-eval's result dict,
+    """One row per task x decoder x metric x filter (`metric` is lm-eval's `metric,filter` key,
+    `filter` its filter name: gsm8k has strict-match and flexible-extract). `results[decoder]` is lm-eval's result dict,
     `records[decoder][task]` the decoded requests of that task (groups: of their subtasks)."""
     rows = []
     for dec in decoders:
@@ -148,7 +152,8 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
             recs = [r for t in subtasks for r in records[dec].get(t, [])]
             sp = speed_stats(recs)
             ar = [r for t in subtasks for r in records.get("ar", {}).get(t, [])]
-            ar_tps = speed_stats(ar)["tokens_per_s"] if ar else 0.0
+            ar_sp = speed_stats(ar) if ar else None
+            ar_tps = ar_sp["tokens_per_s"] if ar else 0.0
             mism = None if dec == "ar" or not ar else lossless_mismatches(recs, ar)
             for key, score in metrics.items():
                 if "," not in key or "_stderr," in key or not isinstance(score, (int, float)):
@@ -156,11 +161,14 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
                 metric, flt = key.split(",", 1)
                 stderr = metrics.get(f"{metric}_stderr,{flt}")
                 rows.append({
-                    "task": task, "decoder": dec, "metric": key, "score": score,
+                    "task": task, "decoder": dec, "metric": key, "filter": flt, "score": score,
                     "stderr": stderr if isinstance(stderr, (int, float)) else None,
                     "tokens_per_s": sp["tokens_per_s"], "tokens_per_nfe": sp["tokens_per_nfe"],
                     "mean_accepted_length": sp["mean_accepted_length"],
                     "speedup_vs_ar": sp["tokens_per_s"] / ar_tps if ar_tps > 0 else None,
+                    # every speedup comes with its baseline's own tokens/s and compile mode
+                    "ar_tokens_per_s": ar_tps if ar else None, "compiled": sp["compiled"],
+                    "ar_compiled": ar_sp["compiled"] if ar else None,
                     "n": sp["n"], "mismatches_vs_ar": mism,
                 })
     return rows

@@ -30,6 +30,10 @@ from .results import (SampleCache, lossless_mismatches, speed_stats, summary_row
                       write_jsonl)
 
 SPEC_FILE = "run_spec.json"
+# lm-eval's command-line defaults (`--seed 0,1234,1234,1234`): python random, numpy, torch, few-shot
+# sampling. `tidar-bench run` uses them so its prompts are byte-identical to `lm_eval --model hf`'s;
+# --seed is only the sampling seed of the decoders.
+LM_EVAL_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
 
 @dataclass
@@ -47,6 +51,11 @@ class RunSpec:
     allow_code_exec: bool = False
     hub_datasets: bool = False
     include_path: Path | None = None  # extra lm-eval task YAMLs instead of the shipped tasks
+    apply_chat_template: bool = False  # lm-eval's --apply_chat_template
+    fewshot_as_multiturn: bool | None = None  # lm-eval's --fewshot_as_multiturn (None: = apply_chat_template)
+    system_instruction: str | None = None  # lm-eval's --system_instruction
+    gen_kwargs: str | None = None  # lm-eval's --gen_kwargs, e.g. "max_gen_toks=64" (overrides every task's)
+    compile: str = "auto"  # --compile: default of every decoder's `compile` option (settings override it)
 
     def identity(self) -> dict:
         """What makes two invocations 'the same command' (the folder's own path, so a moved folder
@@ -55,6 +64,7 @@ class RunSpec:
         del d["out"]
         for k in ("model", "draft", "include_path"):
             d[k] = str(Path(d[k]).resolve()) if d[k] is not None else None
+        d["lm_eval_seeds"] = dict(LM_EVAL_SEEDS)  # folders of older versions (few-shot seed = --seed) differ
         return d
 
     def command_line(self) -> str:
@@ -69,8 +79,23 @@ class RunSpec:
             parts += ["--decoder-arg", a]
         if self.include_path:
             parts += ["--include-path", str(self.include_path)]
+        parts += ["--compile", self.compile]
         parts += ["--allow-code-exec"] * self.allow_code_exec + ["--hub-datasets"] * self.hub_datasets
+        parts += ["--apply-chat-template"] * self.apply_chat_template
+        if self.fewshot_as_multiturn is not None:
+            parts += ["--fewshot-as-multiturn" if self.fewshot_as_multiturn else "--no-fewshot-as-multiturn"]
+        if self.system_instruction is not None:
+            parts += ["--system-instruction", json.dumps(self.system_instruction)]
+        if self.gen_kwargs:
+            parts += ["--gen-kwargs", self.gen_kwargs]
         return " ".join(parts)
+
+    def seeds(self) -> dict:
+        """Every seed of the run: lm-eval's four (its command-line defaults) and the sampling seed."""
+        return {**LM_EVAL_SEEDS, "sampling_seed": self.seed}
+
+    def multiturn(self) -> bool:
+        return bool(self.apply_chat_template) if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
 
 
 @dataclass
@@ -78,8 +103,9 @@ class Plan:
     """A validated RunSpec: nothing is written before one exists."""
 
     spec: RunSpec
-    options: dict[str, dict]  # decoder -> full options (factory defaults + given)
-    given: dict[str, dict]  # decoder -> options as given (parsed)
+    options: dict[str, dict]  # decoder setting label -> full options (factory defaults + given)
+    given: dict[str, dict]  # decoder setting label -> options as given (parsed)
+    names: dict[str, str]  # decoder setting label (e.g. "tidar(block_size=4)") -> registered decoder name
     lm_tasks: list[str]
     task_manager: object
     confirm_unsafe_code: bool
@@ -88,42 +114,50 @@ class Plan:
 # ----------------------------------------------------------------------------- validation
 
 
-def _decoder_options(spec: RunSpec) -> tuple[dict[str, dict], dict[str, dict]]:
-    from ..registry import decoders, parse_options
+def _decoder_options(spec: RunSpec) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
+    """Per decoder setting of --decoders (`tidar`, `tidar(block_size=4)`, ...): (full options,
+    given options, registered name). Precedence: the setting's own options, then --decoder-arg
+    (`decoder.key=value` for every setting of that decoder, `key=value` for every decoder having
+    it), then --compile for every decoder with a `compile` option."""
+    from ..compiled import normalize
+    from ..registry import decoders, parse_options, parse_settings
 
     specs = decoders()
-    unknown = [d for d in spec.decoders if d not in specs]
-    if unknown:
-        raise UserError(f"unknown decoder(s) {', '.join(unknown)}; valid: {', '.join(sorted(specs))}")
-    if len(set(spec.decoders)) != len(spec.decoders):
-        raise UserError("--decoders lists a decoder twice")
-    for d in spec.decoders:
-        if specs[d].needs_draft and spec.draft is None:
-            raise UserError(f"decoder {d!r} needs a draft model: pass --draft DIR")
-    raw: dict[str, dict[str, str]] = {d: {} for d in spec.decoders}
+    settings = parse_settings(",".join(spec.decoders))
+    labels = [st.label for st in settings]
+    names = {st.label: st.name for st in settings}
+    for st in settings:
+        if specs[st.name].needs_draft and spec.draft is None:
+            raise UserError(f"decoder {st.name!r} needs a draft model: pass --draft DIR")
+    raw: dict[str, dict[str, str]] = {lab: {} for lab in labels}
     for item in spec.decoder_args:
         if "=" not in item:
             raise UserError(f"--decoder-arg expects key=value or decoder.key=value, got {item!r}")
         k, v = (s.strip() for s in item.split("=", 1))
         scope, _, key = k.rpartition(".")
         if scope:
-            if scope not in raw:
+            targets = [lab for lab in labels if scope in (lab, names[lab])]
+            if not targets:
                 raise UserError(f"--decoder-arg {item!r} names decoder {scope!r}, which is not in --decoders")
-            raw[scope][key] = v
         else:
-            takers = [d for d in spec.decoders if key in specs[d].option_types()]
-            if not takers:
+            targets = [lab for lab in labels if key in specs[names[lab]].option_types()]
+            if not targets:
                 raise UserError(f"no decoder in --decoders has option {key!r}")
-            for d in takers:
-                raw[d][key] = v
-    given = {d: parse_options(specs[d], raw[d]) for d in spec.decoders}
+        for lab in targets:
+            raw[lab][key] = v
+    for st in settings:
+        raw[st.label].update(dict(st.options))
+    given = {lab: parse_options(specs[names[lab]], raw[lab]) for lab in labels}
+    compile = normalize(spec.compile)
     full = {}
-    for d in spec.decoders:
-        params = inspect.signature(specs[d].factory).parameters
+    for lab in labels:
+        params = inspect.signature(specs[names[lab]].factory).parameters
         defaults = {n: p.default for n, p in params.items()
                     if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
-        full[d] = {**defaults, **given[d]}
-    return full, given
+        if "compile" in defaults:  # --compile is the default of every decoder's compile option
+            defaults["compile"] = compile
+        full[lab] = {**defaults, **given[lab]}
+    return full, given, names
 
 
 def _resolve_tasks(spec: RunSpec) -> tuple[list[str], object, bool]:
@@ -177,24 +211,42 @@ def check_out_folder(out: Path, identity: dict) -> None:
                         "choose another --out")
 
 
+def _check_tokenizer(spec: RunSpec) -> None:
+    """lm-eval tasks are text: the checkpoint needs a tokenizer, and a chat template when asked to apply one."""
+    from ..registry import load_tokenizer
+
+    tok = load_tokenizer(spec.model)
+    if tok is None:
+        raise UserError(f"{spec.model} has no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
+                        "lm-eval tasks are text and need one")
+    if spec.fewshot_as_multiturn and not spec.apply_chat_template:
+        raise UserError("--fewshot-as-multiturn needs --apply-chat-template")
+    if spec.apply_chat_template and not getattr(tok, "chat_template", None):
+        raise UserError(f"--apply-chat-template: the tokenizer in {spec.model} has no chat template "
+                        "(tokenizer_config.json `chat_template` or chat_template.jinja); drop the option for a base model")
+
+
 def prepare(spec: RunSpec) -> Plan:
     """Validate everything a run needs; raises UserError and writes nothing on bad input."""
     from ..model import read_config, resolve_device, resolve_dtype
 
     if spec.limit is not None and spec.limit < 1:
         raise UserError(f"--limit must be >= 1, got {spec.limit}")
+    if spec.gen_kwargs and any("=" not in p for p in spec.gen_kwargs.split(",")):
+        raise UserError(f"--gen-kwargs expects key=value,key=value (lm-eval's --gen_kwargs), got {spec.gen_kwargs!r}")
     if not spec.decoders:
         raise UserError("--decoders is empty")
     if not spec.tasks:
         raise UserError("--tasks is empty")
     read_config(spec.model)
+    _check_tokenizer(spec)
     if spec.draft is not None:
         read_config(spec.draft)
     resolve_dtype(spec.dtype, resolve_device(spec.device))
-    options, given = _decoder_options(spec)
+    options, given, names = _decoder_options(spec)
     check_out_folder(spec.out, spec.identity())
     lm_tasks, tm, unsafe = _resolve_tasks(spec)
-    return Plan(spec, options, given, lm_tasks, tm, unsafe)
+    return Plan(spec, options, given, names, lm_tasks, tm, unsafe)
 
 
 # ----------------------------------------------------------------------------- running
@@ -240,15 +292,19 @@ class _Dist:
 def _evaluate(plan: Plan, decoder: str, ctx, store: SampleCache, shard: tuple[int, int], progress):
     import lm_eval
 
+    from ..registry import build_decoder
     from .lm import TidarBenchLM
 
-    lm = TidarBenchLM(ctx, decoder, plan.given[decoder], seed=plan.spec.seed, store=store, shard=shard,
-                      progress=progress)
+    name, given, full = plan.names[decoder], plan.given[decoder], plan.options[decoder]
+    lm = TidarBenchLM(ctx, decoder, given, seed=plan.spec.seed, store=store, shard=shard, progress=progress,
+                      decoder_factory=lambda: build_decoder(name, ctx, full))
     lm.key_info["options"] = plan.options[decoder]
-    s = plan.spec.seed
+    spec = plan.spec
     res = lm_eval.simple_evaluate(model=lm, tasks=list(plan.lm_tasks), task_manager=plan.task_manager,
-                                  limit=plan.spec.limit, log_samples=True, bootstrap_iters=1000,
-                                  random_seed=s, numpy_random_seed=s, torch_random_seed=s, fewshot_random_seed=s,
+                                  limit=spec.limit, log_samples=True, bootstrap_iters=1000, **LM_EVAL_SEEDS,
+                                  apply_chat_template=spec.apply_chat_template,
+                                  fewshot_as_multiturn=spec.multiturn(),
+                                  system_instruction=spec.system_instruction, gen_kwargs=spec.gen_kwargs or None,
                                   confirm_run_unsafe_code=plan.confirm_unsafe_code)
     return res, lm
 
@@ -324,7 +380,9 @@ def _sample_rows(res: dict, task: str, records: list[dict]) -> list[dict]:
     rows = []
     for s in res.get("samples", {}).get(task, []):
         recs = by_doc.get(s["doc_id"], [])
+        args = s.get("arguments") or [[None]]
         row = {"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash"), "prompt_hash": s.get("prompt_hash"),
+               "prompt": args[0][0] if isinstance(args[0], (list, tuple)) else None,
                "target": s.get("target"), "output": [x[0] if isinstance(x, list) and x else x for x in s.get("resps", [])],
                "filtered": s.get("filtered_resps"), "filter": s.get("filter"),
                "metrics": {m: s.get(m) for m in s.get("metrics", [])}}
@@ -362,6 +420,9 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
         "identity": spec.identity(),
         "environment": environment(),
         "seed": spec.seed,
+        "seeds": spec.seeds(),
+        "prompt_options": {"apply_chat_template": spec.apply_chat_template, "fewshot_as_multiturn": spec.multiturn(),
+                           "system_instruction": spec.system_instruction, "gen_kwargs": spec.gen_kwargs},
         "batch_size": 1,
         "world_size": world,
         "limit": spec.limit,

@@ -4,7 +4,8 @@ the model suite shipped in `tidar_bench/embedded/` (built by `scripts/build_embe
 The suite is three checkpoints of one architecture, so it is three ordinary runs (each a normal run
 folder, resumable like any other) plus one combined table:
 
-    base/   the AR base:           ar, hf, eagle (the shipped EAGLE-3 head as --draft)
+    base/   the AR base:           ar, hf, eagle (the shipped EAGLE-3 head as --draft), dflash (the shipped
+                                   DFlash drafter, as dflash.draft)
     tidar/  TiDAR from the base:   ar (the checkpoint's own AR mode: TiDAR's lossless reference), tidar
     bd/     block diffusion:       ar (speed reference only: a BD model is not trained for AR use), bd
 
@@ -26,7 +27,7 @@ from .tasks import MINI_TASKS
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
 GROUPS = (  # sub-folder, checkpoint, draft head, decoders
-    ("base", "base", "eagle", ("ar", "hf", "eagle")),
+    ("base", "base", "eagle", ("ar", "hf", "eagle", "dflash")),
     ("tidar", "tidar", None, ("ar", "tidar")),
     ("bd", "bd", None, ("ar", "bd")),
 )
@@ -35,12 +36,13 @@ SUITE_FILE = "suite.json"
 # more than the drafts save, so the suite caps them at 3 (the all-accepted outcome and the two likeliest
 # others; still lossless). `--decoder-arg tidar.max_blocks=8` restores the paper's full layout.
 SUITE_DECODER_ARGS = ("tidar.max_blocks=3",)
+DRAFTERS = {"dflash": "dflash"}  # decoder -> shipped drafter folder, passed as `<decoder>.draft=DIR` (--draft is eagle's)
 NUMERIC = {"score": float, "stderr": float, "tokens_per_s": float, "tokens_per_nfe": float,
            "mean_accepted_length": float, "speedup_vs_ar": float, "n": int, "mismatches_vs_ar": int}
 
 
 def embedded_dir() -> Path:
-    missing = [c for c in ("base", "eagle", "tidar", "bd") if not (EMBEDDED_DIR / c / "config.json").is_file()]
+    missing = [c for c in ("base", "eagle", "tidar", "bd", *DRAFTERS.values()) if not (EMBEDDED_DIR / c / "config.json").is_file()]
     if missing:
         raise UserError(f"the embedded model suite is incomplete in {EMBEDDED_DIR} (missing: {', '.join(missing)}); "
                         "rebuild it with `python scripts/build_embedded.py` or pass --model")
@@ -55,11 +57,12 @@ def default_tasks(allow_code_exec: bool) -> list[str]:
 
 
 def run_embedded(out: Path, tasks: list[str] | None = None, limit: int | None = None, device: str = "cpu",
-                 seed: int = 0, allow_code_exec: bool = False, decoder_args: list[str] | None = None) -> dict:
+                 seed: int = 0, allow_code_exec: bool = False, decoder_args: list[str] | None = None,
+                 compile: str = "auto") -> dict:
     root = embedded_dir()
     tasks = list(tasks) if tasks else default_tasks(allow_code_exec)
     identity = {"suite": "embedded", "tasks": tasks, "limit": limit, "device": device, "seed": seed,
-                "decoder_args": list(decoder_args or [])}
+                "decoder_args": list(decoder_args or []), "compile": compile}
     check_out_folder(out, identity)
     out = Path(out)
     t0 = time.perf_counter()
@@ -79,10 +82,11 @@ def run_embedded(out: Path, tasks: list[str] | None = None, limit: int | None = 
                             f"(decoders: {', '.join(options)})")
     specs = []
     for sub, ckpt, draft, decoders in GROUPS:
-        args = [a for a in [*SUITE_DECODER_ARGS, *(decoder_args or [])] if takes(a, decoders)]
+        suite_args = [*SUITE_DECODER_ARGS, *(f"{d}.draft={root / f}" for d, f in DRAFTERS.items())]
+        args = [a for a in [*suite_args, *(decoder_args or [])] if takes(a, decoders)]
         specs.append((sub, RunSpec(model=root / ckpt, decoders=list(decoders), tasks=tasks, out=out / sub,
                                    draft=root / draft if draft else None, limit=limit, device=device, dtype="float32",
-                                   seed=seed, decoder_args=args, allow_code_exec=allow_code_exec)))
+                                   seed=seed, decoder_args=args, allow_code_exec=allow_code_exec, compile=compile)))
     from .runner import SPEC_FILE, prepare
 
     for _, spec in specs:  # validate every sub-run before anything is written
@@ -109,6 +113,8 @@ def command_line(identity: dict) -> str:
         parts += ["--limit", str(identity["limit"])]
     for a in identity["decoder_args"]:
         parts += ["--decoder-arg", a]
+    if identity.get("compile", "auto") != "auto":
+        parts += ["--compile", identity["compile"]]
     if "mini_code" in identity["tasks"]:
         parts.append("--allow-code-exec")
     return " ".join(parts)
