@@ -28,7 +28,7 @@ def train_eagle(
     lr: float = typer.Option(3e-4),
     warmup_steps: int = typer.Option(20),
     steps: int = typer.Option(200),
-    save_every: int = typer.Option(0, help="also checkpoint every N steps (0 = only at the end)"),
+    save_every: int = typer.Option(0, help="write a resumable checkpoint to OUT/checkpoints every N steps (0 = only the final model)"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     scale: dict | None = None,
