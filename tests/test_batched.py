@@ -1,6 +1,7 @@
-"""Batched decoding (tidar_bench/batched.py): row by row, the greedy tokens of every batched decoder
-equal batch-1 `ar` on that prompt (fp32, the embedded trained models, prompts of different lengths,
-more prompts than slots so finished rows are refilled), and a row that stops early changes nobody."""
+"""Batched decoding (tidar_bench/batched.py): row by row, the greedy tokens of every batched lossless
+decoder equal batch-1 `ar` on that prompt (fp32, the embedded trained models, prompts of different
+lengths, more prompts than slots so finished rows are refilled), batched bd equals batch-1 bd, and a
+row that stops early changes nobody."""
 
 import json
 from pathlib import Path
@@ -111,6 +112,21 @@ def test_batched_eagle_chain_rows_equal_batch1_ar(base_ctx, options):
         assert s.draft_forwards == 1 + D * (s.nfe - 1) or s.draft_forwards == D * (s.nfe - 1)  # 1-token prompt: no head prefill
     if D > 1:
         assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)
+
+
+@pytest.mark.parametrize("options", [{}, {"token_shift": "False", "sub_block": "4"}, {"steps": "4", "remasking": "random"}])
+def test_batched_bd_rows_equal_batch1_bd(options):
+    """bd is lossy, so the reference is batch-1 bd itself: same tokens and same forwards per row."""
+    ctx = DecoderContext(EMBEDDED / "bd", "cpu", "float32")
+    dec = build_decoder("bd", ctx, {"compile": "off", **options})
+    tok = ctx.tokenizer
+    prompts = prompts_of(tok)
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(tok.eos_token_id,))
+    want = [dec.generate(p, cfg) for p in prompts]
+    got = generate_batch(dec, prompts, cfg, 4)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.stats.nfe for g in got] == [w.stats.nfe for w in want]
+    assert [g.stats.tokens_fed for g in got] == [w.stats.tokens_fed for w in want]
 
 
 def test_batch_of_one_and_more_slots_than_prompts(tidar_ctx):

@@ -16,7 +16,8 @@
 - Lossless decoders stay lossless per row: greedy verification per row against that row's AR rows.
 
 Supported: `ar`, `tidar` (mode tidar, beta 1, any block size, max_blocks) and `eagle` with chain
-drafting (tree=False; the head's cache gets per-row offsets too), greedy only
+drafting (tree=False; the head's cache gets per-row offsets too) and `bd` (block cache, with or
+without token shift; each row denoises its own block with the decoder's rule), greedy only
 (temperature 0). Per-row stats: nfe = forwards the row took part in (its prefill included),
 tokens_fed = its own unpadded layout, wall_time_s = admission to last token (per-sequence latency,
 including waiting inside batched steps), prefill_time_s = its prefill.
@@ -45,6 +46,8 @@ def supports_batch(decoder) -> str | None:
         return f"batched decoding (--batch-size > 1) supports {', '.join(sorted(_RUNNERS))}; not {name!r}"
     if name == "tidar" and not decoder.lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1)"
+    if name == "bd" and not decoder.block_cache:
+        return "batched bd needs the block cache (block_cache=True)"
     if name == "eagle" and decoder.tree:
         return "batched eagle drafts chains: use --decoder-arg eagle.tree=False (chain_length=N)"
     return None
@@ -427,7 +430,140 @@ class _BatchedEagle(_Batched):
                 self._finish(s)
 
 
-_RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar, "eagle": _BatchedEagle}
+# ----------------------------------------------------------------------------- block diffusion
+
+
+@dataclass
+class _BlockState:
+    pending: list[int]  # tokens committed by the row's next forward (a finished block, or the prompt's full blocks)
+    block: torch.Tensor  # [B] the block being denoised (mask ids where unknown)
+    known: list[bool]
+    emitted: int  # block positions already given to the stop checker
+    step: int = 0  # denoising forwards spent on this block
+    rgen: torch.Generator | None = None  # remasking=random: the row's own generator, seeded as batch 1
+    commit: bool = False  # token shift: the next forward commits the finished block (an AR step)
+
+
+class _BatchedBD(_Batched):
+    """Block diffusion with the block-level KV cache (block_cache=True), greedy, with or without
+    token shift. Per row: its committed length P (block-aligned), the block being denoised and which
+    positions are known. A step feeds every row its own forward, block-causal at its aligned offset,
+    padded to the step's longest: [finished block, if any | current block] (B or 2B tokens) to
+    denoise, or with token shift the finished block alone to commit it (its last output is the next
+    block's first token). Each row unmasks with the decoder's own rule (threshold / steps /
+    sub_block), so it makes the choices it makes alone."""
+
+    def __init__(self, decoder, *args):
+        self.Bk = decoder.B
+        self.step_rows = 3 * self.Bk
+        super().__init__(decoder, *args)
+        self.state: list[_BlockState | None] = [None] * self.B
+        self._local: dict[int, torch.Tensor] = {}
+
+    def _block_local(self, n: int) -> torch.Tensor:
+        from .masks import block_causal
+
+        if n not in self._local:
+            self._local[n] = block_causal(n, self.Bk, 0, "cpu")  # == the step mask at a block-aligned offset
+        return self._local[n]
+
+    def _new_block(self, head: list[int]) -> tuple[torch.Tensor, list[bool]]:
+        block = torch.full((self.Bk,), self.dec.mask_id, dtype=torch.long, device=self.dev)
+        block[: len(head)] = torch.tensor(head, dtype=torch.long, device=self.dev)
+        return block, [i < len(head) for i in range(self.Bk)]
+
+    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
+        """The decoder's first forward at batch 1: the prompt's full blocks (committed) + the first
+        block (the prompt's tail as its known head), which also takes the block's first unmasking."""
+        Bk, L = self.Bk, len(prompt)
+        base = (L // Bk) * Bk
+        block, known = self._new_block(prompt[base:])
+        rgen = None
+        if self.dec.remasking == "random":
+            rgen = torch.Generator(device=self.dev).manual_seed(0)
+        st = _BlockState(prompt[:base], block, known, L - base, 0, rgen)
+        self.state[slot] = st
+        self.scratch.reset()
+        row.length = base  # the prompt's full blocks are committed; the rest of the scratch is dropped
+        if self.dec.token_shift and base == L:  # AR step: the prompt's last output gives the first token
+            logits = self.model(torch.tensor([prompt], device=self.dev), mask=self._block_local(L).to(self.dev),
+                                cache=self.scratch, logits_index=slice(L - 1, L)).logits[0]
+            row.stats.tokens_fed = [L]
+            st.pending = []
+            return self._committed(row, st, logits[-1])
+        fed = torch.cat([torch.tensor(prompt[:base], dtype=torch.long, device=self.dev), block])
+        logits = self.model(fed[None], mask=self._block_local(base + Bk).to(self.dev), cache=self.scratch,
+                            logits_index=slice(base, base + Bk)).logits[0]
+        row.stats.tokens_fed = [base + Bk]
+        return self._after_forward(row, st, logits)
+
+    def _committed(self, row: _Row, st: _BlockState, logits: torch.Tensor) -> bool:
+        """Token shift: a block (or the prompt) was committed; its last output [V] is the first
+        token of the next block."""
+        logits[self.dec.mask_id] = float("-inf")
+        tok = int(logits.argmax(-1))
+        row.stats.accepted_lengths.append(1)
+        st.block, st.known = self._new_block([tok])
+        st.emitted, st.step, st.commit = 1, 0, False
+        return row.stop.extend([tok])
+
+    def _after_forward(self, row: _Row, st: _BlockState, logits: torch.Tensor) -> bool:
+        """The row's pending tokens are committed; unmask its block; emit the newly known prefix;
+        a finished block becomes the pending commit of the next forward. True when the row stops."""
+        st.pending = []
+        logits[:, self.dec.mask_id] = float("-inf")  # the mask token is never an output
+        if self.dec.token_shift:  # output j-1 predicts position j (row 0 unused: always known)
+            logits = torch.cat([logits[:1], logits[:-1]])
+        idx = self.dec._unmask(logits, st.block, st.known, st.step, self.config.sampling, None, st.rgen)
+        st.step += 1
+        row.stats.accepted_lengths.append(len(idx))
+        first_unknown = st.known.index(False) if not all(st.known) else self.Bk
+        if first_unknown > st.emitted:
+            if row.stop.extend(st.block[st.emitted : first_unknown].tolist()):
+                return True
+            st.emitted = first_unknown
+        if all(st.known) and self.dec.token_shift:
+            st.commit = True
+        elif all(st.known):
+            st.pending = st.block.tolist()
+            st.block, st.known = self._new_block([])
+            st.emitted, st.step = 0, 0
+        return False
+
+    def step(self, active: list[int]) -> None:
+        B, Bk = self.B, self.Bk
+        n = max(len(self.state[s].pending) + Bk for s in active)
+        ids = torch.full((B, n), self.dec.mask_id, dtype=torch.long, device=self.dev)
+        pos = torch.zeros(B, n, dtype=torch.long)
+        local = torch.eye(n, dtype=torch.bool).repeat(B, 1, 1)  # padding tokens see only themselves
+        rows = torch.zeros(B, Bk, dtype=torch.long)
+        starts = [0] * B
+        for s in active:
+            st, P = self.state[s], self.rows[s].length
+            p = len(st.pending)
+            if p:
+                ids[s, :p] = torch.tensor(st.pending, dtype=torch.long, device=self.dev)
+            ids[s, p : p + Bk] = st.block
+            pos[s] = torch.arange(P, P + n)
+            local[s, : p + Bk, : p + Bk] = self._block_local(p + Bk)
+            rows[s] = torch.arange(p, p + Bk)
+            starts[s] = P
+        logits = self.forward(ids, pos.to(self.dev), local.to(self.dev), starts, rows.to(self.dev))
+        for s in active:
+            row, st = self.rows[s], self.state[s]
+            row.stats.nfe += 1
+            row.stats.tokens_fed.append(len(st.pending) + Bk)
+            if st.commit:  # the fed block is final: keep its KV, its last output starts the next block
+                row.length += Bk
+                done = self._committed(row, st, logits[s, -1])
+            else:
+                row.length += len(st.pending)
+                done = self._after_forward(row, st, logits[s])
+            if done:
+                self._finish(s)
+
+
+_RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
 
 
 # ----------------------------------------------------------------------------- the batched speed benchmark
@@ -436,8 +572,9 @@ _RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar, "eagle": _BatchedEagle}
 def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConfig, batch_sizes: list[int],
                 rounds: int = 1, progress: Callable[[], None] | None = None) -> dict:
     """Paired batched throughput: at each batch size, `rounds` times, every decoder in turn decodes
-    ALL prompts with that many sequences in flight (after one warm-up call on the first B prompts);
-    the first decoder is the reference. Returns {"reference", "batch_sizes", "batch"} in
+    ALL prompts with that many sequences in flight (after one warm-up call on the first B prompts),
+    in forward order on even rounds and reverse order on odd ones (ABBA: a linear drift of the
+    machine's speed cancels over two rounds); the first decoder is the reference. Returns {"reference", "batch_sizes", "batch"} in
     report.SPEED_BATCH_FORMAT: per batch size and decoder, tokens/s over the batch (all new tokens /
     decode wall time, prefills included), T/NFE, per-sequence latency quartiles, speedup vs the
     reference at the same batch size, the per-round paired ratios, and for lossless decoders the
@@ -454,8 +591,9 @@ def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConf
         for dec in decoders.values():
             generate_batch(dec, prompts[:B], config, B)  # warm-up: caches allocated, kernels loaded
         acc = {n: {"tokens": 0, "decode_s": 0.0, "nfe": 0, "lat": [], "tps": [], "mismatch": 0} for n in names}
-        for _ in range(rounds):
-            for n, dec in decoders.items():
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for n, dec in ((n, decoders[n]) for n in order):
                 t0 = timer.now()
                 gens = generate_batch(dec, prompts, config, B)
                 dt = timer.now() - t0
@@ -466,7 +604,7 @@ def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConf
                 a["nfe"] += sum(g.stats.nfe for g in gens)
                 a["lat"] += [g.stats.wall_time_s for g in gens]
                 a["tps"].append(toks / dt)
-                if ref_tokens is None:
+                if ref_tokens is None and n == ref_name:
                     ref_tokens = [g.tokens for g in gens]  # the reference at the first batch size
                 if dec.lossless:
                     a["mismatch"] = max(a["mismatch"], sum(g.tokens != r for g, r in zip(gens, ref_tokens)))
