@@ -242,6 +242,10 @@ def test_distill_eval_and_throughput(base, tmp_path):
                                                GenerationConfig(max_new_tokens=6))
     assert len(rows) == 3 and rows[0]["response"] == first.text and rows[0]["text"] == rows[0]["prompt"] + first.text
     assert not list(tmp_path.glob(".*.tmp"))
+    batched = tmp_path / "batched.jsonl"  # 2 sequences in flight: the same greedy responses
+    assert main(["distill", "--model", str(base / "ckpt"), "--prompts", str(prompts), "--out", str(batched),
+                 "--max-new-tokens", "6", "--device", "cpu", "--batch-size", "2"]) == 0
+    assert [json.loads(line) for line in batched.read_text().splitlines()] == rows
 
     head = tmp_path / "head"
     assert main(["train", "eagle", "--target", str(base / "ckpt"), "--data", str(out), "--data", str(base / "train.jsonl"),

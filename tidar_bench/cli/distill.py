@@ -35,6 +35,8 @@ def distill_cmd(
     draft: Optional[Path] = typer.Option(None, help="draft checkpoint for decoders that need one"),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option key=value (repeatable)"),
     max_new_tokens: int = typer.Option(256, min=1),
+    batch_size: int = typer.Option(1, min=1, help="sequences in flight (tidar_bench.batched: ar, tidar, eagle with "
+                                                  "tree=False; greedy only)"),
     limit: int = typer.Option(0, min=0, help="distill the first N prompts (0 = all)"),
     split: str = typer.Option("train", help="split of dataset prompts"),
     streaming: bool = typer.Option(False, help="stream Hugging Face datasets (use with --limit)"),
@@ -75,27 +77,37 @@ def distill_cmd(
     dec = build_decoder(decoder, ctx, parse_kv(decoder_arg))
     eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
     gen = GenerationConfig(max_new_tokens, (), eos, sampling)
+    prompt_texts = [rec if msgs is None else tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                    for rec, msgs in zip(records, chats)]
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompt_texts]
+    bar = tqdm(total=len(ids), desc=f"distill {decoder}", unit="prompt")
+    if batch_size > 1:
+        from ..batched import generate_batch
+
+        gens = generate_batch(dec, ids, gen, batch_size, on_done=lambda i, g: bar.update(1))
+    else:
+        gens = []
+        for x in ids:
+            gens.append(dec.generate(x, gen))
+            bar.update(1)
+    bar.close()
     tmp = out.with_name(f".{out.name}.tmp")
-    new = 0
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for rec, msgs in tqdm(list(zip(records, chats)), desc=f"distill {decoder}", unit="prompt"):
-                prompt = rec if msgs is None else tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                ids = tok.encode(prompt, add_special_tokens=False)
-                g = dec.generate(ids, gen)
+            for prompt, msgs, g in zip(prompt_texts, chats, gens):
                 response = g.text if g.text is not None else tok.decode(g.tokens, skip_special_tokens=True)
                 row = {"prompt": prompt, "response": response, "text": prompt + response}
                 if msgs is not None:
                     row["messages"] = [*msgs, {"role": "assistant", "content": response}]
                     row["text"] = tok.apply_chat_template(row["messages"], tokenize=False)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                new += g.stats.new_tokens
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(out)
     finally:
         if tmp.exists():
             tmp.unlink()
+    new = sum(g.stats.new_tokens for g in gens)
     print(f"wrote {out}: {len(records)} responses, {new} generated tokens ({decoder})")
 
 
