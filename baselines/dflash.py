@@ -1,0 +1,417 @@
+"""DFlash (arXiv 2602.06036, reference code z-lab/dflash): speculative decoding with a small
+block-diffusion drafter conditioned on the target's hidden features. Lossless: greedy output ==
+AR greedy, sampling keeps the target distribution. Details and choices: docs/dflash.md.
+
+The drafter (`DFlashDrafter`, our own code on the model core's building blocks) is a stack of
+Qwen3-style layers with no embedding and no LM head of its own (it reads the target's):
+
+- context: the target's hidden states at `target_layer_ids` (outputs of those layers, model-core
+  indices; HF's hidden_states[id + 1]) of every committed position, concatenated and fused by
+  `hidden_norm(fc(.))`. In EVERY drafter layer this one context row per position is projected by
+  that layer's k_proj / v_proj (k_norm, RoPE at the position) and becomes extra keys/values
+  ("KV injection"); the drafter's KV cache holds only these context entries.
+- block: B = block_size tokens at positions P..P+B-1 = [newest committed token, MASK x (B-1)],
+  embedded with the TARGET's embedding; queries come from the block only; each block row sees all
+  context keys and the whole block (bidirectional), through `num_hidden_layers` layers, then
+  `norm`; the target's `lm_head` reads rows 1..B-1: row i predicts the token AT position P+i
+  (no shift). So one drafter forward proposes B-1 tokens.
+
+Decoding step (cache invariant as in TiDAR / EAGLE: the target cache holds every committed token
+except the newest, x, at position P; the drafter cache holds the context entries of positions the
+drafter has absorbed, the rest of the committed features arrive with the next step):
+  1. drafter forward over [pending context features | x, MASK..] -> drafts d_1..d_{B-1};
+     the block's drafter KV is cropped away at once (only context entries stay);
+  2. ONE target forward over [x, d_1..d_{B-1}] (causal, positions P..P+B-1, hidden states at the
+     feature layers): row i verifies d_{i+1}, row B-1 gives the bonus;
+  3. greedy: longest prefix equal to the target argmax + the target's token there
+     (`decoding.greedy_verify`); sampling: `decoding.speculative_verify` with the proposal the
+     drafts came from (the drafter's warped distribution, or a point mass on its argmax, as in the
+     reference code, which drafts argmax at any temperature);
+  4. crop the target cache to P+j+1 (x + the j accepted drafts); their features (rows 0..j)
+     are the next step's pending context; commit d_1..d_j + the target's token.
+Stats: nfe (target forwards), draft_forwards (one per step), accepted lengths = accepted + 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from tidar_bench import masks
+from tidar_bench.attention import select_backend
+from tidar_bench.cache import KVCache
+from tidar_bench.compiled import steps_for
+from tidar_bench.decoding import (DecodeRun, Generation, GenerationConfig, greedy_verify, next_token, sample,
+                                  speculative_verify, warp_probs)
+from tidar_bench.errors import UserError
+from tidar_bench.model import (MLP, Attention, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict,
+                               read_config, rope_cos_sin, rope_inv_freq)
+from tidar_bench.registry import DecoderContext, register_decoder
+
+# ----------------------------------------------------------------------------- the drafter
+
+
+def default_target_layers(n_target_layers: int, n_draft_layers: int) -> list[int]:
+    """The reference's choice: one layer per drafter layer, spread from layer 1 to L-3 (a single
+    drafter layer taps L//2). Duplicates (tiny targets) are dropped."""
+    if n_draft_layers == 1:
+        return [n_target_layers // 2]
+    start, end = 1, max(1, n_target_layers - 3)
+    ids = [int(round(start + i * (end - start) / (n_draft_layers - 1))) for i in range(n_draft_layers)]
+    return sorted({min(i, n_target_layers - 1) for i in ids})
+
+
+class DFlashConfig:
+    """The drafter's config.json (official fields: a Qwen3 config + block_size, num_target_layers,
+    dflash_config {mask_token_id, target_layer_ids}; a top-level mask_token_id / target_layer_ids
+    is accepted as well)."""
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+        d = raw.get("dflash_config") or {}
+        self.block_size = int(raw.get("block_size", 16))
+        self.mask_token_id = d.get("mask_token_id", raw.get("mask_token_id"))
+        layers = d.get("target_layer_ids", raw.get("target_layer_ids"))
+        if layers is None:
+            layers = default_target_layers(raw["num_target_layers"], raw["num_hidden_layers"])
+        self.target_layer_ids = [int(i) for i in layers]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.raw["hidden_size"]
+
+    def layer_config(self) -> ModelConfig:
+        if any(t != "full_attention" for t in self.raw.get("layer_types") or []):
+            raise UserError("DFlash drafters with sliding-window layers are not supported")
+        cfg = ModelConfig.from_dict(dict(self.raw, model_type="qwen3"))
+        cfg.o_bias = cfg.attention_bias  # the reference puts attention_bias on o_proj as well
+        return cfg
+
+
+class DFlashLayer(nn.Module):
+    """A Qwen3 decoder layer whose attention also takes the context rows as keys/values."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ctx, cos, sin, mask, layer: int, cache: KVCache | None, start: int, attn):
+        """x [B, q, H] block rows; ctx [B, c, H] fused context rows; cos/sin over [ctx | block]."""
+        a = self.self_attn
+        B, q, _ = x.shape
+        h = self.input_layernorm(x)
+        kv_in = torch.cat([ctx, h], dim=1)
+        n = kv_in.shape[1]
+        qs = a.q_norm(a.q_proj(h).view(B, q, a.n_heads, a.head_dim))
+        ks = a.k_norm(a.k_proj(kv_in).view(B, n, a.n_kv, a.head_dim))
+        vs = a.v_proj(kv_in).view(B, n, a.n_kv, a.head_dim).transpose(1, 2)
+        qs = apply_rope(qs.transpose(1, 2), cos[:, :, n - q:], sin[:, :, n - q:])
+        ks = apply_rope(ks.transpose(1, 2), cos, sin)
+        if cache is not None:
+            ks, vs = cache.write(layer, start, ks, vs)
+        out = attn(qs, ks, vs, mask)
+        x = x + a.o_proj(out.transpose(1, 2).reshape(B, q, a.n_heads * a.head_dim))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDrafter(nn.Module):
+    """Parameter names = the official checkpoint's: layers.N.*, fc, hidden_norm, norm."""
+
+    def __init__(self, config: DFlashConfig):
+        super().__init__()
+        self.config = config
+        lc = self.layer_config = config.layer_config()
+        H = lc.hidden_size
+        self.layers = nn.ModuleList(DFlashLayer(lc) for _ in range(lc.num_hidden_layers))
+        self.fc = nn.Linear(len(config.target_layer_ids) * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, lc.rms_norm_eps)
+        self.norm = RMSNorm(H, lc.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(lc), persistent=False)
+        self.attn = select_backend("auto")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # like Transformer: RoPE frequencies stay fp32 after any cast or move
+        self.inv_freq = rope_inv_freq(self.layer_config).to(self.inv_freq.device)
+        return self
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.config.target_layer_ids
+
+    def new_cache(self, max_len: int, reuse: KVCache | None = None) -> KVCache:
+        """Like the model core's: reused when big enough, sizes rounded up to a power of two (>= 256)."""
+        if reuse is not None and reuse.max_len >= max_len:
+            reuse.reset()
+            return reuse
+        lc, w = self.layer_config, self.fc.weight
+        size = max(256, 1 << (max_len - 1).bit_length())
+        return KVCache(lc.num_hidden_layers, lc.num_key_value_heads, lc.head_dim, size, dtype=w.dtype,
+                       device=w.device)
+
+    def forward(self, noise_emb: torch.Tensor, target_feats: torch.Tensor, position_ids: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None, start: torch.Tensor | None = None,
+                window: torch.Tensor | None = None) -> torch.Tensor:
+        """noise_emb [B, q] block rows (the target's embedding of the block tokens); target_feats
+        [B, c, F] concatenated target features of c context positions (c may be 0); position_ids
+        [c + q] or [B, c + q] for [context | block]. The c + q fed entries are written to the cache
+        (context AND block: crop afterwards to drop the block).
+
+        mask: bool over [cached | fed] keys, with rows for the block ([q, ...]) or for all fed
+        entries ([c + q, ...], the form of `compiled.Steps`: only the last q rows are used); None =
+        every key. Eager (start None) as in the model core; start a long tensor = a static compiled
+        step (`mask` is then the local mask of the fed entries, `masks.static_step`). Returns the
+        normed block states [B, q, H]; logits = target.lm_head(states)."""
+        B, q, _ = noise_emb.shape
+        ctx = self.hidden_norm(self.fc(target_feats))
+        n = ctx.shape[1] + q
+        static = start is not None
+        if static:
+            mask = masks.static_step(start, mask, n, cache.max_len, window)
+        elif cache is not None:
+            start, _ = cache.reserve(n)
+        else:
+            start = 0
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(B, n)
+        if mask is not None:
+            mask = mask[None, None] if mask.dim() == 2 else mask
+            mask = mask[..., -q:, :]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, noise_emb.dtype)
+        x = noise_emb
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, cos, sin, mask, i, cache, start, self.attn)
+        if cache is not None and not static:
+            cache.advance(n)
+        return self.norm(x)
+
+    # ------------------------------------------------------------------------- construction, I/O
+
+    @classmethod
+    def from_target(cls, target, *, num_layers: int = 1, block_size: int = 16, mask_token_id: int,
+                    target_layer_ids: Sequence[int] | None = None, seed: int = 0) -> "DFlashDrafter":
+        """A fresh drafter sized like the target (layers of its shape), random-init."""
+        tc = target.config
+        if num_layers < 1 or block_size < 2:
+            raise UserError(f"a DFlash drafter needs >= 1 layer and block_size >= 2 (got {num_layers}, {block_size})")
+        ids = list(target_layer_ids) if target_layer_ids else default_target_layers(tc.num_hidden_layers, num_layers)
+        raw = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": tc.hidden_size,
+               "intermediate_size": tc.intermediate_size, "num_attention_heads": tc.num_attention_heads,
+               "num_key_value_heads": tc.num_key_value_heads, "head_dim": tc.head_dim, "num_hidden_layers": num_layers,
+               "num_target_layers": tc.num_hidden_layers, "block_size": block_size,
+               "dflash_config": {"mask_token_id": int(mask_token_id), "target_layer_ids": ids},
+               "vocab_size": tc.vocab_size, "rms_norm_eps": tc.rms_norm_eps, "rope_theta": tc.rope_theta,
+               "rope_scaling": tc.rope_scaling, "max_position_embeddings": tc.max_position_embeddings,
+               "attention_bias": False, "tie_word_embeddings": False, "use_sliding_window": False,
+               "layer_types": ["full_attention"] * num_layers}
+        drafter = cls(DFlashConfig(raw))
+        init_weights(drafter, seed=seed)
+        with torch.no_grad():  # the target's LM head reads the normed states: start near-uniform, not at
+            drafter.norm.weight.fill_(0.1)  # logits of the size of the embedding norms (a CE of ~40 nats)
+        drafter.to(device=target.device, dtype=target.dtype)
+        drafter.check_target(target)
+        return drafter
+
+    def check_target(self, target) -> None:
+        """The drafter reads the target's embedding, LM head and feature layers: check they fit."""
+        tc, c = target.config, self.config
+        if tc.hidden_size != c.hidden_size:
+            raise UserError(f"DFlash drafter hidden size {c.hidden_size} != target hidden size {tc.hidden_size}")
+        n_target = c.raw.get("num_target_layers", tc.num_hidden_layers)
+        if n_target != tc.num_hidden_layers:
+            raise UserError(f"DFlash drafter was built for a target with {n_target} layers, target has "
+                            f"{tc.num_hidden_layers}")
+        bad = [i for i in c.target_layer_ids if not 0 <= i < tc.num_hidden_layers]
+        if bad:
+            raise UserError(f"DFlash drafter taps target layers {bad} outside [0, {tc.num_hidden_layers})")
+        if c.mask_token_id is None or not 0 <= int(c.mask_token_id) < tc.vocab_size:
+            raise UserError(f"DFlash drafter mask_token_id {c.mask_token_id} is not a target token id "
+                            f"(vocab {tc.vocab_size})")
+        if c.raw.get("vocab_size", tc.vocab_size) != tc.vocab_size:
+            raise UserError(f"DFlash drafter vocab_size {c.raw['vocab_size']} != target vocab_size {tc.vocab_size}")
+
+    def save(self, out_dir: str | Path) -> None:
+        """config.json + model.safetensors in the official layout."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = out / "model.safetensors.tmp"
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / "model.safetensors")
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.raw, indent=2))
+        tmp.replace(out / "config.json")
+
+
+def target_context(hidden: dict[int, torch.Tensor], layer_ids: Sequence[int]) -> torch.Tensor:
+    """[B, q, len(ids) * H] drafter context from a target forward run with hidden_layers=layer_ids."""
+    return torch.cat([hidden[i] for i in layer_ids], dim=-1)
+
+
+def load_dflash_drafter(path: str | Path, target) -> DFlashDrafter:
+    """Load a drafter directory (official DFlash layout: config.json + model.safetensors or
+    pytorch_model.bin) onto the target's device/dtype."""
+    raw = read_config(path)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "block_size",
+                "vocab_size"):
+        if key not in raw:
+            raise UserError(f"{path}/config.json lacks {key!r}; is this a DFlash drafter?")
+    try:
+        config = DFlashConfig(raw)
+    except KeyError as e:
+        raise UserError(f"{path}/config.json lacks {e.args[0]!r} (and dflash_config.target_layer_ids)")
+    with torch.device("meta"):
+        drafter = DFlashDrafter(config)
+    drafter = drafter.to_empty(device=target.device)
+    sd = load_state_dict(path)
+    expected = drafter.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise UserError(f"DFlash drafter {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, p in expected.items():
+            if tuple(sd[name].shape) != tuple(p.shape):
+                raise UserError(f"DFlash drafter {path}: {name} has shape {tuple(sd[name].shape)}, "
+                                f"config implies {tuple(p.shape)}")
+            p.copy_(sd[name].to(p.dtype))
+    drafter.to(dtype=target.dtype)
+    drafter.check_target(target)
+    drafter.eval().requires_grad_(False)
+    return drafter
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+
+class DFlashDecoder:
+    name = "dflash"
+    lossless = True
+
+    def __init__(self, model, drafter: DFlashDrafter, tokenizer=None, *, block_size: int | None = None,
+                 draft_sample: bool = False, compile: str = "off"):
+        drafter.check_target(model)
+        self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
+        self.block_size = block_size or drafter.block_size
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        self.draft_sample = draft_sample
+        self.layers = list(drafter.target_layer_ids)
+        self._cache: KVCache | None = None
+        self._dcache: KVCache | None = None
+        # compiled mode: two fixed shapes, the verification (block_size tokens) and the drafter step
+        # (block_size context rows, padded, + the block); the first drafter step (the prompt's
+        # context) stays eager like a prefill. See tidar_bench/compiled.py.
+        self.target_steps = steps_for(model, model, compile)
+        self.draft_steps = steps_for(model, drafter, compile)
+        # tests observe every step: on_step(target cache, prompt + committed tokens)
+        self.on_step: Callable | None = None
+
+    def options(self) -> dict:
+        return {"block_size": self.block_size, "draft_layers": len(self.drafter.layers),
+                "target_layers": self.layers, "draft_sample": self.draft_sample,
+                "compile": self.target_steps.compiled}
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
+        model, drafter, B = self.model, self.drafter, self.block_size
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        dev = model.device
+        run = DecodeRun(dev, config, self.tokenizer, self.target_steps, self.draft_steps)
+        stats, sp, gen = run.stats, run.sp, run.gen
+        cap = len(prompt) + config.max_new_tokens + 2 * B + 1
+        cache = self._cache = model.new_cache(cap, reuse=self._cache)
+        dcache = self._dcache = drafter.new_cache(cap, reuse=self._dcache)
+        masks_ = torch.full((B - 1,), drafter.mask_token_id, device=dev)
+        offsets = torch.arange(B, device=dev)
+
+        out = model(torch.tensor([prompt], device=dev), cache=cache, hidden_layers=self.layers,
+                    logits_index=slice(-1, None))
+        stats.nfe, stats.tokens_fed = 1, [len(prompt)]
+        tok = next_token(out.logits[0, -1], sp, gen).reshape(1)
+        run.prefill_done()
+        ctx = target_context(out.hidden_states, self.layers)  # pending context: positions dcache.length..P-1
+        history = prompt + [int(tok)]
+        done = run.stop.extend(history[-1:])
+        while not done:
+            P = cache.length  # position of the newest committed token, tok
+            states = self._draft(dcache, model.model.embed_tokens(torch.cat([tok, masks_]))[None], ctx, P)
+            stats.draft_forwards += 1
+            logits = model.lm_head(states[0, 1:]).float()
+            if sp.greedy or not self.draft_sample:
+                drafts = logits.argmax(-1)
+                q = None if sp.greedy else torch.nn.functional.one_hot(drafts, logits.shape[-1]).float()
+            else:
+                q = warp_probs(logits, sp)
+                drafts = sample(q, gen)
+
+            out = self.target_steps(torch.cat([tok, drafts])[None], P + offsets, cache=cache,
+                                    hidden_layers=self.layers)
+            stats.nfe += 1
+            stats.tokens_fed.append(B)
+            if q is None:
+                n, t = greedy_verify(drafts, out.logits[0])
+            else:
+                n, t = speculative_verify(drafts, q, warp_probs(out.logits[0], sp), gen)
+            cache.crop(P + n + 1)
+            accepted = drafts[:n].tolist() + [t]
+            ctx = target_context(out.hidden_states, self.layers)[:, : n + 1]
+            tok = torch.tensor([t], device=dev)
+            stats.accepted_lengths.append(len(accepted))
+            history += accepted
+            done = run.stop.extend(accepted)
+            if self.on_step is not None:
+                self.on_step(cache, history)
+        return run.finish()
+
+    def _draft(self, dcache: KVCache, block_emb: torch.Tensor, ctx: torch.Tensor, P: int) -> torch.Tensor:
+        """One drafter forward over [pending context | block]; afterwards the drafter cache holds
+        the context entries of positions 0..P-1 only. Compiled: the context is padded to block_size
+        rows (the pad rows are not attended and are evicted with the block); a longer context (the
+        prompt's, at the first step) goes eager."""
+        B, D, c = self.block_size, dcache.length, ctx.shape[1]
+        dev = ctx.device
+        if not self.draft_steps.compiled or c > B:
+            states = self.drafter(block_emb, ctx, torch.arange(D, P + B, device=dev), cache=dcache)
+        else:
+            pad = torch.zeros(1, B - c, ctx.shape[-1], dtype=ctx.dtype, device=dev)
+            local = torch.eye(2 * B, dtype=torch.bool, device=dev)
+            local[B:, :c] = True
+            local[B:, B:] = True
+            pos = torch.cat([torch.arange(D, P, device=dev), torch.full((B - c,), P, device=dev),
+                             torch.arange(P, P + B, device=dev)])
+            states = self.draft_steps(block_emb, torch.cat([ctx, pad], 1), pos, cache=dcache, local_mask=local,
+                                      q=2 * B)
+        dcache.crop(P)  # keep the context entries, drop the block's (and the padding)
+        return states
+
+
+@register_decoder("dflash",
+                  help="DFlash: a block-diffusion drafter (--draft DIR or dflash.draft=DIR, official DFlash layout) "
+                       "conditioned on the target's features proposes a block in one forward; the target verifies it")
+def build(ctx: DecoderContext, *, block_size: int | None = None, draft_sample: bool = False,
+          draft: str | None = None, compile: str = "auto") -> DFlashDecoder:
+    """`draft` (a path) overrides --draft, so one run can hold eagle (--draft HEAD) and dflash side by side."""
+    path = Path(draft) if draft else ctx.draft_path
+    if path is None:
+        raise UserError("decoder 'dflash' needs a drafter: pass --draft DIR or --decoder-arg dflash.draft=DIR")
+    drafter = load_dflash_drafter(path, ctx.model)
+    return DFlashDecoder(ctx.model, drafter, ctx.tokenizer, block_size=block_size, draft_sample=draft_sample,
+                         compile=compile)
