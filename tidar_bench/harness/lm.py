@@ -327,7 +327,8 @@ class TidarBenchLM(LM):
 
 
 def lm_eval_cli() -> None:
-    """`tidar-lm-eval ...`: lm-eval's own command line with the `tidar-bench` model registered
+    """`tidar-lm-eval ...`: lm-eval's own command line with the `tidar-bench` model registered beside
+    every built-in model (`--model hf`, `vllm`, ...: lm-eval's lazy registry is filled before ours)
     (lm-eval 0.4.13 has no plugin entry point, so plain `lm_eval` cannot see models of other packages):
     tidar-lm-eval run --model tidar-bench --model_args pretrained=DIR,decoder=tidar,block_size=8 \\
         --tasks tb_gsm8k --include_path $(python -c 'import tidar_bench.harness.tasks as t; print(t.tasks_dir())')"""
