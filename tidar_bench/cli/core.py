@@ -81,9 +81,9 @@ def generate_cmd(
 ) -> None:
     """Decode one prompt with one decoder and print the output and its stats."""
     from ..decoding import GenerationConfig, SamplingParams
-    from ..registry import DecoderContext, build_decoder
+    from ..registry import DecoderContext, build_decoder, resolve_model
 
-    ctx = DecoderContext(model, device, dtype, draft)
+    ctx = DecoderContext(resolve_model(model), device, dtype, draft)
     chosen = decoder_settings(decoder, [f"{decoder.split('(')[0].strip()}.{a}" for a in decoder_arg or []],
                               compile, "generate")
     if len(chosen) != 1:
@@ -228,7 +228,7 @@ def speed_cmd(
     from rich.table import Table
 
     from ..decoding import GenerationConfig
-    from ..registry import DecoderContext, build_decoder
+    from ..registry import DecoderContext, build_decoder, resolve_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -238,7 +238,7 @@ def speed_cmd(
     labels = [st.label for st, _ in settings]
     with tempfile.TemporaryDirectory() as tmp:
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
-        ctx = DecoderContext(path, device, dtype, draft)
+        ctx = DecoderContext(resolve_model(path), device, dtype, draft)
         decs = [build_decoder(st.name, ctx, opts) for st, opts in settings]
         if prompts_file is not None:
             texts = read_prompts(prompts_file, prompts)
