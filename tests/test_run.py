@@ -211,7 +211,7 @@ def test_torchrun_two_processes_equal_single(setup, single_run, tmp_path):
     for d in ("ar", "hf"):
         for task in ("toy_add", "toy_sum"):
             assert _outputs(out, d, task) == _outputs(single_run, d, task)
-    timing = {"tokens_per_s", "speedup_vs_ar"}
+    timing = {"tokens_per_s", "speedup_vs_ar", "ar_tokens_per_s"}  # machine timings differ per run
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(_summary(out)) == strip(_summary(single_run))
 
