@@ -160,3 +160,34 @@ def test_eagle_tree_is_refused(base_ctx):
     assert "tree=False" in supports_batch(tree)
     with pytest.raises(UserError, match="chain"):
         generate_batch(tree, [[1, 2, 3]], GenerationConfig(max_new_tokens=4), 2)
+
+
+def test_speed_batch_size_writes_the_plot_format(tmp_path, capsys):
+    """speed --batch-size: per (batch size, decoder) tokens/s, speedup vs the first decoder at the same
+    batch size, paired ratios per round, no lossless mismatch; `plot` draws it."""
+    from tidar_bench.cli import main
+    from tidar_bench.report import read_speed_batch
+
+    out = tmp_path / "speed.json"
+    argv = ["speed", "--model", str(EMBEDDED / "tidar"), "--decoders", "ar,tidar", "--prompts-file", str(GSM),
+            "--prompts", "3", "--max-new-tokens", "8", "--batch-size", "1,2", "--rounds", "2", "--device", "cpu",
+            "--out", str(out)]
+    assert main(argv) == 0
+    rec = read_speed_batch(out)
+    assert rec["batch_sizes"] == [1, 2] and rec["reference"] == "ar" and rec["command"].startswith("tidar-bench")
+    for b in ("1", "2"):
+        ar, td = rec["batch"][b]["ar"], rec["batch"][b]["tidar"]
+        assert ar["speedup_vs_reference"] == 1.0 and len(td["paired_ratios"]) == 2
+        assert td["speedup_vs_reference"] == pytest.approx(td["tokens_per_s"] / ar["tokens_per_s"])
+        assert td["lossless_mismatches"] == 0 and ar["lossless_mismatches"] == 0
+        assert td["tokens"] == ar["tokens"] and td["tokens_per_nfe"] > ar["tokens_per_nfe"]
+        lat = td["per_sequence_latency_s"]
+        assert 0 < lat["q1"] <= lat["median"] <= lat["q3"]
+    assert main(["plot", str(out), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "speed_batch_speed.png").is_file()
+    capsys.readouterr()
+    bad = [argv[:-2] + ["--batch-size", "0,2"], [*argv[:4], "ar,hf", *argv[5:-2]]]
+    for a in bad:
+        assert main(a) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err

@@ -40,10 +40,13 @@ from .masks import TidarStepLayout, tidar_first_step, tidar_step
 
 
 def supports_batch(decoder) -> str | None:
-    """None when `generate_batch` can run this decoder, else why not (one line)."""
-    name = getattr(decoder, "name", type(decoder).__name__)
+    """None when `generate_batch` can run this decoder (a decoder instance, or just its name),
+    else why not (one line)."""
+    name = decoder if isinstance(decoder, str) else getattr(decoder, "name", type(decoder).__name__)
     if name not in _RUNNERS:
-        return f"batched decoding (--batch-size > 1) supports {', '.join(sorted(_RUNNERS))}; not {name!r}"
+        return f"batched decoding (--batch-size) supports {', '.join(sorted(_RUNNERS))}; not {name!r}"
+    if isinstance(decoder, str):
+        return None
     if name == "tidar" and not decoder.lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1)"
     if name == "bd" and not decoder.block_cache:
@@ -302,29 +305,6 @@ class _BatchedTidar(_Batched):
 # ----------------------------------------------------------------------------- EAGLE (chain)
 
 
-def _head_step(head, ids, pos, local, cache, start, target_feats=None, hidden=None):
-    """The draft head's forward in static form (per-row offsets `start`), as EagleHead.forward is
-    in eager form: returns (hidden [B, q, H], logits [B, q, V_draft])."""
-    import inspect
-
-    if "start" in inspect.signature(head.forward).parameters:
-        return head(ids, target_feats=target_feats, hidden=hidden, position_ids=pos, mask=local, cache=cache,
-                    start=start)
-    from .model import prepare_step, rope_cos_sin
-
-    parts = ([head.fc(target_feats) if head.form == "eagle3" else target_feats] if target_feats is not None else []) + (
-        [hidden] if hidden is not None else [])
-    h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    start, pos, mask = prepare_step(ids, pos, local, cache, start)
-    cos, sin = rope_cos_sin(pos, head.inv_freq, h.dtype)
-    emb = head.embed_tokens(ids)
-    if head.form == "eagle3":
-        out = head.midlayer(emb, h, cos, sin, mask, cache, start, head.attn)
-    else:
-        out = head.midlayer(head.fc(torch.cat([emb, h], dim=-1)), cos, sin, mask, 0, cache, start, head.attn)
-    return out, head.lm_head(head.norm(out)).float()
-
-
 class _BatchedEagle(_Batched):
     """EAGLE chain drafting (tree=False), greedy. Per row: the target cache length, the head cache
     length, and the pairs (target feature i, token i+1) the head has not absorbed yet. A step: the
@@ -391,7 +371,8 @@ class _BatchedEagle(_Batched):
             last[s] = len(pids) - 1
             hstart[s] = self.hlen[s]
         hs = torch.tensor(hstart, dtype=torch.long, device=dev)
-        h, lg = _head_step(head, ids, hs[:, None] + torch.arange(P, device=dev), None, self.hcache, hs, target_feats=feats)
+        h, lg = head(ids, target_feats=feats, position_ids=hs[:, None] + torch.arange(P, device=dev), cache=self.hcache,
+                     start=hs)
         rows = torch.arange(B, device=dev)
         front_h, front_lg = h[rows, last][:, None], lg[rows, last]
         for s in active:
@@ -400,8 +381,8 @@ class _BatchedEagle(_Batched):
         base = torch.tensor(self.hlen, dtype=torch.long, device=dev)
         chain = [head.to_target(front_lg.argmax(-1))]
         for d in range(1, D):
-            front_h, lg = _head_step(head, chain[-1][:, None], (base + d - 1)[:, None], None, self.hcache, base + d - 1,
-                                     hidden=front_h)
+            front_h, lg = head(chain[-1][:, None], hidden=front_h, position_ids=(base + d - 1)[:, None],
+                               cache=self.hcache, start=base + d - 1)
             chain.append(head.to_target(lg[:, 0].argmax(-1)))
         # 3. the target verifies [newest token | chain] of every row in one forward
         starts = [self.rows[s].length if s in active else 0 for s in range(B)]

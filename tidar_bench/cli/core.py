@@ -217,6 +217,11 @@ def speed_cmd(
         None, "--peak-bandwidth", help="device peak memory bandwidth in GB/s for the achieved fraction (CUDA; "
                                        "default: datasheet value of known GPUs)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the table, command and environment to this JSON file"),
+    batch_size: Optional[str] = typer.Option(
+        None, "--batch-size", help="batched mode, e.g. 1,4,16: at each batch size every decoder decodes all prompts "
+                                   "with that many in flight (tidar_bench/batched.py); tokens/s over the batch, "
+                                   "per-sequence latency, speedup vs the first decoder at the same batch size"),
+    rounds: int = typer.Option(2, min=1, help="batched mode: paired rounds per batch size (ABBA order)"),
 ) -> None:
     """Paired speed benchmark: each prompt is decoded greedily by every decoder setting in turn
     (after a warm-up of each on the longest prompt, which also compiles: compile time is printed
@@ -236,6 +241,13 @@ def speed_cmd(
         raise UserError("give exactly one of --model or --config")
     settings = decoder_settings(decoders_, decoder_arg, compile)
     labels = [st.label for st, _ in settings]
+    batch_sizes = _batch_sizes(batch_size) if batch_size is not None else None
+    if batch_sizes is not None:
+        from ..batched import supports_batch
+
+        for st, _ in settings:  # by name before anything is loaded; options are checked once built
+            if supports_batch(st.name):
+                raise UserError(supports_batch(st.name))
     with tempfile.TemporaryDirectory() as tmp:
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
         ctx = DecoderContext(resolve_model(path), device, dtype, draft)
@@ -251,6 +263,9 @@ def speed_cmd(
             batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
             source = f"{prompts} random prompts of {prompt_len} tokens"
+        if batch_sizes is not None:
+            return _speed_batched(dict(zip(labels, decs)), batch, cfg, batch_sizes, rounds, source, max_new_tokens,
+                                  out, model, config, seed, ctx)
         longest = max(batch, key=len)
         rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0}
                 for n in labels}
@@ -327,3 +342,66 @@ def speed_cmd(
         write_atomic(out, json.dumps(record, indent=2) + "\n")
     if any(rows[n]["mismatch"] for n in labels):
         raise UserError("a lossless decoder's greedy tokens differ from the reference decoder's")
+
+
+def _batch_sizes(value: str) -> list[int]:
+    from .profile import parse_ints
+
+    sizes = sorted(set(parse_ints(value, "--batch-size")))
+    if sizes[0] < 1:
+        raise UserError(f"--batch-size must all be >= 1, got {sizes[0]}")
+    return sizes
+
+
+def _speed_batched(decs: dict, prompts: list, cfg, batch_sizes: list[int], rounds: int, source: str,
+                   max_new_tokens: int, out: Optional[Path], model, config, seed: int, ctx) -> None:
+    """speed --batch-size: batched.speed_batch, one table row per (batch size, decoder), and the
+    JSON of report.SPEED_BATCH_FORMAT with --out."""
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from ..batched import speed_batch, supports_batch
+
+    for label, d in decs.items():
+        why = supports_batch(d)
+        if why:
+            raise UserError(f"{label}: {why}")
+    console = Console()
+    with Progress(transient=True, console=console) as bar:
+        task = bar.add_task("batched decoding", total=len(batch_sizes) * rounds * len(decs))
+        res = speed_batch(decs, prompts, cfg, batch_sizes, rounds, progress=lambda: bar.advance(task))
+    ref = res["reference"]
+    dev = ctx.model.device
+    t = Table(title=f"batched speed: {source}, up to {max_new_tokens} new tokens, "
+                    f"{'random ' + config if config else model}, {dev}, {ctx.model.dtype}, {torch.get_num_threads()} threads, "
+                    f"{rounds} paired rounds per batch size")
+    for col in ("batch", "decoder", "tokens/s (batch)", "T/NFE", "per-seq latency s: median [q1-q3]",
+                f"speedup vs {ref}", "paired ratio median [min-max]", "lossless mismatches"):
+        t.add_column(col)
+    for b in batch_sizes:
+        for label, c in res["batch"][str(b)].items():
+            lat, rs = c["per_sequence_latency_s"], c["paired_ratios"]
+            t.add_row(str(b), label, f"{c['tokens_per_s']:.1f}", f"{c['tokens_per_nfe']:.2f}",
+                      f"{lat['median']:.3f} [{lat['q1']:.3f}-{lat['q3']:.3f}]", f"{c['speedup_vs_reference']:.3f}x",
+                      f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]",
+                      "-" if c["lossless_mismatches"] is None else str(c["lossless_mismatches"]))
+    console.print(t)
+    console.print(f"tokens/s = all new tokens / decode wall time of the whole prompt set (prefills included) at that "
+                  f"batch size; speedup vs {ref} at the same batch size; lossless mismatches vs {ref} at batch "
+                  f"{batch_sizes[0]}; batched steps run the static-shape forward eagerly (not compiled)", style="dim")
+    if out is not None:
+        import sys
+
+        from ..provenance import environment, write_atomic
+
+        record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
+                  "model": str(model) if model else f"random weights, config {config}", "seed": seed,
+                  "prompts": source, "n_prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                  "dtype": str(ctx.model.dtype), "device": str(dev), "rounds": rounds,
+                  "decoders": {n: {"decoder": d.name, "options": d.options(), "lossless": d.lossless}
+                               for n, d in decs.items()}, **res}
+        write_atomic(out, json.dumps(record, indent=2) + "\n")
+    if any(c["lossless_mismatches"] for cells in res["batch"].values() for c in cells.values()):
+        raise UserError(f"a lossless decoder's greedy tokens differ from {ref}'s at batch {batch_sizes[0]}")

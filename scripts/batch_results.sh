@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every number and figure in results/batch/ comes from this script (repository root, CPU):
+#   bash scripts/batch_results.sh
+# 1. batched throughput of every decoder vs its checkpoint's batched ar at B = 1, 2, 4, 8 (paired,
+#    same process, ABBA rounds), real mini_gsm prompts stopping at EOS: tidar (and its own ar) on the
+#    TiDAR checkpoint, eagle chain (and ar) on the base, bd (and its own ar) on the bd checkpoint;
+# 2. forward latency vs tokens fed per sequence at B = 1, 2, 4, 8 on the same architecture, with the
+#    predicted TiDAR speedup per batch size from the T/NFE measured in 1.;
+# 3. the figures and report.md.
+set -euo pipefail
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TB=${TB:-.venv/bin/tidar-bench}
+OUT=results/batch
+EMB=tidar_bench/embedded
+COMMON=(--prompts-file tasks/data/mini/gsm.jsonl --prompts "${PROMPTS:-8}" --max-new-tokens "${MAX_NEW:-48}"
+        --batch-size 1,2,4,8 --rounds "${ROUNDS:-2}" --device cpu --threads 1)
+mkdir -p "$OUT"
+$TB speed --model $EMB/tidar --decoders "ar,tidar(max_blocks=3)" "${COMMON[@]}" --out "$OUT/speed_tidar.json"
+$TB speed --model $EMB/base --draft $EMB/eagle --decoders "ar,eagle(tree=False,chain_length=4)" "${COMMON[@]}" \
+  --out "$OUT/speed_eagle.json"
+$TB speed --model $EMB/bd --decoders ar,bd "${COMMON[@]}" --out "$OUT/speed_bd.json"
+TNFE=$(.venv/bin/python -c "import json; c = json.load(open('$OUT/speed_tidar.json'))['batch']['1']; \
+print('8=%.3f' % next(v['tokens_per_nfe'] for k, v in c.items() if k.startswith('tidar')))")
+$TB profile-latency --model $EMB/tidar --context 64,256 --slots 1,2,4,...,64 --block-size 4,8 --batch 1,2,4,8 \
+  --tnfe "$TNFE" --repeats 10 --device cpu --out "$OUT/latency"
+$TB plot "$OUT/speed_tidar.json" "$OUT/speed_eagle.json" "$OUT/speed_bd.json" "$OUT/latency" --out "$OUT/figures"
