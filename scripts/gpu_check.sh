@@ -5,7 +5,8 @@
 #   2. profile-latency, compiled: qwen2.5-1.5b and qwen3-8b shapes, context 512 and 4096, causal
 #      and TiDAR step masks k = 4, 8, 16 (random weights)
 #   3. speed: ar vs hf vs hf(compile=true) on qwen2.5-1.5b random weights, achieved weight bandwidth
-#   4. profile-latency --batch 1,4,16,64 on qwen2.5-1.5b (issue 17)
+#   4. profile-latency --batch 1,4,16,64 on qwen2.5-1.5b (issue 17); batched speed (speed --batch-size 1,4,16) of
+#      ar vs tidar on the embedded TiDAR checkpoint and mini_gsm prompts
 #   5. the embedded default on the GPU: paired speed of every decoder on the shipped models and
 #      mini_gsm prompts (`tidar-bench run` itself needs lm-eval, which the device image lacks; run
 #      it too when lm-eval is importable)
@@ -71,12 +72,12 @@ json.dump(environment(), open(sys.argv[1], 'w'), indent=2)" "$OUT/environment.js
 if [ $QUICK -eq 1 ]; then
   CONFIGS=(tiny); CONTEXTS=32; SLOTS=1,2,4; KS=2; REPEATS=2; SPEED_CFG=tiny
   SPEED=(--prompts 2 --prompt-len 8 --max-new-tokens 8); EMB=(--prompts 2 --max-new-tokens 8); BATCH=1,2
-  COMPILE=off; SPEED_DECODERS="ar,hf(compile=false)"
+  COMPILE=off; SPEED_DECODERS="ar,hf(compile=false)"; SPEED_BATCH=1,2
 else
   CONFIGS=(qwen2.5-1.5b qwen3-8b); CONTEXTS=512,4096; SLOTS=1,2,4,8,16,32,64,128,256; KS=4,8,16; REPEATS=20
   SPEED_CFG=qwen2.5-1.5b; SPEED=(--prompts 8 --prompt-len 128 --max-new-tokens 128)
   EMB=(--prompts 20 --max-new-tokens 256); BATCH=1,4,16,64
-  COMPILE=on; SPEED_DECODERS="ar,hf(compile=false),hf(compile=true)"
+  COMPILE=on; SPEED_DECODERS="ar,hf(compile=false),hf(compile=true)"; SPEED_BATCH=1,4,16
 fi
 
 step gpu-tests "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider
@@ -97,6 +98,9 @@ step embedded-base "${TB[@]}" speed --model "$EMBEDDED/base" --draft "$EMBEDDED/
   --compile "$COMPILE" --out "$OUT/embedded/base.json"
 step embedded-tidar "${TB[@]}" speed --model "$EMBEDDED/tidar" --decoders "ar,tidar,tidar(max_blocks=3)" \
   --prompts-file "$GSM" "${EMB[@]}" --device "$DEVICE" --dtype float32 --compile "$COMPILE" --out "$OUT/embedded/tidar.json"
+step embedded-batch "${TB[@]}" speed --model "$EMBEDDED/tidar" --decoders "ar,tidar(max_blocks=3),tidar" \
+  --prompts-file "$GSM" "${EMB[@]}" --batch-size "${SPEED_BATCH}" --rounds 2 --device "$DEVICE" --dtype float32 \
+  --out "$OUT/embedded/batch_tidar.json"
 if [ $QUICK -eq 0 ] && "$PY" -c "import lm_eval" 2>/dev/null; then
   step embedded-run "${TB[@]}" run --device "$DEVICE" --compile "$COMPILE" --out "$OUT/embedded/run"
 fi
