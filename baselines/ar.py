@@ -14,26 +14,21 @@ from typing import Sequence
 import torch
 
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import DecodeRun, GenerationConfig, Generation, next_token
+from tidar_bench.decoding import CachedDecoder, DecodeRun, GenerationConfig, Generation, next_token
 from tidar_bench.registry import DecoderContext, register_decoder
 
 
-class ARDecoder:
+class ARDecoder(CachedDecoder):
     name = "ar"
     lossless = True
 
     def __init__(self, model, tokenizer=None, *, compile: str = "off"):
         self.model = model
         self.tokenizer = tokenizer
-        self._cache = None
         self.steps = steps_for(model, model, compile)
 
     def options(self) -> dict:
         return {"compile": self.steps.compiled}
-
-    def cache_for(self, needed: int):
-        self._cache = self.model.new_cache(needed, reuse=self._cache)
-        return self._cache
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:

@@ -64,7 +64,7 @@ from typing import Callable, Sequence
 import torch
 
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import DecodeRun, Generation, GenerationConfig, sample, warp_probs
+from tidar_bench.decoding import CachedDecoder, DecodeRun, Generation, GenerationConfig, sample, warp_probs
 from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step
 from tidar_bench.registry import DecoderContext, register_decoder
@@ -76,7 +76,7 @@ FAST_DLLM_MASK_ID = 151665
 FAST_DLLM_SUB_BLOCK = 8
 
 
-class BlockDiffusionDecoder:
+class BlockDiffusionDecoder(CachedDecoder):
     name = "bd"
     lossless = False
 
@@ -116,7 +116,6 @@ class BlockDiffusionDecoder:
         # tests observe the committed state after every forward: on_step(cache, committed ids)
         self.on_step: Callable | None = None
         self.last_block_steps: list[int] = []
-        self._cache = None
         # compiled mode: the block steps (B or 2B tokens at a block-aligned offset) are fixed shapes;
         # the first forward (prompt blocks + block) and the no-cache setting stay eager
         self.runner = steps_for(model, model, compile if block_cache else "off")
@@ -126,10 +125,6 @@ class BlockDiffusionDecoder:
         return {"block_size": self.B, "mask_token_id": self.mask_id, "threshold": self.threshold,
                 "steps": self.steps, "remasking": self.remasking, "sub_block": self.sub_block,
                 "block_cache": self.block_cache, "token_shift": self.token_shift, "compile": self.runner.compiled}
-
-    def cache_for(self, needed: int):
-        self._cache = self.model.new_cache(needed, reuse=self._cache)
-        return self._cache
 
     # ------------------------------------------------------------------------- one forward
 

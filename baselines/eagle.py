@@ -54,7 +54,7 @@ from tidar_bench import masks
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import (DecodeRun, DecodeStats, Generation, GenerationConfig, next_token, sample,
+from tidar_bench.decoding import (CachedDecoder, DecodeRun, DecodeStats, Generation, GenerationConfig, next_token, sample,
                                   speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
 from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
@@ -351,7 +351,7 @@ def tree_sample_walk(fed_tokens: list[int], children: list[list[int]], probs: to
             return path, int(sample(p, generator))
 
 
-class EagleDecoder:
+class EagleDecoder(CachedDecoder):
     name = "eagle"
     lossless = True
 
@@ -366,7 +366,6 @@ class EagleDecoder:
         else:
             self.depth, self.top_k, self.total_tokens = chain_length, 1, chain_length + 1
         self.layers = feature_layers(head.form, model.config.num_hidden_layers)
-        self._cache: KVCache | None = None
         self._hcache: KVCache | None = None
         # compiled mode: three fixed shapes (absorb depth+1 pairs, expand top_k nodes, verify
         # total_tokens), padded where a step has fewer; see tidar_bench/compiled.py
@@ -393,7 +392,7 @@ class EagleDecoder:
         run = DecodeRun(dev, config, self.tokenizer, self.target_steps, self.head_steps)
         stats, sp, gen = run.stats, run.sp, run.gen
         cap = len(prompt) + config.max_new_tokens + self.total_tokens + 2
-        cache = self._cache = model.new_cache(cap, reuse=self._cache)
+        cache = self.cache_for(cap)
         hcache = self._hcache = self.head.new_cache(cap, reuse=self._hcache)
         padded = self.target_steps.compiled
 

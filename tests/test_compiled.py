@@ -166,3 +166,21 @@ def test_compiled_block_diffusion_equals_eager(model):
     eager = BlockDiffusionDecoder(model, compile="off", **kw)
     comp = BlockDiffusionDecoder(model, compile="on", **kw)
     _same_tokens(eager, comp, _prompts(2), cfg)
+
+
+def test_run_decoder_settings_and_compile_default(tiny_llama, tmp_path):
+    """`run --decoders ar,ar(compile=false),hf(compile=true) --compile off`: one entry per setting,
+    --compile is every decoder's default, a setting's own option wins, labels stay as written."""
+    from tidar_bench.harness.runner import RunSpec, _decoder_options
+
+    spec = RunSpec(model=tiny_llama, decoders=["ar", "ar(compile=false)", "hf(compile=true)"], tasks=["gsm8k"],
+                   out=tmp_path / "r", compile="off", decoder_args=["ar.compile=on"])
+    full, given, names = _decoder_options(spec)
+    assert names == {"ar": "ar", "ar(compile=false)": "ar", "hf(compile=true)": "hf"}
+    assert full["ar"]["compile"] == "on"  # --decoder-arg ar.compile applies to every ar setting...
+    assert full["ar(compile=false)"]["compile"] == "false"  # ...but the setting's own option wins
+    assert full["hf(compile=true)"]["compile"] == "true"
+    assert given["hf(compile=true)"] == {"compile": "true"}
+    spec.decoder_args = []
+    full, given, _ = _decoder_options(spec)
+    assert full["ar"]["compile"] == "off" and given["ar"] == {}  # --compile is a default, not a label

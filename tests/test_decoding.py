@@ -114,3 +114,39 @@ def test_registry_errors(tiny_llama):
         build_decoder("nope", ctx)
     with pytest.raises(UserError, match="has no option"):
         build_decoder("ar", ctx, {"block_size": "4"})
+
+
+def test_stop_strings_found_incrementally_as_by_full_decoding():
+    """StopChecker decodes a short window per token (not the whole output): it must stop at the same
+    token as the rule 'first prefix whose full decoded text contains a stop string', also for
+    stop strings spanning several tokens and multi-byte characters split across byte tokens."""
+    from pathlib import Path
+
+    from tidar_bench.registry import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "tidar_bench" / "embedded" / "base")
+    text = "Tom has 3 boxes. Each box holds 12 pens.\nSo 3 × 12 = 36 pens — naïve café ✓\n\n#### 36"
+    ids = tok.encode(text, add_special_tokens=False)
+    stops_list = [("\n\n",), ("12 pens",), ("café",), ("✓",), ("####",), ("s. E", "= 3"), ("absent",)]
+    for stops in stops_list:
+        sc = StopChecker(GenerationConfig(max_new_tokens=len(ids) + 1, stop_strings=stops), tok)
+        n = next((i for i, _ in enumerate(ids) if sc.extend([ids[i]])), None)
+        want = next((i for i in range(len(ids)) if any(s in tok.decode(ids[: i + 1]) for s in stops)), None)
+        assert n == want, stops
+        if want is not None:
+            assert sc.finish_reason == "stop_string" and sc.tokens == ids[: want + 1]
+            assert sc.text() == tok.decode(ids[: want + 1])[: min(tok.decode(ids[: want + 1]).find(s)
+                                                                  for s in stops if s in tok.decode(ids[: want + 1]))]
+
+
+def test_decoder_settings_parse_and_label():
+    from tidar_bench.registry import parse_settings
+
+    s = parse_settings("ar, ar(compile=false),tidar(block_size=4, max_blocks=3),hf")
+    assert [x.label for x in s] == ["ar", "ar(compile=false)", "tidar(block_size=4,max_blocks=3)", "hf"]
+    assert s[2].name == "tidar" and dict(s[2].options) == {"block_size": "4", "max_blocks": "3"}
+    for bad, msg in [("ar,ar", "twice"), ("tidar(block_size=4", "unbalanced"), ("tidar(block_size)", "key=value"),
+                     ("tidar(nope=1)", "no option"), ("tidar(block_size=x)", "not a valid"), ("", "empty"),
+                     ("zzz", "unknown decoder")]:
+        with pytest.raises(UserError, match=msg):
+            parse_settings(bad)

@@ -318,6 +318,17 @@ class Timer:
         return time.perf_counter()
 
 
+class CachedDecoder:
+    """Mixin of decoders over the model core (`self.model`): one static KV cache kept between calls
+    and reused whenever it is big enough (`Transformer.new_cache`), so decoding allocates nothing."""
+
+    _cache = None
+
+    def cache_for(self, needed: int):
+        self._cache = self.model.new_cache(needed, reuse=self._cache)
+        return self._cache
+
+
 class DecodeRun:
     """The bookkeeping of one `generate` call, the same in every decoder: the clock started, stats,
     the stop checker, the sampling generator; `prefill_done` stamps the prefill time and `finish`

@@ -30,7 +30,7 @@ import torch
 
 from .checkpoint import TidarConfig
 from .compiled import steps_for
-from .decoding import (DecodeRun, Generation, GenerationConfig, greedy_verify, next_token, sample,
+from .decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token, sample,
                        speculative_verify, warp_probs)
 from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
@@ -51,7 +51,7 @@ class _StepShape:
     causal_rows: int  # logits rows of the causal segment (m + 1; k in the padded compiled layout)
 
 
-class TidarDecoder:
+class TidarDecoder(CachedDecoder):
     name = "tidar"
 
     def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 8, beta: float = 1.0,
@@ -80,7 +80,6 @@ class TidarDecoder:
         self.steps = steps if steps is not None else block_size
         # tests observe every TiDAR step: on_step(cache, prompt + committed tokens)
         self.on_step: Callable | None = None
-        self._cache = None
         self._shapes: dict[tuple, _StepShape] = {}
         self.runner = steps_for(model, model, compile)
         # compiled mode feeds one fixed step shape: x + k-1 draft slots + n_blocks blocks of k
@@ -101,10 +100,6 @@ class TidarDecoder:
         return opts
 
     # ------------------------------------------------------------------------- buffers
-
-    def cache_for(self, needed: int):
-        self._cache = self.model.new_cache(needed, reuse=self._cache)
-        return self._cache
 
     def _shape(self, m: int, outcomes: tuple[int, ...], diffusion: bool = False) -> _StepShape:
         key = (m, outcomes, diffusion)
