@@ -496,24 +496,14 @@ def plot_batches(points: list[Point], analyses: list[Analysis], title: str, out_
                 ax.scatter([a.knee], [y], s=90, facecolors="none", edgecolors=color[B], zorder=5)
             for p in (p for p in points if p.context == C and p.batch == B and p.mask == "tidar"):
                 ax.scatter([p.slots], [p.median_ms], marker="x", color=color[B], zorder=6)
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("tokens fed per sequence (slots)")
-        ax.set_ylabel("forward latency, median (ms)")
-        ax.set_title(f"context {C} (o = knee, x = TiDAR step)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        _axes(ax, "tokens fed per sequence (slots)", "forward latency, median (ms)", f"context {C} (o = knee, x = TiDAR step)")
     ax = axes[len(contexts)]
     for C in contexts:
         xs = [B for B in batches if (B, C) in by]
         ax.plot(xs, [by[B, C].knee for B in xs], marker="o", label=f"context {C}")
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("knee: free slots per sequence")
-    ax.set_title("where extra tokens stop being free", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _axes(ax, "batch size", "knee: free slots per sequence", "where extra tokens stop being free")
     if predicted:
         ax = axes[-1]
         ks = sorted({k for a in analyses for k in a.predicted_speedup})
@@ -524,13 +514,18 @@ def plot_batches(points: list[Point], analyses: list[Analysis], title: str, out_
                 ax.plot(xs, [by[B, C].predicted_speedup[k] for B in xs], marker="o", ls=styles[ci % len(styles)],
                         label=f"k={k}, context {C}")
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("predicted TiDAR speedup over AR (same batch)")
-        ax.set_title("T/NFE(k) x lat_B(1) / lat_B(step k)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        _axes(ax, "batch size", "predicted TiDAR speedup over AR (same batch)", "T/NFE(k) x lat_B(1) / lat_B(step k)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_base)
     plt.close(fig)
+
+
+def _axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """log2 x axis, labels, small title, grid and legend: every panel of the batch figure."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
