@@ -45,11 +45,11 @@ from tidar_bench import masks
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import (DecodeRun, Generation, GenerationConfig, greedy_verify, next_token, sample,
-                                  speculative_verify, warp_probs)
+from tidar_bench.decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token,
+                                  sample, speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
-from tidar_bench.model import (MLP, Attention, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict,
-                               read_config, rope_cos_sin, rope_inv_freq)
+from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict, read_config,
+                               rope_cos_sin, rope_inv_freq)
 from tidar_bench.registry import DecoderContext, register_decoder
 
 # ----------------------------------------------------------------------------- the drafter
@@ -92,15 +92,9 @@ class DFlashConfig:
         return cfg
 
 
-class DFlashLayer(nn.Module):
-    """A Qwen3 decoder layer whose attention also takes the context rows as keys/values."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+class DFlashLayer(Block):
+    """A Qwen3 decoder layer (the model core's, same parameters) whose attention also takes the
+    context rows as keys/values."""
 
     def forward(self, x, ctx, cos, sin, mask, layer: int, cache: KVCache | None, start: int, attn):
         """x [B, q, H] block rows; ctx [B, c, H] fused context rows; cos/sin over [ctx | block]."""
@@ -203,8 +197,10 @@ class DFlashDrafter(nn.Module):
 
     @classmethod
     def from_target(cls, target, *, num_layers: int = 1, block_size: int = 16, mask_token_id: int,
-                    target_layer_ids: Sequence[int] | None = None, seed: int = 0) -> "DFlashDrafter":
-        """A fresh drafter sized like the target (layers of its shape), random-init."""
+                    target_layer_ids: Sequence[int] | None = None, seed: int = 0,
+                    init: str = "random") -> "DFlashDrafter":
+        """A fresh drafter sized like the target (layers of its shape). init "random", or "target":
+        warm start from the target (`warm_start`)."""
         tc = target.config
         if num_layers < 1 or block_size < 2:
             raise UserError(f"a DFlash drafter needs >= 1 layer and block_size >= 2 (got {num_layers}, {block_size})")
@@ -224,7 +220,31 @@ class DFlashDrafter(nn.Module):
             drafter.norm.weight.fill_(0.1)  # logits of the size of the embedding norms (a CE of ~40 nats)
         drafter.to(device=target.device, dtype=target.dtype)
         drafter.check_target(target)
+        if init == "target":
+            drafter.warm_start(target)
+        elif init != "random":
+            raise UserError(f"init must be random or target, got {init!r}")
         return drafter
+
+    @torch.no_grad()
+    def warm_start(self, target) -> None:
+        """Drafter layer i <- the weights of target layer L - n + i (attention, MLP, layer norms;
+        what has no counterpart, e.g. q/k norms of a Llama target, stays as it is), fc <- the
+        identity on the last tapped layer's block, final norm <- the target's. A training choice
+        for small budgets (the attention already has useful patterns); the layout is unchanged."""
+        src_layers = target.model.layers
+        for i, layer in enumerate(self.layers):
+            j = len(src_layers) - len(self.layers) + i
+            if j < 0:
+                continue
+            src = dict(src_layers[j].named_parameters())
+            for name, p in layer.named_parameters():
+                if name in src and src[name].shape == p.shape:
+                    p.copy_(src[name])
+        H = self.config.hidden_size
+        self.fc.weight.zero_()
+        self.fc.weight[:, -H:] = torch.eye(H, dtype=self.fc.weight.dtype, device=self.fc.weight.device)
+        self.norm.weight.copy_(target.model.norm.weight)
 
     def check_target(self, target) -> None:
         """The drafter reads the target's embedding, LM head and feature layers: check they fit."""
@@ -299,7 +319,7 @@ def load_dflash_drafter(path: str | Path, target) -> DFlashDrafter:
 # ----------------------------------------------------------------------------- the decoder
 
 
-class DFlashDecoder:
+class DFlashDecoder(CachedDecoder):
     name = "dflash"
     lossless = True
 
@@ -312,7 +332,6 @@ class DFlashDecoder:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         self.draft_sample = draft_sample
         self.layers = list(drafter.target_layer_ids)
-        self._cache: KVCache | None = None
         self._dcache: KVCache | None = None
         # compiled mode: two fixed shapes, the verification (block_size tokens) and the drafter step
         # (block_size context rows, padded, + the block); the first drafter step (the prompt's
@@ -337,7 +356,7 @@ class DFlashDecoder:
         run = DecodeRun(dev, config, self.tokenizer, self.target_steps, self.draft_steps)
         stats, sp, gen = run.stats, run.sp, run.gen
         cap = len(prompt) + config.max_new_tokens + 2 * B + 1
-        cache = self._cache = model.new_cache(cap, reuse=self._cache)
+        cache = self.cache_for(cap)
         dcache = self._dcache = drafter.new_cache(cap, reuse=self._dcache)
         masks_ = torch.full((B - 1,), drafter.mask_token_id, device=dev)
         offsets = torch.arange(B, device=dev)

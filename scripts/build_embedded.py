@@ -6,7 +6,8 @@ Steps (all seeded; every training step is a `tidar-bench train ...` command, log
 2. a byte-level BPE tokenizer with EOS, PAD and [MASK] trained on the train split;
 3. a random-init Llama-shaped model (config below) -> `tidar-bench train ar` -> the AR base;
 4. from the base: `train tidar` (block 8), `train block-diffusion` (block 8), `train eagle` (EAGLE-3
-   head, own reduced vocabulary, training-time test);
+   head, own reduced vocabulary, training-time test), `train dflash` (DFlash drafter, block 8, 2 layers
+   on target layers 1-3, warm-started from the base's last layers);
 5. every checkpoint is stored with bf16 weights (the size budget) and loaded through the same
    code path as any user checkpoint; the bf16-rounded base is what the later recipes continue from,
    so the suite is consistent: ar / hf / eagle decode the shipped base, tidar its shipped checkpoint.
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tidar-steps", type=int, default=600)
     ap.add_argument("--bd-steps", type=int, default=400)
     ap.add_argument("--eagle-steps", type=int, default=400)
+    ap.add_argument("--dflash-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true",
                     help="keep the checkpoints already in --work (and their BUILD.json entries from --out); "
@@ -126,11 +128,14 @@ def main() -> None:
     run("eagle", ["train", "eagle", "--target", work / "base", "--out", work / "eagle", "--form", "eagle3",
                   "--draft-vocab-size", len(tok) // 2, "--ttt-steps", 3, "--seq-len", 128, "--lr", 2e-3,
                   "--steps", args.eagle_steps, *common])
+    run("dflash", ["train", "dflash", "--target", work / "base", "--out", work / "dflash", "--block-size", 8,
+                   "--num-layers", 2, "--target-layers", "1,2,3", "--num-anchors", 8, "--init", "target",
+                   "--seq-len", 64, "--lr", 3e-3, "--steps", args.dflash_steps, *common[:-2], "--batch-size", 8])
     # 5. ship
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work / "base", tmp / "base")
-    for name in ("tidar", "bd", "eagle"):
+    for name in ("tidar", "bd", "eagle", "dflash"):
         to_bf16(work / name, tmp / name)
     for d in tmp.iterdir():
         (d / "loss.png").unlink(missing_ok=True)  # logs stay beside the models; plots go to results/
@@ -140,7 +145,7 @@ def main() -> None:
     tmp.replace(args.out)
     figs = ROOT / "results" / "embedded" / "training"
     figs.mkdir(parents=True, exist_ok=True)
-    for name in ("ar", "tidar", "bd", "eagle"):
+    for name in ("ar", "tidar", "bd", "eagle", "dflash"):
         if (work / name / "loss.png").exists():
             shutil.copy2(work / name / "loss.png", figs / f"{name}_loss.png")
     print(f"wrote {args.out} ({sum(f.stat().st_size for f in args.out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")

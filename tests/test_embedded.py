@@ -33,18 +33,19 @@ def test_suite_is_complete_and_small():
     size = sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file())
     assert size <= 25e6, f"embedded suite is {size / 1e6:.1f} MB, budget 25 MB"
     build = json.loads((ROOT / "BUILD.json").read_text())
-    assert [s["name"] for s in build["steps"]] == ["ar", "tidar", "bd", "eagle"]
+    assert [s["name"] for s in build["steps"]] == ["ar", "tidar", "bd", "eagle", "dflash"]
     assert all(s["command"].startswith("tidar-bench train ") for s in build["steps"])
 
 
-@pytest.mark.parametrize("ckpt,decoders", [("base", ["ar", "hf", "eagle"]), ("tidar", ["ar", "tidar"]), ("bd", ["bd"])])
+@pytest.mark.parametrize("ckpt,decoders", [("base", ["ar", "hf", "eagle", "dflash"]), ("tidar", ["ar", "tidar"]),
+                                           ("bd", ["bd"])])
 def test_every_checkpoint_decodes_with_its_decoders(ckpt, decoders):
-    outs = {d: _decode(d, ckpt, "eagle" if d == "eagle" else None) for d in decoders}
+    outs = {d: _decode(d, ckpt, d if d in ("eagle", "dflash") else None) for d in decoders}
     for d, gens in outs.items():
         for g in gens:
             assert g.stats.new_tokens >= 1 and g.stats.nfe >= 1, (ckpt, d)
     for d in decoders:
-        if d in ("hf", "eagle", "tidar"):  # lossless: greedy tokens equal the checkpoint's own AR
+        if d in ("hf", "eagle", "dflash", "tidar"):  # lossless: greedy tokens equal the checkpoint's own AR
             assert [g.tokens for g in outs[d]] == [g.tokens for g in outs["ar"]], (ckpt, d)
 
 
@@ -65,17 +66,17 @@ def test_default_run_without_model(tmp_path, capsys):
     out = tmp_path / "emb"
     assert main(["run", "--tasks", "mini_gsm", "--limit", "2", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for name in ("hf", "eagle", "tidar", "bd"):
+    for name in ("hf", "eagle", "dflash", "tidar", "bd"):
         assert name in table
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert {(r["model"], r["decoder"]) for r in rows} == {("base", "ar"), ("base", "hf"), ("base", "eagle"),
-                                                          ("tidar", "ar"), ("tidar", "tidar"), ("bd", "ar"),
+                                                          ("base", "dflash"), ("tidar", "ar"), ("tidar", "tidar"), ("bd", "ar"),
                                                           ("bd", "bd")}
     assert all(r["n"] == "2" for r in rows)
     by = {(r["model"], r["decoder"]): r for r in rows}
     for model in ("base", "tidar", "bd"):
         assert float(by[(model, "ar")]["speedup_vs_ar"]) == pytest.approx(1.0)
-    for key in (("base", "hf"), ("base", "eagle"), ("tidar", "tidar")):
+    for key in (("base", "hf"), ("base", "eagle"), ("base", "dflash"), ("tidar", "tidar")):
         assert by[key]["mismatches_vs_ar"] == "0", key
     info = json.loads((out / "suite.json").read_text())
     assert info["command"].startswith("tidar-bench run --tasks mini_gsm")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .train import DATA_HELP, run_recipe, train_app
+from .train import DATA_HELP, FIELD_HELP, run_recipe, scale_options, train_app
 from ..errors import UserError
 
 
@@ -22,6 +22,7 @@ def parse_layers(text: str) -> list[int] | None:
 
 
 @train_app.command("dflash")
+@scale_options
 def train_dflash(
     target: Path = typer.Option(..., help="target checkpoint (config.json, safetensors, tokenizer); stays frozen"),
     data: list[Path] = typer.Option(..., help=DATA_HELP + " (e.g. `distill` output: the target's own answers)"),
@@ -31,25 +32,32 @@ def train_dflash(
     target_layers: str = typer.Option("", help="target layers whose outputs feed the drafter, e.g. 1,2,3 "
                                                "(default: DFlash's choice, one per drafter layer from 1 to L-3)"),
     num_anchors: int = typer.Option(16, help="training blocks drawn per sequence"),
-    labels: str = typer.Option("target", help="target (the target's distributions, soft CE) | data (the text's tokens)"),
-    gamma: float = typer.Option(0.0, help="loss decay over block rows exp(-(i-1)/gamma) (0 = 7/5/4 for k = 16/10/8, else k/2)"),
-    field: str = typer.Option("text", help="JSONL field holding the text"),
+    init: str = typer.Option("target", help="target (warm start: drafter layers <- the target's last layers, fc <- the "
+                                            "last tapped layer, final norm <- the target's) | random"),
+    labels: str = typer.Option("target", help="target (the target's distributions, soft CE) | data (the text's "
+                                              "tokens)"),
+    gamma: float = typer.Option(0.0, help="loss decay over block rows exp(-(i-1)/gamma) (0 = 7/5/4 for k = 16/10/8, "
+                                          "else k/2)"),
+    field: str = typer.Option("text", "--text-field", "--field", help=FIELD_HELP),
     seq_len: int = typer.Option(256),
     batch_size: int = typer.Option(16, help="global batch (split across torchrun processes)"),
     grad_accum: int = typer.Option(1),
     lr: float = typer.Option(3e-4),
     warmup_steps: int = typer.Option(20),
     steps: int = typer.Option(200),
-    save_every: int = typer.Option(0, help="also checkpoint every N steps (0 = only at the end)"),
+    save_every: int = typer.Option(0, help="write a resumable checkpoint to OUT/checkpoints every N steps (0 = only the final model)"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="compute dtype: auto | float32 | bfloat16"),
+    scale: dict | None = None,
 ) -> None:
     """DFlash drafter (block diffusion conditioned on the target's features) trained on the target's outputs."""
     from tidar_bench.baselines.dflash import DFlashDrafter
     from ..model import load_model
     from ..training.dflash import LABELS, DFlashObjective
 
+    if init not in ("target", "random"):
+        raise UserError(f"--init must be target or random, got {init!r}")
     if labels not in LABELS:
         raise UserError(f"--labels must be one of {', '.join(LABELS)}, got {labels!r}")
     if block_size < 2 or num_layers < 1 or num_anchors < 1 or gamma < 0:
@@ -62,9 +70,10 @@ def train_dflash(
             raise UserError(f"the tokenizer of {target} has no mask token; DFlash blocks need one "
                             "(add [MASK] to the tokenizer and the target's vocabulary)")
         drafter = DFlashDrafter.from_target(model, num_layers=num_layers, block_size=block_size,
-                                            mask_token_id=tokenizer.mask_token_id, target_layer_ids=layers, seed=seed)
+                                            mask_token_id=tokenizer.mask_token_id, target_layer_ids=layers, seed=seed,
+                                            init=init)
         return DFlashObjective(model, drafter, num_anchors=num_anchors, labels=labels, gamma=gamma or None)
 
     run_recipe(make, target, data, out, field=field, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed, device=device, dtype=dtype,
-               save_every=save_every)
+               save_every=save_every, **scale)

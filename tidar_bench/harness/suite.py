@@ -36,13 +36,15 @@ SUITE_FILE = "suite.json"
 # more than the drafts save, so the suite caps them at 3 (the all-accepted outcome and the two likeliest
 # others; still lossless). `--decoder-arg tidar.max_blocks=8` restores the paper's full layout.
 SUITE_DECODER_ARGS = ("tidar.max_blocks=3",)
-DRAFTERS = {"dflash": "dflash"}  # decoder -> shipped drafter folder, passed as `<decoder>.draft=DIR` (--draft is eagle's)
+# decoder -> shipped drafter folder, passed as `<decoder>.draft=DIR` (the group's --draft is eagle's head)
+DRAFTERS = {"dflash": "dflash"}
 NUMERIC = {"score": float, "stderr": float, "tokens_per_s": float, "tokens_per_nfe": float,
            "mean_accepted_length": float, "speedup_vs_ar": float, "n": int, "mismatches_vs_ar": int}
 
 
 def embedded_dir() -> Path:
-    missing = [c for c in ("base", "eagle", "tidar", "bd", *DRAFTERS.values()) if not (EMBEDDED_DIR / c / "config.json").is_file()]
+    missing = [c for c in ("base", "eagle", "tidar", "bd", *DRAFTERS.values())
+               if not (EMBEDDED_DIR / c / "config.json").is_file()]
     if missing:
         raise UserError(f"the embedded model suite is incomplete in {EMBEDDED_DIR} (missing: {', '.join(missing)}); "
                         "rebuild it with `python scripts/build_embedded.py` or pass --model")

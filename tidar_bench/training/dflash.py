@@ -58,6 +58,7 @@ def sample_anchors(batch: int, seq_len: int, block_size: int, n: int, generator=
 
 class DFlashObjective:
     name = "dflash"
+    eval_decoder = ("dflash", "mean_accepted_length", True)  # --eval-every: accepted length of the dflash decoder
 
     def __init__(self, target, drafter, *, num_anchors: int = 16, labels: str = "target", gamma: float | None = None):
         if labels not in LABELS:
