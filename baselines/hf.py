@@ -46,7 +46,7 @@ class HFDecoder:
 
         dev = resolve_device(device)
         self.compiled = resolve(compile, dev)
-        self._static_cache = None
+        self._static_cache, self._static_size = None, 0
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=resolve_dtype(dtype, dev)).to(dev).eval()
         # stopping is ours alone (StopChecker via _Stop): the checkpoint's default eos must not cut in
         self.model.generation_config.eos_token_id = None
@@ -63,15 +63,15 @@ class HFDecoder:
         (kwargs, whether this call compiles a new cache size)."""
         from transformers import CompileConfig, StaticCache
 
-        new = self._static_cache is None or self._static_cache.max_cache_len < needed
+        new = self._static_cache is None or self._static_size < needed
         if new:
-            size = max(256, 1 << (needed - 1).bit_length())
-            self._static_cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self._static_size = max(256, 1 << (needed - 1).bit_length())
+            self._static_cache = StaticCache(config=self.model.config, max_cache_len=self._static_size)
         else:
             self._static_cache.reset()
         cc = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if self.device.type == "cuda" else "default")
         cc._compile_all_devices = True  # transformers compiles on GPUs only unless told
-        return {"past_key_values": self._static_cache, "compile_config": cc}, new
+        return {"cache": self._static_cache, "compile_config": cc}, new
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
@@ -91,6 +91,8 @@ class HFDecoder:
         if not sp.greedy and sp.seed is not None:
             torch.manual_seed(sp.seed)
         extra, compiles = self._compile_kwargs(ids.shape[1] + config.max_new_tokens + 1) if self.compiled else ({}, False)
+        if "compile_config" in extra:
+            gc.compile_config = extra.pop("compile_config")
         stop = _Stop(checker, ids.shape[1], timer, stats, t0)
         self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc,
                             stopping_criteria=StoppingCriteriaList([stop]), **extra)

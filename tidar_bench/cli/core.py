@@ -324,6 +324,8 @@ def speed_cmd(
                           "lossless_mismatches": r["mismatch"],
                           "weight_bandwidth_GBs": gbs if dev.type == "cuda" else None}
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped output: never fold the table
     console.print(t)
     console.print(f"reference: {labels[0]} ({'compiled' if compiled[labels[0]] else 'eager'}) at {ref_tps:.1f} tokens/s; "
                   f"paired ratio = a setting's tokens/s over the reference's on the same prompt ({len(batch)} prompts); "
