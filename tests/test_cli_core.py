@@ -28,8 +28,16 @@ def test_user_errors_are_one_line(tmp_path, tiny_llama, capsys):
         assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
 
 
-def test_speed_command_runs_paired(tiny_llama, capsys):
-    assert main(["speed", "--model", str(tiny_llama), "--decoders", "ar,hf", "--prompts", "2",
-                 "--prompt-len", "8", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+def test_speed_command_runs_paired(tiny_llama, capsys, tmp_path):
+    out_json = tmp_path / "speed.json"
+    assert main(["speed", "--model", str(tiny_llama), "--decoders", "ar,ar(compile=false),hf", "--prompts", "2",
+                 "--prompt-len", "8", "--max-new-tokens", "8", "--device", "cpu", "--compile", "off",
+                 "--out", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "ar" in out and "hf" in out and "speedup" in out
+    # every speedup is printed with the reference's own tokens/s and compile mode
+    assert "ar(compile=false)" in out and "vs ar (total)" in out and "reference: ar (eager) at" in out
+    rec = json.loads(out_json.read_text())
+    assert rec["reference"] == "ar" and rec["reference_tokens_per_s"] > 0 and rec["n_prompts"] == 2
+    assert set(rec["decoders"]) == {"ar", "ar(compile=false)", "hf"}
+    for d in rec["decoders"].values():
+        assert d["compiled"] is False and len(d["paired_ratios"]) in (0, 2) and d["lossless_mismatches"] == 0
