@@ -74,7 +74,10 @@ def read_run(folder: Path) -> RunRows:
                 r[k] = _num(r.get(k))
             sub = r.get("model") or None
             opts = _options_label(given.get((sub, r["decoder"]), {}))
-            label = r["decoder"] + (f"({opts})" if opts else "") + (f" [{sub}]" if sub and sub != "base" else "")
+            # decoder = the setting as written (`tidar(block_size=4)`); its given options (the setting's
+            # and --decoder-arg's) make the label, so both spellings of one setting label alike
+            name = r["decoder"].split("(", 1)[0]
+            label = name + (f"({opts})" if opts else "") + (f" [{sub}]" if sub and sub != "base" else "")
             r["label"], r["run"] = label, folder.name
             rows.append(r)
     meta = {"model": model, "device": device, "date": _date(info_file), "command": info.get("command", "")}
