@@ -24,6 +24,13 @@ from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model
 from test_eagle import _functional_target, _prompts
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models, thousands of small ops: one thread avoids OpenMP's per-op synchronisation, which
+    on a loaded 2-core machine costs more than the ops (conftest sets 2 threads again per test)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory):
     out = {}
@@ -143,6 +150,8 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     make_hf_model("llama", tmp_path, seed=3, vocab_size=8, num_hidden_layers=4)
     model = load_model(tmp_path, "float32", "cpu")
     drafter = DFlashDrafter.from_target(model, num_layers=1, block_size=3, mask_token_id=7, seed=5).eval()
+    with torch.no_grad():  # the reference's init scale: drafts differ clearly from the target's samples
+        drafter.norm.weight.fill_(1.0)
     prompt, T = [1, 4, 2], 1.0
     seqs = torch.tensor(list(itertools.product(range(8), repeat=3)))
     ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
@@ -163,7 +172,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         return chi2_pvalue(counts, exact), multi / n
 
     for ds in (True, False):
-        p, accept_rate = run(ds, 600)
+        p, accept_rate = run(ds, 400)
         assert accept_rate > 0.15, ds  # token 2 often is an accepted draft
         assert p > 1e-3, ds
 
@@ -171,8 +180,8 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         return drafts.shape[0], int(sample(target_probs[-1], generator))
 
     monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
-    for ds in (True, False):
-        p, _ = run(ds, 200)
+    for ds, n in ((True, 300), (False, 100)):
+        p, _ = run(ds, n)
         assert p < 1e-6, ds
 
 
@@ -307,20 +316,25 @@ def test_drafter_training_improves_and_reloads(targets, tmp_path):
     class Data:
         seq_len = 32
 
-        def batches(self, batch_size, rank=0, world=1):
+        def __len__(self):
+            return len(seqs)
+
+        def batches(self, batch_size, rank=0, world=1, start=0):
             while True:
                 yield torch.stack(seqs)[torch.randperm(8, generator=gen)[:batch_size]]
 
-    drafter = _drafter(model, block_size=4)
+    drafter = DFlashDrafter.from_target(model, num_layers=2, block_size=4, mask_token_id=94, target_layer_ids=[1, 3],
+                                        init="target")
     drafter.requires_grad_(True)
     loss, metrics = DFlashObjective(model, drafter, num_anchors=8, labels="data").loss(drafter, torch.stack(seqs[:2]))
-    assert loss.isfinite() and set(metrics) == {"ce", "acc", "tau"}
+    assert loss.isfinite() and set(metrics) == {"ce", "acc", "tau"}  # no kl: data labels have no entropy
     obj = DFlashObjective(model, drafter, num_anchors=8)
     assert obj.gamma == 2.0 and obj.labels == "target"
     hist = train(obj, Data(), tmp_path / "d", TrainConfig(batch_size=4, steps=20, lr=3e-3, warmup_steps=2,
                                                           log_every=1, progress=False))
     first, last = sum(h["loss"] for h in hist[:3]) / 3, sum(h["loss"] for h in hist[-3:]) / 3
-    assert last < 0.7 * first, (first, last)
+    kl_first, kl_last = hist[0]["kl"], sum(h["kl"] for h in hist[-3:]) / 3
+    assert last < first and kl_last < 0.5 * kl_first, (first, last, kl_first, kl_last)
     assert sum(h["tau"] for h in hist[-3:]) / 3 > hist[0]["tau"]
     loaded = load_dflash_drafter(tmp_path / "d", model)
     for k, v in drafter.state_dict().items():

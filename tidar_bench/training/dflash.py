@@ -18,7 +18,7 @@ is weighted by exp(-(i-1)/gamma): early drafts decide the accepted length (DFlas
 defaults to 7 for k = 16, 5 for 10, 4 for 8, else k/2). Metrics: ce (unweighted mean), acc (argmax of
 row i == argmax of its label, all rows) and tau (1 + expected accepted drafts per block if each
 row were verified greedily against the label argmax: mean over blocks of the length of the
-leading run of hits + 1).
+leading run of hits + 1), and with target labels kl (ce minus the labels' entropy).
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ class DFlashObjective:
             hit = (logp.argmax(-1) == label_top).view(B, N, k - 1)
             run = hit.int().cumprod(-1).sum(-1).float()
             metrics = {"ce": ce.mean(), "acc": hit.float().mean(), "tau": 1 + run.mean()}
+            if self.labels == "target":  # CE minus the label's entropy: the part the drafter can still learn
+                metrics["kl"] = (ce + (probs * probs.clamp_min(1e-12).log()).sum(-1)).mean()
         return loss, metrics
 
     def save(self, out_dir: Path) -> None:
