@@ -258,7 +258,7 @@ def test_official_eagle3_layout_loads_and_decodes(targets, tmp_path):
         dec = build_decoder("eagle", DecoderContext(path, "cpu", "float32", draft_path=d),
                             {"depth": "3", "top_k": "2", "total_tokens": "6"})
         assert dec.options() == {"form": "eagle3", "draft_vocab_size": 32, "tree": True, "depth": 3, "top_k": 2,
-                                 "total_tokens": 6}
+                                 "total_tokens": 6, "compile": False}  # tests: compile=auto means off
         cfg_g = GenerationConfig(max_new_tokens=10)
         assert dec.generate([5, 6, 7], cfg_g).tokens == ARDecoder(model).generate([5, 6, 7], cfg_g).tokens
     # a tensor of the wrong shape, a missing tensor, and a missing draft dir are user errors
@@ -302,10 +302,13 @@ def test_head_training_loss_decreases(targets, tmp_path, form):
                 ids = torch.cat([ids, nxt[None]], 1)
         seqs.append(ids[0])
 
-    class Data:
+    class Data:  # the training loop's dataset interface (training/data.py)
         seq_len = 32
 
-        def batches(self, batch_size, rank=0, world=1):
+        def __len__(self):
+            return 8
+
+        def batches(self, batch_size, rank=0, world=1, start=0):
             while True:
                 yield torch.stack(seqs)[torch.randperm(8, generator=gen)[:batch_size]]
 
