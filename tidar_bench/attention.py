@@ -3,6 +3,7 @@
 earlier ones) or a bool tensor [B|1, 1, q, T] (True = attend), and return [B, H, q, D].
 
 - "sdpa": torch.nn.functional.scaled_dot_product_attention with boolean masks (every device).
+- "math": matmul + masked softmax + matmul (compiled static steps on CPU, see `math`).
 - "flex": FlexAttention with a block mask built from the same boolean mask (CUDA; also runs on
   CPU, where tests compare it with sdpa). Opt-in (TIDAR_BENCH_ATTN=flex): without compiled
   kernels and a cached block mask it is not faster than sdpa for per-step masks.
@@ -47,6 +48,23 @@ def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(mask, q_len, kv_len, q.device), **kw)
 
 
+def math(q, k, v, mask):
+    """Plain attention (matmul, masked softmax in fp32, matmul) with grouped heads folded into the
+    query rows. What compiled static steps use on CPU: there inductor fuses it into a few kernels,
+    while SDPA's CPU flash kernel costs hundreds of microseconds per call for a 1-token query over
+    the whole static cache. mask: None, or bool [B|1, 1, q, T]."""
+    B, H, qn, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    scores = (q.reshape(B, Hkv, rep * qn, D) @ k.transpose(-1, -2)).float() * D ** -0.5
+    if mask is not None:
+        if isinstance(mask, str):
+            mask = _dense(mask, qn, T, q.device)
+        scores = scores.view(B, Hkv, rep, qn, T).masked_fill(~mask[:, :, None], float("-inf")).view(B, Hkv, rep * qn, T)
+    out = scores.softmax(-1).to(v.dtype) @ v
+    return out.view(B, H, qn, D)
+
+
 def flex(q, k, v, mask):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -72,7 +90,7 @@ def flex_available() -> bool:
     return True
 
 
-BACKENDS = {"sdpa": sdpa, "flex": flex}
+BACKENDS = {"sdpa": sdpa, "flex": flex, "math": math}
 
 
 def select_backend(name: str = "auto", device: torch.device | str = "cpu"):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import math as math_attention
 from .attention import select_backend
 from .cache import KVCache
 from .errors import UserError
@@ -314,8 +315,9 @@ class Transformer(nn.Module):
         want = {i % self.config.num_hidden_layers for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
         x = self.model.embed_tokens(input_ids)
+        attn = math_attention if static and x.device.type == "cpu" else self.attn
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, i, cache, start, self.attn)
+            x = layer(x, cos, sin, mask, i, cache, start, attn)
             if i in want:
                 hidden[i] = x
         if cache is not None and not static:
