@@ -39,7 +39,11 @@ def _num(v):
 
 
 def _options_label(given: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(given.items()))
+    """k=v,... of the given options; a path (e.g. dflash's draft=DIR) shows as its last part."""
+    def short(v):
+        return Path(v).name if isinstance(v, str) and "/" in v else v
+
+    return ",".join(f"{k}={short(v)}" for k, v in sorted(given.items()))
 
 
 def read_run(folder: Path) -> RunRows:
