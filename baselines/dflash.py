@@ -34,7 +34,6 @@ Stats: nfe (target forwards), draft_forwards (one per step), accepted lengths = 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,7 +48,7 @@ from tidar_bench.decoding import (CachedDecoder, DecodeRun, Generation, Generati
                                   sample, speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
 from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict, read_config,
-                               rope_cos_sin, rope_inv_freq)
+                               rope_cos_sin, rope_inv_freq, save_checkpoint)
 from tidar_bench.registry import DecoderContext, register_decoder
 
 # ----------------------------------------------------------------------------- the drafter
@@ -266,17 +265,7 @@ class DFlashDrafter(nn.Module):
 
     def save(self, out_dir: str | Path) -> None:
         """config.json + model.safetensors in the official layout."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = out / "model.safetensors.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / "model.safetensors")
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.raw, indent=2))
-        tmp.replace(out / "config.json")
+        save_checkpoint(out_dir, self.state_dict(), self.config.raw)
 
 
 def target_context(hidden: dict[int, torch.Tensor], layer_ids: Sequence[int]) -> torch.Tensor:

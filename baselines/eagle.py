@@ -42,7 +42,6 @@ lengths = accepted drafts + 1 (EAGLE's tau).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,7 +57,7 @@ from tidar_bench.decoding import (CachedDecoder, DecodeRun, DecodeStats, Generat
                                   speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
 from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
-                               read_config, rope_cos_sin, rope_inv_freq)
+                               read_config, rope_cos_sin, rope_inv_freq, save_checkpoint)
 from tidar_bench.registry import DecoderContext, register_decoder
 
 FORMS = ("eagle3", "eagle1")
@@ -260,17 +259,8 @@ class EagleHead(nn.Module):
 
     def save(self, out_dir: str | Path) -> None:
         """config.json + model.safetensors in the official EAGLE-3 layout (no embedding)."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("embed_tokens")}
-        tmp = out / "model.safetensors.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / "model.safetensors")
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.raw, indent=2))
-        tmp.replace(out / "config.json")
+        save_checkpoint(out_dir, {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens")},
+                        self.config.raw)
 
 
 def load_eagle_head(path: str | Path, target) -> EagleHead:

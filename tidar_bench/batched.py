@@ -28,7 +28,6 @@ including waiting inside batched steps), prefill_time_s = its prefill.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 

@@ -449,18 +449,25 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Modul
     return model
 
 
-def save_model(model: Transformer, path: str | Path) -> None:
-    """Write config.json + model.safetensors (HF layout), atomically per file."""
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+    """Write config.json + model.safetensors (HF layout), atomically per file: the model core's,
+    draft heads' and drafters' checkpoints all go through here."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tmp = path / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")
     cfg_tmp = path / "config.json.tmp"
-    cfg_tmp.write_text(json.dumps(model.config.extra, indent=2))
+    cfg_tmp.write_text(json.dumps(config, indent=2))
     cfg_tmp.replace(path / "config.json")
+
+
+def save_model(model: Transformer, path: str | Path) -> None:
+    """Write config.json + model.safetensors (HF layout), atomically per file."""
+    sd = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_checkpoint(path, sd, model.config.extra)
