@@ -19,5 +19,8 @@ $TB speed --model $EMB/base --draft $EMB/eagle --decoders "ar,eagle,eagle(tree=F
   "${COMMON[@]}" --out results/speed/compiled_eagle_embedded_gsm20.json
 $TB speed --model $EMB/tidar --decoders "ar,tidar(max_blocks=3),tidar,tidar(max_blocks=3,compile=false),ar(compile=false)" \
   "${COMMON[@]}" --out results/speed/compiled_tidar_embedded_gsm20.json
-$TB profile-latency --model $EMB/tidar --context 256 --slots 1,2,4,8,16,32,72 --mask tidar --block-size 8 \
-  --repeats 20 --device cpu --compile on --out results/latency/cpu/embedded-compiled
+for mode in on off; do
+  out=results/latency/cpu/embedded-$([ $mode = on ] && echo compiled || echo eager)
+  $TB profile-latency --model $EMB/tidar --context 256 --slots 1,2,4,8,16,32,72 --mask tidar --block-size 8 \
+    --repeats 20 --device cpu --compile $mode --out "$out"
+done
