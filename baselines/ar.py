@@ -44,10 +44,10 @@ class ARDecoder(CachedDecoder):
         pos = torch.tensor([cache.length], device=dev)  # position == cache slot of the fed token
         ahead = dev.type == "cuda"  # launch step i+1 before reading token i back
         host = torch.empty(1, dtype=torch.long, pin_memory=ahead)
+        copied = torch.cuda.Event() if ahead else None
         while True:
             host.copy_(tok.view(1), non_blocking=ahead)
             if ahead:
-                copied = torch.cuda.Event()
                 copied.record()
                 nxt = self._step(tok, pos, cache, sp, run)
                 copied.synchronize()  # waits for the copy only, not for the step just launched

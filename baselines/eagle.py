@@ -431,7 +431,7 @@ class EagleDecoder(CachedDecoder):
 
     def _absorb(self, hcache: KVCache, pair_ids: list[int], feats: torch.Tensor, eager: bool):
         """Feed the newly committed pairs to the head: (hidden, logits) of the last one. Compiled:
-        always depth + 1 rows, the padding after the real pairs (seeing only itself) is evicted."""
+        always depth + 1 rows; the padding after the real pairs is evicted."""
         dev = feats.device
         n = len(pair_ids)
         if eager:
@@ -442,9 +442,8 @@ class EagleDecoder(CachedDecoder):
         ids[0, :n] = torch.tensor(pair_ids, device=dev)
         f = torch.zeros(1, A, feats.shape[-1], dtype=feats.dtype, device=dev)
         f[:, :n] = feats
-        local = torch.eye(A, dtype=torch.bool, device=dev)
-        local[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-        hidden, logits = self.head_steps(ids, cache=hcache, local_mask=local, target_feats=f,
+        # causal: the real pairs come first and never see the padding, whose outputs and KV are dropped
+        hidden, logits = self.head_steps(ids, cache=hcache, target_feats=f,
                                          position_ids=torch.arange(P, P + A, device=dev))
         hcache.crop(P + n)
         return hidden[0, n - 1], logits[0, n - 1]

@@ -140,8 +140,9 @@ class Steps:
         device tensor the caller keeps up to date, e.g. AR's position, to skip a host-to-device copy).
 
         local_mask: [q, W] bool over the key window starting at `window` (default: the fed tokens'
-        own slots, W = q); every slot before the window is attended; None = causal. Returns the
-        forward's output; cache.length advances by q."""
+        own slots, W = q); every slot before the window is attended; None = causal (no window).
+        q: entries the forward writes to the cache (default args[0].shape[1]; DFlash's drafter writes
+        its context rows too). Returns the forward's output; cache.length advances by q."""
         if q is None:
             q = args[0].shape[1]
         P = cache.length
@@ -172,19 +173,18 @@ class Steps:
         return out
 
     def _eager_mask(self, local: torch.Tensor | None, P: int, w0: int, q: int) -> torch.Tensor | None:
-        """[q, P + q]: every slot before the window, then the local mask over the window."""
+        """[q, P + q]: every slot before the window, then the local mask over the window (None: the
+        model's own causal mask)."""
         if local is None:
-            return None if w0 == P else self._eager_mask(torch.ones(q, q, dtype=torch.bool, device=self.device).tril(),
-                                                          P, w0, q)
+            return None
         n = P + q
         if self._mask_buf.numel() < q * n:
             self._mask_buf = torch.empty(max(q * n, 2 * self._mask_buf.numel()), dtype=torch.bool, device=self.device)
         mask = self._mask_buf[: q * n].view(q, n)
         mask[:, :w0] = True
-        W = local.shape[-1]
-        mask[:, w0 : w0 + W] = local[..., : n - w0] if w0 + W > n else local
-        if w0 + W < n:
-            mask[:, w0 + W :] = False
+        W = min(local.shape[-1], n - w0)  # the window may reach past the live keys
+        mask[:, w0 : w0 + W] = local[..., :W]
+        mask[:, w0 + W :] = False
         return mask
 
 
