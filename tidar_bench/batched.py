@@ -38,19 +38,26 @@ from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
 
 
-def supports_batch(decoder) -> str | None:
-    """None when `generate_batch` can run this decoder (a decoder instance, or just its name),
-    else why not (one line)."""
+def supports_batch(decoder, options: dict | None = None) -> str | None:
+    """None when `generate_batch` can run this decoder (a decoder instance, or just its name, with
+    its full options when known: checked before anything is built), else why not (one line)."""
     name = decoder if isinstance(decoder, str) else getattr(decoder, "name", type(decoder).__name__)
     if name not in _RUNNERS:
         return f"batched decoding (--batch-size) supports {', '.join(sorted(_RUNNERS))}; not {name!r}"
     if isinstance(decoder, str):
-        return None
-    if name == "tidar" and not decoder.lossless:
+        if options is None:
+            return None
+        o = options  # the factories' defaults where an option is absent
+        lossless = o.get("mode", "tidar") == "tidar" and float(o.get("beta", 1.0)) == 1.0
+        block_cache, tree = bool(o.get("block_cache", True)), bool(o.get("tree", True))
+    else:
+        lossless, block_cache = getattr(decoder, "lossless", True), getattr(decoder, "block_cache", True)
+        tree = getattr(decoder, "tree", False)
+    if name == "tidar" and not lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1)"
-    if name == "bd" and not decoder.block_cache:
+    if name == "bd" and not block_cache:
         return "batched bd needs the block cache (block_cache=True)"
-    if name == "eagle" and decoder.tree:
+    if name == "eagle" and tree:
         return "batched eagle drafts chains: use --decoder-arg eagle.tree=False (chain_length=N)"
     return None
 

@@ -50,16 +50,22 @@ def run_cmd(
     gen_kwargs: Optional[str] = typer.Option(
         None, "--gen-kwargs", help="generation settings for every task, e.g. max_gen_toks=64 (lm-eval's --gen_kwargs)"),
     compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="sequences in flight per decoder (tidar_bench/batched.py: ar, tidar lossless, "
+                                "eagle tree=False, bd block_cache; greedy tasks only); tokens/s and the speedup vs "
+                                "ar are then throughput over the batch"),
 ) -> None:
-    """Evaluate decoders on lm-eval tasks at batch 1: scores, tokens/s, T/NFE, accepted length,
-    speedup vs ar, lossless check. Re-running the same command resumes; works under torchrun.
-    Without --model: the embedded default (shipped tiny models, mini tasks, every decoder)."""
+    """Evaluate decoders on lm-eval tasks at batch 1 (or --batch-size B): scores, tokens/s, T/NFE,
+    accepted length, speedup vs ar, lossless check. Re-running the same command resumes; works under
+    torchrun. Without --model: the embedded default (shipped tiny models, mini tasks, every decoder)."""
     from ..harness.runner import RunSpec, run
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     if model is None and (apply_chat_template or fewshot_as_multiturn is not None or system_instruction is not None
                           or gen_kwargs is not None):
         raise UserError("--apply-chat-template, --fewshot-as-multiturn, --system-instruction and --gen-kwargs need --model")
+    if model is None and batch_size != 1:
+        raise UserError("--batch-size needs --model (the embedded suite runs hf and dflash, which decode at batch 1 only)")
     if model is None:
         return _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec, decoders_, draft,
                              include_path, hub_datasets, compile)
@@ -77,12 +83,13 @@ def run_cmd(
                    decoder_args=list(decoder_arg or []), allow_code_exec=allow_code_exec,
                    hub_datasets=hub_datasets, include_path=include_path, apply_chat_template=apply_chat_template,
                    fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction,
-                   gen_kwargs=gen_kwargs)
+                   gen_kwargs=gen_kwargs, batch_size=batch_size)
     result = run(spec)
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return
     info, rows = result["info"], result["rows"]
-    console = _print_table(rows, f"tidar-bench run -> {out}  (batch 1, seed {seed}, world size {info['world_size']})")
+    console = _print_table(rows, f"tidar-bench run -> {out}  (batch {batch_size}, seed {seed}, "
+                                 f"world size {info['world_size']})", batch_size)
     overhead = info["overhead_fraction"]
     console.print(f"decoded now: {sum(d['decoded_this_invocation'] for d in info['decoders'].values())} requests; "
                   f"harness overhead {_fmt(overhead and 100 * overhead, '.2f')}% of decode time; "
@@ -107,9 +114,10 @@ def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-def _print_table(rows: list[dict], title: str):
+def _print_table(rows: list[dict], title: str, batch_size: int = 1):
     """One compact row per (task, checkpoint, decoder, metric and filter); every other column is in
-    summary.csv. Piped output gets a wide console so the table is never folded."""
+    summary.csv. A batch column when batch_size > 1 (the title says the batch size either way). Piped
+    output gets a wide console so the table is never folded."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -119,24 +127,32 @@ def _print_table(rows: list[dict], title: str):
         console = Console(width=160)
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     with_model = any("model" in r for r in rows)
-    cols = ["task"] + ["model"] * with_model + ["decoder", "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE",
-                                                "acc.len", "vs ar", "n", "≠ar"]
+    with_batch = batch_size > 1
+    cols = ["task"] + ["model"] * with_model + ["decoder"] + ["batch"] * with_batch + [
+        "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE", "acc.len", "vs ar", "n", "≠ar"]
     for col in cols:
         t.add_column(col, no_wrap=True, justify="left" if col in ("task", "model", "decoder") else "right")
     for r in rows:
         score = "-" if r["score"] is None else f"{r['score']:.3f} ± {_fmt(r['stderr'], '.3f')}"
         t.add_row(r["task"].removeprefix("tb_"), *([r["model"]] if with_model else []), r["decoder"],
-                  metric_label(r["metric"]), score,
+                  *([str(r.get("batch_size") or batch_size)] if with_batch else []), metric_label(r["metric"]), score,
                   _fmt(r["tokens_per_s"], ".1f"), _yes(r.get("compiled")), _fmt(r["tokens_per_nfe"], ".2f"),
                   _fmt(r["mean_accepted_length"], ".2f"),
                   _fmt(r["speedup_vs_ar"], ".2f") + ("x" if r["speedup_vs_ar"] is not None else ""), str(r["n"]),
                   "-" if r["mismatches_vs_ar"] is None else str(r["mismatches_vs_ar"]))
     console.print(t)
-    console.print("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward; acc.len: "
-                  "tokens committed per decoding step; vs ar: tokens/s over the tok/s of the ar row of the same task "
-                  "(and checkpoint), whose compiled column gives the baseline's compile mode; compiled: static-shape "
-                  "steps under torch.compile (compile time excluded from tok/s); ≠ar: greedy outputs of a lossless "
-                  "decoder that differ from ar's (must be 0)", style="dim")
+    if batch_size > 1:
+        speed = (f"tok/s: throughput over the batch, all new tokens / wall time of the batched calls ({batch_size} "
+                 "sequences in flight, continuous refill; not per sequence); T/NFE: new tokens per target forward "
+                 "a sequence took part in; acc.len: tokens committed per decoding step; vs ar: that throughput over "
+                 "ar's batched throughput on the same task (and checkpoint) at the same batch size; compiled: no, "
+                 "batched steps run the static-shape forward eagerly")
+    else:
+        speed = ("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward; acc.len: "
+                 "tokens committed per decoding step; vs ar: tokens/s over the tok/s of the ar row of the same task "
+                 "(and checkpoint), whose compiled column gives the baseline's compile mode; compiled: static-shape "
+                 "steps under torch.compile (compile time excluded from tok/s)")
+    console.print(f"{speed}; ≠ar: greedy outputs of a lossless decoder that differ from ar's (must be 0)", style="dim")
     return console
 
 

@@ -5,7 +5,10 @@
 (`import tidar_bench.harness.lm` registers the name; see `tidar-bench run` for the full harness.)
 
 `generate_until` decodes at batch 1, one request at a time, through `decoder.generate`, and keeps a
-record per request (tokens, NFE, accepted lengths, latency, finish reason). With a `SampleCache`
+record per request (tokens, NFE, accepted lengths, latency, finish reason). With batch_size B > 1
+(greedy only) the requests of one task and generation config are decoded together by
+`batched.generate_batch`, B sequences in flight, each recorded as it finishes (the same record, plus
+batch_size, its share of the call's wall time and the group's throughput). With a `SampleCache`
 a request already decoded (same prompt, generation kwargs, decoder options, model, seed) is
 answered from the cache, which makes re-runs and interrupted runs resume without new decoding.
 `loglikelihood*` use the model core's causal forward without a cache.
@@ -21,6 +24,7 @@ the answer is decoded without special tokens and cut at the first stop string (l
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -64,17 +68,49 @@ def sampling_from(gen_kwargs: dict, seed: int, item: str) -> SamplingParams:
                           seed=(seed * 1_000_003 + int(item[:12], 16)) % (2**63))
 
 
+def sampling_refusal(task: str, gen_kwargs: dict, batch_size: int) -> str | None:
+    """Why a request cannot be decoded at this batch size (batched decoding is greedy only), else None."""
+    if batch_size <= 1:
+        return None
+    sp = sampling_from(gen_kwargs, 0, "0" * 12)
+    if sp.greedy:
+        return None
+    return (f"--batch-size {batch_size}: batched decoding is greedy only; {task.removeprefix('tb_')} asks "
+            f"sampling (do_sample, temperature {sp.temperature:g}): use --batch-size 1 or greedy --gen-kwargs")
+
+
+@dataclass
+class _Item:
+    """One generate_until request: its identity, then (once it is to be decoded) its prompt ids and
+    GenerationConfig (`TidarBenchLM._setup`)."""
+
+    req: object
+    task: str
+    context: str
+    gen_kwargs: dict
+    item: str
+    key: str
+    ids: list[int] = field(default_factory=list)
+    truncated: bool = False
+    until: list[str] = field(default_factory=list)
+    max_new: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    cfg: GenerationConfig | None = None
+
+
 @register_model("tidar-bench")
 class TidarBenchLM(LM):
-    """Batch-1 lm-eval LM over one decoder.
+    """lm-eval LM over one decoder, at batch 1 (or batch_size sequences in flight, greedy only:
+    `batched.generate_batch`).
 
     decoder_factory builds the decoder on first need (a fully cached run loads no model);
-    key_info (decoder name, options, model, seed) goes into every cache key; shard=(rank, world)
-    makes this LM decode only every world-th request of each task (others answer "")."""
+    key_info (decoder name, options, model, seed; batch size when > 1) goes into every cache key;
+    shard=(rank, world) makes this LM decode only every world-th request of each task (others answer "")."""
 
     def __init__(self, ctx: DecoderContext, decoder_name: str, options: dict | None = None, *,
                  decoder_factory: Callable | None = None, seed: int = 0, max_length: int | None = None,
-                 store: SampleCache | None = None, shard: tuple[int, int] = (0, 1), progress=None):
+                 store: SampleCache | None = None, shard: tuple[int, int] = (0, 1), progress=None,
+                 batch_size: int = 1):
         super().__init__()
         self.ctx = ctx
         self.decoder_name = decoder_name
@@ -89,8 +125,13 @@ class TidarBenchLM(LM):
         self.progress = progress  # rich Progress or None
         self.records: list[dict] = []  # requests answered in this LM's life (decoded or cached)
         self.decoded = 0  # requests actually decoded (not from the cache)
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         self.key_info = {"decoder": decoder_name, "options": self.decoder_options,
                          "model": str(Path(ctx.model_path).resolve()), "seed": seed}
+        if batch_size > 1:  # records of batched decoding time another thing: never mixed with batch 1
+            self.key_info["batch_size"] = batch_size
 
     # ------------------------------------------------------------------ construction from lm-eval
 
@@ -190,7 +231,6 @@ class TidarBenchLM(LM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out: list[str] = []
         index_in_task: dict[str, int] = {}
         bars: dict[str, object] = {}
         if self.progress is not None:
@@ -199,78 +239,195 @@ class TidarBenchLM(LM):
                 if name not in bars:
                     total = sum(1 for q in requests if (getattr(q, "task_name", None) or "task") == name)
                     bars[name] = self.progress.add_task(f"{self.decoder_name} × {name}", total=total)
+        todo = []  # (request, task, repeat, whether this rank decodes it)
         repeats: dict[int, int] = {}  # lm-eval repeats a request by listing the same object again
         for req in requests:
             task = getattr(req, "task_name", None) or "task"
             i = index_in_task[task] = index_in_task.get(task, -1) + 1
             repeat = repeats[id(req)] = repeats.get(id(req), -1) + 1
-            mine = i % self.shard[1] == self.shard[0]
-            out.append(self._generate_one(req, task, repeat, mine))
+            todo.append((req, task, repeat, i % self.shard[1] == self.shard[0]))
+
+        def advance(task: str) -> None:
             if task in bars:
                 self.progress.advance(bars[task])
+
+        if self.batch_size > 1:
+            return self._generate_batched(todo, advance)
+        out: list[str] = []
+        for req, task, repeat, mine in todo:
+            out.append(self._generate_one(req, task, repeat, mine))
+            advance(task)
         return out
 
-    def _generate_one(self, req, task: str, repeat: int, mine: bool) -> str:
-        t_start = time.perf_counter()
+    def _item(self, req, task: str, repeat: int) -> _Item:
         context, gen_kwargs = req.args[0], dict(req.args[1] or {})
         item = item_hash(context, gen_kwargs, repeat)
-        key = stable_hash({"item": item, **self.key_info})
-        cached = self.store.get(key) if self.store is not None else None
-        if cached is not None:
-            self.records.append(cached)
-            return cached["output"]
-        if not mine:
-            return ""
-        if self._decoder is None:  # building the decoder is not per-request bookkeeping: keep it out
-            t_build = time.perf_counter()
-            _ = self.decoder
-            t_start += time.perf_counter() - t_build
-        norm = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+        return _Item(req, task, context, gen_kwargs, item, stable_hash({"item": item, **self.key_info}))
+
+    def _cached(self, it: _Item) -> str | None:
+        cached = self.store.get(it.key) if self.store is not None else None
+        if cached is None:
+            return None
+        self.records.append(cached)
+        return cached["output"]
+
+    def _setup(self, it: _Item) -> None:
+        """The prompt ids (HFLM's encoding and left truncation) and the GenerationConfig of a request
+        to decode: the same at every batch size."""
+        norm = normalize_gen_kwargs(it.gen_kwargs, DEFAULT_MAX_GEN_TOKS)
         eos_text = (self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
                     if self.tokenizer.eos_token_id is not None else None)
-        until = handle_stop_sequences(norm.get("until"), eos=eos_text)
+        it.until = handle_stop_sequences(norm.get("until"), eos=eos_text)
         max_new = int(norm["max_gen_toks"])
-        sampling = sampling_from(gen_kwargs, self.seed, item)
-        ids = self.encode_context(context)
-        max_new = max(1, min(max_new, self.max_length - 1))
+        it.sampling = sampling_from(it.gen_kwargs, self.seed, it.item)
+        ids = self.encode_context(it.context)
+        it.max_new = max_new = max(1, min(max_new, self.max_length - 1))
         keep = self.max_length - max_new
-        truncated = len(ids) > keep
-        ids = ids[-keep:] if truncated else ids
-        cfg = GenerationConfig(max_new_tokens=max_new, stop_strings=tuple(until),
-                               stop_token_ids=self.ctx.stop_token_ids, sampling=sampling)
-        decoder = self.decoder
-        if not self._warm:  # warm-up: not per-request bookkeeping either
-            t_warm = time.perf_counter()
-            self._warm_up(ids, cfg)
-            t_start += time.perf_counter() - t_warm
-        timer = Timer(resolve_device(self.ctx.device))
-        t0 = timer.now()
-        gen = decoder.generate(ids, cfg)
-        latency = timer.now() - t0 - gen.stats.compile_s  # compilation of a new step shape is reported apart
+        it.truncated = len(ids) > keep
+        it.ids = ids[-keep:] if it.truncated else ids
+        it.cfg = GenerationConfig(max_new_tokens=max_new, stop_strings=tuple(it.until),
+                                  stop_token_ids=self.ctx.stop_token_ids, sampling=it.sampling)
+
+    def _record(self, it: _Item, gen, latency: float, compiled: bool, **extra) -> dict:
+        """The per-request record (cache line) of a decoded request; `extra` fields (batched mode)
+        follow the common ones."""
         s = gen.stats
         # HFLM's answer: the continuation without special tokens, cut at the first stop string
-        text = postprocess_generated_text(self.tokenizer.decode(gen.tokens, skip_special_tokens=True), until, None)
-        record = {
-            "key": key, "item": item, "task": task, "doc_id": getattr(req, "doc_id", None),
-            "prompt_hash": prompt_hash(context), "prompt_tokens": len(ids), "truncated": truncated,
+        text = postprocess_generated_text(self.tokenizer.decode(gen.tokens, skip_special_tokens=True), it.until, None)
+        return {
+            "key": it.key, "item": it.item, "task": it.task, "doc_id": getattr(it.req, "doc_id", None),
+            "prompt_hash": prompt_hash(it.context), "prompt_tokens": len(it.ids), "truncated": it.truncated,
             "output": text, "tokens": list(gen.tokens), "new_tokens": s.new_tokens, "nfe": s.nfe,
             "accepted_lengths": list(s.accepted_lengths), "latency_s": latency,
             "decoder_wall_s": s.wall_time_s, "prefill_time_s": s.prefill_time_s,
             "tokens_per_s": s.new_tokens / latency if latency > 0 else 0.0,
             "tokens_per_nfe": s.tokens_per_nfe, "draft_forwards": s.draft_forwards, "compile_s": s.compile_s,
-            "compiled": bool(decoder.options().get("compile", False)),
-            "finish_reason": gen.finish_reason, "greedy": sampling.greedy,
-            "lossless": bool(getattr(decoder, "lossless", False)), "max_new_tokens": max_new,
+            "compiled": compiled,
+            "finish_reason": gen.finish_reason, "greedy": it.sampling.greedy,
+            "lossless": bool(getattr(self._decoder, "lossless", False)), "max_new_tokens": it.max_new, **extra,
         }
-        # everything outside decoder.generate for this request (the store's fsync included)
-        record["harness_s"] = (time.perf_counter() - t_start) - latency - s.compile_s  # compilation is not harness
+
+    def _keep(self, record: dict, harness_s: float) -> None:
+        """Store a decoded request's record; `harness_s` is its bookkeeping outside decoding so far
+        (the store's write is added)."""
+        record["harness_s"] = harness_s
         if self.store is not None:
             t1 = time.perf_counter()
             self.store.append(record)
             record["harness_s"] += time.perf_counter() - t1
         self.records.append(record)
         self.decoded += 1
-        return text
+
+    def _generate_one(self, req, task: str, repeat: int, mine: bool) -> str:
+        t_start = time.perf_counter()
+        it = self._item(req, task, repeat)
+        cached = self._cached(it)
+        if cached is not None:
+            return cached
+        if not mine:
+            return ""
+        if self._decoder is None:  # building the decoder is not per-request bookkeeping: keep it out
+            t_build = time.perf_counter()
+            _ = self.decoder
+            t_start += time.perf_counter() - t_build
+        self._setup(it)
+        decoder = self.decoder
+        if not self._warm:  # warm-up: not per-request bookkeeping either
+            t_warm = time.perf_counter()
+            self._warm_up(it.ids, it.cfg)
+            t_start += time.perf_counter() - t_warm
+        timer = Timer(resolve_device(self.ctx.device))
+        t0 = timer.now()
+        gen = decoder.generate(it.ids, it.cfg)
+        latency = timer.now() - t0 - gen.stats.compile_s  # compilation of a new step shape is reported apart
+        record = self._record(it, gen, latency, bool(decoder.options().get("compile", False)))
+        # everything outside decoder.generate for this request (the store's fsync included)
+        self._keep(record, (time.perf_counter() - t_start) - latency - gen.stats.compile_s)  # compilation is not harness
+        return record["output"]
+
+    # ------------------------------------------------------------------ batched generation
+
+    def _generate_batched(self, todo: list, advance: Callable[[str], None]) -> list[str]:
+        """batch_size > 1: cached requests from the store, other ranks' requests "", the rest grouped
+        by (task, GenerationConfig) in request order and decoded by `batched.generate_batch` with
+        batch_size sequences in flight, each recorded and stored as it finishes."""
+        from ..batched import supports_batch
+
+        out = [""] * len(todo)
+        fresh = []  # (position in the request list, item, its bookkeeping seconds so far)
+        for pos, (req, task, repeat, mine) in enumerate(todo):
+            t0 = time.perf_counter()
+            it = self._item(req, task, repeat)
+            cached = self._cached(it)
+            if cached is not None or not mine:
+                out[pos] = cached or ""
+                advance(task)
+                continue
+            fresh.append((pos, it, time.perf_counter() - t0))
+        if not fresh:
+            return out
+        for _, it, _ in fresh:  # before anything is decoded
+            why = sampling_refusal(it.task, it.gen_kwargs, self.batch_size)
+            if why:
+                raise UserError(why)
+        why = supports_batch(self.decoder)
+        if why:
+            raise UserError(f"--batch-size {self.batch_size}: decoder {self.decoder_name}: {why}")
+        groups: dict[tuple, list] = {}
+        for pos, it, prep_s in fresh:
+            t0 = time.perf_counter()
+            self._setup(it)
+            groups.setdefault((it.task, it.cfg), []).append((pos, it, prep_s + time.perf_counter() - t0))
+        for (task, cfg), members in groups.items():
+            self._decode_group(members, cfg, out, advance)
+        return out
+
+    def _decode_group(self, members: list, cfg: GenerationConfig, out: list[str], advance) -> None:
+        """One generate_batch call over a group. Per request: latency_s = its own admission to finish
+        (minus the other requests' bookkeeping done meanwhile), batch_share_s = the call's wall time
+        since the previous request finished (bookkeeping excluded; the shares add up to the call's
+        decode wall time, so tokens / shares is the throughput over the batch even over resumed
+        groups), and at the end of the call the group's batch_wall_s and batch_tokens_per_s."""
+        from bisect import bisect_left
+
+        from ..batched import generate_batch
+
+        B, decoder = self.batch_size, self.decoder
+        prompts = [it.ids for _, it, _ in members]
+        if not self._warm:  # untimed: kernels, allocator, and the batch caches sized for the longest prompts
+            generate_batch(decoder, sorted(prompts, key=len)[-B:], cfg, B)
+            self._warm = True
+        timer = Timer(resolve_device(self.ctx.device))
+        records: list[dict] = []
+        book_starts: list[float] = []  # each on_done's start, and the bookkeeping time summed before it
+        book_cum = [0.0]
+        mark = [0.0]
+
+        def on_done(i: int, gen) -> None:
+            t_cb = timer.now()
+            pos, it, prep_s = members[i]
+            admitted = t_cb - gen.stats.wall_time_s
+            others = book_cum[-1] - book_cum[bisect_left(book_starts, admitted)]
+            record = self._record(it, gen, gen.stats.wall_time_s - others, False, batch_size=B,
+                                  batch_share_s=t_cb - mark[0])
+            self._keep(record, prep_s)
+            records.append(record)
+            out[pos] = record["output"]
+            advance(it.task)
+            mark[0] = time.perf_counter()
+            record["harness_s"] = prep_s + (mark[0] - t_cb)
+            book_starts.append(t_cb)
+            book_cum.append(book_cum[-1] + mark[0] - t_cb)
+
+        mark[0] = t0 = timer.now()
+        generate_batch(decoder, prompts, cfg, B, on_done=on_done)
+        wall = timer.now() - t0 - book_cum[-1]
+        tokens = sum(r["new_tokens"] for r in records)
+        for r in records:
+            r["batch_wall_s"] = wall
+            r["batch_tokens_per_s"] = tokens / wall if wall > 0 else 0.0
+        if self.store is not None:
+            self.store.amend(records)  # the group's fields, known only now
 
     # ------------------------------------------------------------------ scoring
 

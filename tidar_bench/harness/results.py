@@ -7,6 +7,10 @@ A cache record is one decoded request, appended and flushed as soon as it is dec
      "task", "doc_id", "prompt_hash", "output", "tokens", "new_tokens", "nfe", "accepted_lengths",
      "latency_s", "prefill_time_s", "finish_reason", "greedy", "lossless", "harness_s", ...}
 
+and, decoded by `run --batch-size B` (B > 1), "batch_size", "batch_share_s" (the batched call's wall
+time since the previous record of the call finished: the shares add up to the call's decode time),
+"batch_wall_s" and "batch_tokens_per_s" (the whole call's; written when the call ends).
+
 `item` does not depend on the decoder, so records of two decoders on the same item can be paired
 (lossless decoders vs `ar`)."""
 
@@ -69,9 +73,12 @@ class SampleCache:
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
 
+    def _path(self, task: str) -> Path:
+        return self.folder / f"{_safe(task)}{self.suffix}.jsonl"
+
     def append(self, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{_safe(record['task'])}{self.suffix}.jsonl"
+        path = self._path(record["task"])
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
@@ -80,6 +87,17 @@ class SampleCache:
             if self._appended % FSYNC_EVERY == 0:  # bounds what a machine crash can lose
                 os.fsync(f.fileno())
         self.records[record["key"]] = record
+
+    def amend(self, records: list[dict]) -> None:
+        """Replace records appended earlier (same keys) by these, e.g. with fields known only after
+        them (a batched group's throughput): each file they are in is rewritten atomically."""
+        by_path: dict[Path, dict[str, dict]] = {}
+        for r in records:
+            by_path.setdefault(self._path(r["task"]), {})[r["key"]] = r
+            self.records[r["key"]] = r
+        for path, new in by_path.items():
+            if path.exists():
+                write_jsonl(path, [new.get(r["key"], r) for r in read_jsonl(path)])
 
     @staticmethod
     def merge_shards(folder: Path) -> None:
@@ -106,9 +124,12 @@ def _safe(name: str) -> str:
 
 def speed_stats(records: list[dict]) -> dict:
     """Totals over decoded requests: tokens/s = total new tokens / total decode wall time,
-    T/NFE = total tokens / total NFE, mean accepted length averaged over all decoding steps."""
+    T/NFE = total tokens / total NFE, mean accepted length averaged over all decoding steps.
+    Batched records (batch_size > 1): the decode wall time is that of the batched calls (the sum of
+    the records' batch_share_s), so tokens/s is the throughput over the batch, not per sequence."""
     tokens = sum(r["new_tokens"] for r in records)
-    time_s = sum(r["latency_s"] for r in records)
+    batched = bool(records) and all("batch_share_s" in r for r in records)
+    time_s = sum(r["batch_share_s"] if batched else r["latency_s"] for r in records)
     nfe = sum(r["nfe"] for r in records)
     steps = [a for r in records for a in r["accepted_lengths"]]
     return {
@@ -137,13 +158,15 @@ def lossless_mismatches(records: list[dict], ar_records: list[dict]) -> int | No
 
 SUMMARY_COLUMNS = ("task", "decoder", "metric", "filter", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
                    "mean_accepted_length", "speedup_vs_ar", "ar_tokens_per_s", "compiled", "ar_compiled", "n",
-                   "mismatches_vs_ar")
+                   "mismatches_vs_ar", "batch_size")
 
 
-def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dict]]], decoders: list[str]) -> list[dict]:
+def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dict]]], decoders: list[str],
+                 batch_size: int = 1) -> list[dict]:
     """One row per task x decoder x metric x filter (`metric` is lm-eval's `metric,filter` key,
     `filter` its filter name: gsm8k has strict-match and flexible-extract). `results[decoder]` is lm-eval's result dict,
-    `records[decoder][task]` the decoded requests of that task (groups: of their subtasks)."""
+    `records[decoder][task]` the decoded requests of that task (groups: of their subtasks). At
+    batch_size > 1 tokens/s (and so the speedup over ar at the same batch size) is over the batch."""
     rows = []
     for dec in decoders:
         res = results[dec]
@@ -169,7 +192,7 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
                     # every speedup comes with its baseline's own tokens/s and compile mode
                     "ar_tokens_per_s": ar_tps if ar else None, "compiled": sp["compiled"],
                     "ar_compiled": ar_sp["compiled"] if ar else None,
-                    "n": sp["n"], "mismatches_vs_ar": mism,
+                    "n": sp["n"], "mismatches_vs_ar": mism, "batch_size": batch_size,
                 })
     return rows
 

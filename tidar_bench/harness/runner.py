@@ -1,8 +1,9 @@
 """`tidar-bench run`: every decoder on the same lm-eval tasks, one run folder.
 
 For each decoder, lm-eval builds the same requests (same task configs, few-shot, seeds, limit), and
-`TidarBenchLM` decodes them at batch 1 (one warm-up generate first), caching each decoded request
-in `cache/<decoder>/<task>.jsonl`. The run folder then gets:
+`TidarBenchLM` decodes them at batch 1 (one warm-up generate first), or with `--batch-size B` B at a
+time through `batched.generate_batch` (greedy only; one untimed warm-up call), caching each decoded
+request in `cache/<decoder>/<task>.jsonl`. The run folder then gets:
 
     run_spec.json                    identity of the command (written first; guards the folder)
     results_<decoder>.json           lm-eval results
@@ -56,12 +57,16 @@ class RunSpec:
     system_instruction: str | None = None  # lm-eval's --system_instruction
     gen_kwargs: str | None = None  # lm-eval's --gen_kwargs, e.g. "max_gen_toks=64" (overrides every task's)
     compile: str = "auto"  # --compile: default of every decoder's `compile` option (settings override it)
+    batch_size: int = 1  # --batch-size: sequences in flight per decoder (batched.generate_batch; greedy only)
 
     def identity(self) -> dict:
         """What makes two invocations 'the same command' (the folder's own path, so a moved folder
-        still resumes, and sharding excluded)."""
+        still resumes, and sharding excluded). Batch 1 leaves batch_size out, so folders of versions
+        before --batch-size still resume."""
         d = asdict(self)
         del d["out"]
+        if d["batch_size"] == 1:
+            del d["batch_size"]
         for k in ("model", "draft", "include_path"):
             d[k] = str(Path(d[k]).resolve()) if d[k] is not None else None
         d["lm_eval_seeds"] = dict(LM_EVAL_SEEDS)  # folders of older versions (few-shot seed = --seed) differ
@@ -80,6 +85,8 @@ class RunSpec:
         if self.include_path:
             parts += ["--include-path", str(self.include_path)]
         parts += ["--compile", self.compile]
+        if self.batch_size != 1:
+            parts += ["--batch-size", str(self.batch_size)]
         parts += ["--allow-code-exec"] * self.allow_code_exec + ["--hub-datasets"] * self.hub_datasets
         parts += ["--apply-chat-template"] * self.apply_chat_template
         if self.fewshot_as_multiturn is not None:
@@ -226,12 +233,35 @@ def _check_tokenizer(spec: RunSpec) -> None:
                         "(tokenizer_config.json `chat_template` or chat_template.jinja); drop the option for a base model")
 
 
+def _check_batch(spec: RunSpec, options: dict[str, dict], names: dict[str, str], lm_tasks: list[str], tm) -> None:
+    """--batch-size > 1: every decoder setting must run batched, and every generation task greedy
+    (its generation_kwargs with --gen-kwargs applied, as lm-eval applies them)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from ..batched import supports_batch
+    from .lm import sampling_refusal
+
+    for label in spec.decoders:
+        why = supports_batch(names[label], options[label])
+        if why:
+            raise UserError(f"--batch-size {spec.batch_size}: decoder {label}: {why}")
+    override = simple_parse_args_string(spec.gen_kwargs) if spec.gen_kwargs else {}
+    for name, task in tm.load(list(lm_tasks))["tasks"].items():
+        if task.get_config("output_type") != "generate_until":
+            continue
+        why = sampling_refusal(name, {**(task.get_config("generation_kwargs") or {}), **override}, spec.batch_size)
+        if why:
+            raise UserError(why)
+
+
 def prepare(spec: RunSpec) -> Plan:
     """Validate everything a run needs; raises UserError and writes nothing on bad input."""
     from ..model import read_config, resolve_device, resolve_dtype
 
     if spec.limit is not None and spec.limit < 1:
         raise UserError(f"--limit must be >= 1, got {spec.limit}")
+    if spec.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {spec.batch_size}")
     if spec.gen_kwargs and any("=" not in p for p in spec.gen_kwargs.split(",")):
         raise UserError(f"--gen-kwargs expects key=value,key=value (lm-eval's --gen_kwargs), got {spec.gen_kwargs!r}")
     if not spec.decoders:
@@ -246,6 +276,8 @@ def prepare(spec: RunSpec) -> Plan:
     options, given, names = _decoder_options(spec)
     check_out_folder(spec.out, spec.identity())
     lm_tasks, tm, unsafe = _resolve_tasks(spec)
+    if spec.batch_size > 1:
+        _check_batch(spec, options, names, lm_tasks, tm)
     return Plan(spec, options, given, names, lm_tasks, tm, unsafe)
 
 
@@ -297,7 +329,7 @@ def _evaluate(plan: Plan, decoder: str, ctx, store: SampleCache, shard: tuple[in
 
     name, given, full = plan.names[decoder], plan.given[decoder], plan.options[decoder]
     lm = TidarBenchLM(ctx, decoder, given, seed=plan.spec.seed, store=store, shard=shard, progress=progress,
-                      decoder_factory=lambda: build_decoder(name, ctx, full))
+                      decoder_factory=lambda: build_decoder(name, ctx, full), batch_size=plan.spec.batch_size)
     lm.key_info["options"] = plan.options[decoder]
     spec = plan.spec
     res = lm_eval.simple_evaluate(model=lm, tasks=list(plan.lm_tasks), task_manager=plan.task_manager,
@@ -407,7 +439,7 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
         write_json(out / f"results_{d}.json", {k: v for k, v in res.items() if k != "samples"})
         for task in res.get("samples", {}):
             write_jsonl(out / f"samples_{d}_{task}.jsonl", _sample_rows(res, task, records[d].get(task, [])))
-    rows = summary_rows(results, records, decoders)
+    rows = summary_rows(results, records, decoders, spec.batch_size)
     write_csv(out / "summary.csv", rows)
     all_recs = {d: [r for rs in records[d].values() for r in rs] for d in decoders}
     ar = all_recs.get("ar")
@@ -423,7 +455,7 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
         "seeds": spec.seeds(),
         "prompt_options": {"apply_chat_template": spec.apply_chat_template, "fewshot_as_multiturn": spec.multiturn(),
                            "system_instruction": spec.system_instruction, "gen_kwargs": spec.gen_kwargs},
-        "batch_size": 1,
+        "batch_size": spec.batch_size,
         "world_size": world,
         "limit": spec.limit,
         "tasks": spec.tasks,
