@@ -25,15 +25,21 @@ class ARDecoder(CachedDecoder):
     def __init__(self, model, tokenizer=None, *, compile: str = "off"):
         self.model = model
         self.tokenizer = tokenizer
-        self.steps = steps_for(model, model, compile)
+        self.steps = steps_for(model, model, compile)  # sampling: the step returns logits
+        # greedy: the step returns the next token itself (argmax inside the compiled graph, as in
+        # gpt-fast's decode_one_token), so the loop runs no eager op per token but the host copy
+        self.greedy_steps = steps_for(model, self._greedy_forward, compile)
 
     def options(self) -> dict:
         return {"compile": self.steps.compiled}
 
+    def _greedy_forward(self, tok, pos, mask=None, cache=None, start=None):
+        return self.model(tok, pos, mask=mask, cache=cache, start=start).logits[0, -1].argmax(-1).view(1, 1)
+
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
         model, dev = self.model, self.model.device
-        run = DecodeRun(dev, config, self.tokenizer, self.steps)
+        run = DecodeRun(dev, config, self.tokenizer, self.steps, self.greedy_steps)
         stats, sp = run.stats, run.sp
         cache = self.cache_for(len(prompt_ids) + config.max_new_tokens + 2)
         ids = torch.tensor([list(prompt_ids)], device=dev)
@@ -64,9 +70,12 @@ class ARDecoder(CachedDecoder):
         return run.finish()
 
     def _step(self, tok: torch.Tensor, pos: torch.Tensor, cache, sp, run) -> torch.Tensor:
-        logits = self.steps(tok, pos, cache=cache, start=pos).logits[0, -1]
+        if sp.greedy:
+            nxt = self.greedy_steps(tok, pos, cache=cache, start=pos)
+        else:
+            nxt = next_token(self.steps(tok, pos, cache=cache, start=pos).logits[0, -1], sp, run.gen).view(1, 1)
         pos += 1
-        return next_token(logits, sp, run.gen).view(1, 1)
+        return nxt
 
 
 @register_decoder("ar", help="autoregressive, one token per forward (our model core, static KV cache; "

@@ -4,6 +4,8 @@ decoder emits the same greedy tokens compiled and eager (fp32), which for lossle
 The torch.compile tests share one tiny model so the graphs compile once per shape (tens of seconds
 each on 2 cores)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from tidar_bench.baselines.ar import ARDecoder
 from tidar_bench.baselines.block_diffusion import BlockDiffusionDecoder
 from tidar_bench.baselines.eagle import EagleDecoder, EagleHead
 from tidar_bench.compiled import Steps, normalize, resolve, unavailable_reason
-from tidar_bench.decoding import GenerationConfig
+from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.testing import make_hf_model
@@ -72,6 +74,17 @@ def test_static_forward_equals_eager(model):
         out2 = model(ids[:, 10:].expand(2, -1), torch.arange(10, 14).expand(2, -1), None, bc,
                      start=torch.tensor([10, 10])).logits
         assert torch.allclose(out2, full[:, 10:].expand(2, -1, -1), atol=1e-5)
+    # the static step read its RoPE from the table new_cache built (a row per cache slot at least):
+    # the same fp32 values rope_cos_sin computes; a cast or move drops it (rebuilt by new_cache)
+    cos, _ = model.rope_table
+    assert cos.shape[0] >= cache.max_len and cos.dtype == torch.float32
+    pos = torch.arange(cache.max_len)[None]
+    for got, want in zip(model.rope(pos, cache.max_len), model.rope(pos)):
+        assert torch.allclose(got, want, atol=1e-6)
+    moved = copy.deepcopy(model).to(torch.float64)
+    assert moved.rope_table is None
+    moved.new_cache(8)
+    assert moved.rope_table[0].dtype == torch.float32 and moved.rope_table[0].shape[0] == 256
 
 
 def test_compile_setting_parsing(monkeypatch):
@@ -121,10 +134,15 @@ def test_compiled_ar_equals_eager(model):
     cfg = GenerationConfig(max_new_tokens=24)
     eager, comp = ARDecoder(model, compile="off"), ARDecoder(model, compile="on")
     assert comp.options()["compile"] is True
-    comp.generate(_prompts(1)[0], cfg)  # compiles the 1-token step
-    assert comp.steps.compile_s > 0
+    comp.generate(_prompts(1)[0], cfg)  # compiles the greedy 1-token step (argmax inside)
+    assert comp.greedy_steps.compile_s > 0 and comp.steps.compile_s == 0
     g = _same_tokens(eager, comp, _prompts(), cfg)
     assert g.stats.compile_s == 0.0  # nothing new to compile after the first call
+    # sampling runs the step that returns logits: the same seeded draws compiled and eager
+    sampled = GenerationConfig(max_new_tokens=24, sampling=SamplingParams(temperature=0.8, top_k=50, seed=3))
+    for p in _prompts(2):
+        assert comp.generate(p, sampled).tokens == eager.generate(p, sampled).tokens
+    assert comp.steps.compile_s > 0
 
 
 @pytestmark_compile

@@ -90,8 +90,8 @@ def _configure_dynamo() -> None:
 
 
 def _shape_key(x) -> tuple:
-    if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), x.dtype)
+    if isinstance(x, torch.Tensor):  # strides too: dynamo specialises on them (e.g. an expanded view)
+        return ("T", tuple(x.shape), x.stride(), x.dtype)
     if isinstance(x, (list, tuple)):
         return tuple(_shape_key(v) for v in x)
     if hasattr(x, "max_len"):  # a KVCache: its buffers' shape is its size and batch
@@ -130,9 +130,12 @@ class Steps:
         if compiled:
             _configure_dynamo()
             mode = "reduce-overhead" if self._cuda else None
+            # CPU: inductor's C++ wrapper calls the kernels without a Python wrapper per step (its
+            # tensor views and size/stride asserts cost about a quarter of a small model's step)
+            options = None if self._cuda else {"cpp_wrapper": True}
             # dynamic=False: one static graph per step shape (decoders have a handful); profile-latency
             # sweeps dozens of shapes and passes None (torch's automatic dynamic shapes)
-            self._fn = torch.compile(forward, fullgraph=True, dynamic=dynamic, mode=mode)
+            self._fn = torch.compile(forward, fullgraph=True, dynamic=dynamic, mode=mode, options=options)
 
     def __call__(self, *args, cache, local_mask: torch.Tensor | None = None, q: int | None = None,
                  window: int | None = None, start: torch.Tensor | None = None, **kw):

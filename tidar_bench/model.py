@@ -249,6 +249,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # see `ensure_rope_table`
         self.attn = select_backend("auto")
 
     def _apply(self, fn, recurse=True):
@@ -256,6 +257,7 @@ class Transformer(nn.Module):
         # fp32 as well), so recompute them on the new device after any cast or move.
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        self.rope_table = None  # rebuilt on the new device by the next new_cache
         return self
 
     @property
@@ -276,10 +278,30 @@ class Transformer(nn.Module):
             return reuse
         c = self.config
         size = max(256, 1 << (max_len - 1).bit_length())
+        self.ensure_rope_table(size)
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, size,
                        batch=batch, dtype=self.dtype, device=self.device)
 
-    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ensure_rope_table(self, n: int) -> None:
+        """cos/sin (fp32, [n, head_dim]) of every position below n, for static steps: a compiled
+        step indexes them by position instead of computing cos/sin, which inductor would otherwise
+        recompute inside the fused attention kernel once per cached key. Built outside any compiled
+        region (by `new_cache`, for positions below the cache size); the same fp32 values as
+        `rope_cos_sin`, cast to the model dtype after indexing."""
+        if self.rope_table is not None and self.rope_table[0].shape[0] >= n:
+            return
+        cos, sin = rope_cos_sin(torch.arange(n, device=self.inv_freq.device)[None], self.inv_freq, torch.float32)
+        self.rope_table = (cos[0, 0], sin[0, 0])
+        if self.inv_freq.device.type == "cuda":  # CUDA graphs: read in place, not copied per replay
+            for t in self.rope_table:
+                torch._dynamo.mark_static_address(t)
+
+    def rope(self, position_ids: torch.Tensor, static_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables [B, 1, q, head_dim]; a static step over a cache of `static_len` slots reads
+        them from `rope_table` when it covers the cache (positions stay below the cache size)."""
+        t = self.rope_table
+        if static_len is not None and t is not None and t[0].shape[0] >= static_len:
+            return t[0][position_ids].to(self.dtype)[:, None], t[1][position_ids].to(self.dtype)[:, None]
         return rope_cos_sin(position_ids, self.inv_freq, self.dtype)
 
     def forward(
@@ -311,7 +333,7 @@ class Transformer(nn.Module):
         tidar_bench/compiled.py)."""
         static = start is not None
         start, position_ids, mask = prepare_step(input_ids, position_ids, mask, cache, start, window)
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids, cache.max_len if static else None)
         want = {i % self.config.num_hidden_layers for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
         x = self.model.embed_tokens(input_ids)
