@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shlex
 from dataclasses import asdict
 from pathlib import Path
@@ -173,8 +174,12 @@ def profile_latency(
             *(["--tnfe", tnfe] if tnfe else []), "--seed", str(seed), "--out", str(out)]
     dtype_name = str(dt).replace("torch.", "")
     label = "GPU" if dev.type == "cuda" else "CPU"
+    # the attention backend of the eager forward (TIDAR_BENCH_ATTN, tidar_bench/attention.py); compiled
+    # static steps on CPU use plain math attention whatever it says
+    attn = os.environ.get("TIDAR_BENCH_ATTN", "sdpa")
+    env_prefix = f"TIDAR_BENCH_ATTN={shlex.quote(attn)} " if "TIDAR_BENCH_ATTN" in os.environ else ""
     record = {
-        "command": shlex.join(argv), "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
+        "command": env_prefix + shlex.join(argv), "attention": attn, "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
         "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled, "repeats": repeats, "warmup": warmup,
         "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "batch_sizes": batches, "notes": notes,
         "environment": info, "points": [asdict(p) for p in points],
