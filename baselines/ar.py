@@ -33,8 +33,8 @@ class ARDecoder(CachedDecoder):
     def options(self) -> dict:
         return {"compile": self.steps.compiled}
 
-    def _greedy_forward(self, tok, pos, mask=None, cache=None, start=None):
-        return self.model(tok, pos, mask=mask, cache=cache, start=start).logits[0, -1].argmax(-1).view(1, 1)
+    def _greedy_forward(self, tok, pos, mask=None, cache=None, start=None, kv_len=None):
+        return self.model(tok, pos, mask=mask, cache=cache, start=start, kv_len=kv_len).logits[0, -1].argmax(-1).view(1, 1)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:

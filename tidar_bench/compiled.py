@@ -20,6 +20,7 @@ Prefills (variable prompt length) stay eager in both modes, as in gpt-fast.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ import torch
 from .errors import UserError
 
 CHOICES = ("auto", "on", "off")
+KV_BUCKET = 128  # compiled steps of the model core attend over the cache in windows of this many slots
 _ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
@@ -127,6 +129,10 @@ class Steps:
         self._seen: set = set()
         self._mask_buf = torch.empty(0, dtype=torch.bool, device=self.device)
         self._cuda = self.device.type == "cuda"
+        # the model core's static forward can attend over the first kv_len slots only: compiled steps
+        # pass the live length rounded up to KV_BUCKET (a graph per bucket), not the whole cache, so a
+        # wide step (TiDAR's k + k*k tokens) does not pay for hundreds of empty slots
+        self._kv_len = "kv_len" in inspect.signature(getattr(forward, "forward", forward)).parameters
         if compiled:
             _configure_dynamo()
             mode = "reduce-overhead" if self._cuda else None
@@ -158,6 +164,8 @@ class Steps:
             start = torch.tensor(P, device=self.device)
         if window is not None:
             kw["window"] = torch.tensor(window, device=self.device)
+        if self._kv_len:
+            kw["kv_len"] = min(cache.max_len, -(-(P + q) // KV_BUCKET) * KV_BUCKET)
         key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
         first = key not in self._seen
         if first:

@@ -158,6 +158,8 @@ class Attention(nn.Module):
         ks = apply_rope(ks.transpose(1, 2), cos, sin)
         if cache is not None:
             ks, vs = cache.write(layer, start, ks, vs)
+            if isinstance(start, torch.Tensor) and mask.shape[-1] < ks.shape[2]:  # static step, kv_len
+                ks, vs = ks[:, :, : mask.shape[-1]], vs[:, :, : mask.shape[-1]]
         out = attn(qs, ks, vs, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, q, self.n_heads * self.head_dim))
 
@@ -210,22 +212,23 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
 
 
 def prepare_step(input_ids: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor | None,
-                 cache: KVCache | None, start: torch.Tensor | None = None, window: torch.Tensor | None = None):
+                 cache: KVCache | None, start: torch.Tensor | None = None, window: torch.Tensor | None = None,
+                 kv_len: int | None = None):
     """Shared by every forward over the cache (the model, draft heads): normalise positions/mask.
 
     Eager (start None): reserve cache room; returns (start = cache length before the call, position
     ids [B, q], mask [B, 1, q, C + q] or "causal" or None (q == 1 attends to everything cached)).
     Static (start a long tensor, compiled mode): `mask` is the local [q, q] / [B, q, q] mask of the
     fed tokens (None: causal), or of the key window starting at `window`, and becomes
-    `masks.static_step` over the whole cache; positions are required; the host cache length is left
-    alone (the caller advances it)."""
+    `masks.static_step` over the whole cache (or its first `kv_len` slots); positions are required;
+    the host cache length is left alone (the caller advances it)."""
     B, q = input_ids.shape
     if start is not None:
         if cache is None or position_ids is None:
             raise ValueError("a static step needs a cache and explicit position ids")
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, q)
-        return start, position_ids, static_step(start, mask, q, cache.max_len, window)
+        return start, position_ids, static_step(start, mask, q, kv_len or cache.max_len, window)
     start = cache.length if cache is not None else 0
     if cache is not None:
         cache.reserve(q)
@@ -316,6 +319,7 @@ class Transformer(nn.Module):
         return_logits: bool = True,
         start: torch.Tensor | None = None,
         window: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> ForwardOutput:
         """input_ids [B, q]. position_ids [B, q] or [q] (default: cache.length + arange(q)).
 
@@ -330,9 +334,10 @@ class Transformer(nn.Module):
         start: a long tensor for a static-shape step (compiled mode, `prepare_step`): mask is then
         the local mask of the fed tokens (or of the key window from `window`), the cache buffers
         keep their full shape and cache.length is not advanced (the caller does it; see
-        tidar_bench/compiled.py)."""
+        tidar_bench/compiled.py). kv_len (static steps): attend over the first kv_len cache slots
+        only, which must cover every key the step attends (compiled steps pass a bucket of 128)."""
         static = start is not None
-        start, position_ids, mask = prepare_step(input_ids, position_ids, mask, cache, start, window)
+        start, position_ids, mask = prepare_step(input_ids, position_ids, mask, cache, start, window, kv_len)
         cos, sin = self.rope(position_ids, cache.max_len if static else None)
         want = {i % self.config.num_hidden_layers for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
