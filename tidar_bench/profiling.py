@@ -208,7 +208,10 @@ def measure(model: Transformer, contexts: list[int], slots: list[int], block_siz
     if compile:
         from .compiled import Steps
 
-        steps = Steps(model, dev, compiled=True, dynamic=None)  # dozens of shapes: automatic dynamic shapes
+        # CPU: one static graph per shape, as the decoders compile them (a dynamic kv_len window
+        # measured a third slower); CUDA: dozens of shapes x two contexts per model in gpu_check's
+        # budget, so torch's automatic dynamic shapes
+        steps = Steps(model, dev, compiled=True, dynamic=None if cuda else False)
         warmup = max(warmup, 3)  # first calls compile (and record CUDA graphs)
     for B in batches:
         cache = model.new_cache(max(contexts) + biggest, batch=B)
