@@ -6,9 +6,9 @@ steps and tree verification, block diffusion's block steps) through a `Steps` ru
 - eager (`compile=off`): the model's ordinary forward over the live part of the cache, with the mask
   [all cached | local mask of the fed tokens]; shapes follow the cache length.
 - compiled (`compile=on`): the same forward in static form (`Transformer.forward(start=...)`):
-  KV written in place at device-tensor offsets, attention over the whole static cache with the mask
-  built on the device from (start, local mask), positions as device tensors, so one graph serves
-  every cache length. Compiled once per step shape with `torch.compile(fullgraph=True,
+  KV written in place at device-tensor offsets, attention over the static cache's first `kv_len`
+  slots (the live length rounded up to KV_BUCKET) with the mask built on the device from (start,
+  local mask), positions as device tensors, so one graph serves every cache length in a bucket. Compiled once per step shape with `torch.compile(fullgraph=True,
   dynamic=False)`; on CUDA with mode "reduce-overhead" (CUDA graphs). The first call of each shape
   is timed as compile time and kept out of the decode time (`DecodeStats.compile_s`); inductor's
   on-disk cache (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) keeps the compiled
