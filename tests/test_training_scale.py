@@ -140,7 +140,7 @@ def test_resume_after_crash_equals_uninterrupted(base, tmp_path, kind):
     la, lb = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
     assert [h["step"] for h in lb] == list(range(20))
     assert [h["loss"] for h in la] == pytest.approx([h["loss"] for h in lb], abs=1e-6)
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000010"]  # keep_checkpoints=1
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000020"]  # keep_checkpoints=1; the last step too
 
 
 def test_bad_input_one_line_nothing_written(base, tmp_path, capsys):

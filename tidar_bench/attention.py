@@ -82,6 +82,29 @@ def flex(q, k, v, mask):
     return flex_attention(q, k, v, block_mask=block_mask)
 
 
+def is_block_mask(mask) -> bool:
+    return type(mask).__name__ == "BlockMask"
+
+
+_compiled_flex = None
+
+
+def flex_block(q, k, v, block_mask):
+    """FlexAttention under a prebuilt BlockMask (training masks from `masks.block_mask`): only the
+    tiles the mask touches are computed and no n x n mask exists. Compiled on CUDA (the fused
+    kernel); eager elsewhere (CPU tests: correct, not memory-saving)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    gqa = k.shape[1] != q.shape[1]
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa) if gqa else fn(q, k, v, block_mask=block_mask)
+
+
 def flex_available() -> bool:
     try:
         from torch.nn.attention import flex_attention  # noqa: F401

@@ -171,3 +171,100 @@ def block_diffusion_step(cached: int, n_fed: int, block_size: int, device: torch
     noised copy once the clean prefix is cached, and the block-causal mask restricted to the fed
     rows, so committed KV equals a fresh block-causal prefill."""
     return block_causal(n_fed, block_size, cached, device)
+
+
+# ----------------------------------------------------------------------------- packed training (documents)
+#
+# A packed training row holds several documents; with document attention (`--doc-attention`) a
+# token attends only within its own document and positions (hence blocks) restart at each one, so
+# every document is trained exactly as if it were alone in its row. Each training mask below is ONE
+# predicate over (row b, query index q, key index kv), written with elementwise tensor ops only: the
+# same function is a FlexAttention `mask_mod` (a block mask built from the document and block
+# structure, never n x n) and, evaluated on broadcast index grids by `dense`, the boolean mask the
+# SDPA path uses. `doc` [B, S] is each token's document number in its row, `pos` [B, S] its
+# position in that document; without document attention doc = 0 and pos = arange(S), and the
+# predicates reduce to `causal`, `tidar_training` and `block_diffusion_training` above.
+
+
+def doc_positions(doc: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document: doc [B, S] (non-decreasing per row) -> [B, S]."""
+    S = doc.shape[-1]
+    idx = torch.arange(S, device=doc.device).expand_as(doc)
+    first = torch.ones_like(doc, dtype=torch.bool)
+    first[..., 1:] = doc[..., 1:] != doc[..., :-1]
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - start
+
+
+def ar_mod(doc: torch.Tensor):
+    """Causal attention within each document, over S tokens."""
+
+    def mod(b, h, q, kv):
+        return (kv <= q) & (doc[b, q] == doc[b, kv])
+
+    return mod
+
+
+def tidar_mod(doc: torch.Tensor, pos: torch.Tensor, k: int):
+    """`tidar_training` per document over [clean | mask] (2S): a mask token at position p of its
+    document (block p // k) sees its document's clean tokens before (p // k) * k and its own block."""
+    S = doc.shape[-1]
+
+    def mod(b, h, q, kv):
+        mq, mk = q >= S, kv >= S
+        i, j = q - S * mq, kv - S * mk
+        pi, pj = pos[b, i], pos[b, j]
+        rule = torch.where(mk, mq & (pi // k == pj // k), torch.where(mq, pj < (pi // k) * k, pj <= pi))
+        return rule & (doc[b, i] == doc[b, j])
+
+    return mod
+
+
+def block_diffusion_mod(doc: torch.Tensor, pos: torch.Tensor, block_size: int):
+    """`block_diffusion_training` per document over [x_t | x_0] (2S), blocks of `block_size`
+    positions counted from each document's start."""
+    S, B = doc.shape[-1], block_size
+
+    def mod(b, h, q, kv):
+        cq, ck = q >= S, kv >= S
+        i, j = q - S * cq, kv - S * ck
+        bi, bj = pos[b, i] // B, pos[b, j] // B
+        rule = torch.where(ck, torch.where(cq, bj <= bi, bj < bi), ~cq & (bi == bj))
+        return rule & (doc[b, i] == doc[b, j])
+
+    return mod
+
+
+def dense(mod, batch: int, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A mask predicate evaluated on every (row, query, key): bool [batch, 1, q_len, kv_len]."""
+    b = torch.arange(batch, device=device)[:, None, None]
+    q = torch.arange(q_len, device=device)[None, :, None]
+    kv = torch.arange(kv_len, device=device)[None, None, :]
+    return mod(b, None, q, kv)[:, None]
+
+
+def block_mask(mod, batch: int, q_len: int, kv_len: int, device: torch.device | str = "cpu", tile: int = 128):
+    """A mask predicate as a FlexAttention BlockMask: per 128 x 128 tile whether it is empty, full
+    (attention without the predicate) or partial (the predicate decides), i.e. O(batch * (n / 128)^2)
+    integers instead of n^2 booleans. Built one query tile at a time (a [128, kv_len] slice of the
+    predicate), so no n x n grid exists on the way either. Tiles cut by the sequence end are partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nq, nk = -(-q_len // tile), -(-kv_len // tile)
+    full = torch.zeros(batch, 1, nq, nk, dtype=torch.bool, device=device)
+    part = torch.zeros_like(full)
+    kv = torch.arange(nk * tile, device=device)
+    for b in range(batch):
+        bt = torch.tensor(b, device=device)
+        for t in range(nq):
+            q = torch.arange(t * tile, min((t + 1) * tile, q_len), device=device)
+            m = mod(bt, None, q[:, None], kv[None, :].clamp(max=kv_len - 1)) & (kv < kv_len)[None, :]
+            m = m.view(len(q), nk, tile)
+            some, every = m.any(2).any(0), m.all(2).all(0) & (len(q) == tile)
+            full[b, 0, t], part[b, 0, t] = every, some & ~every
+
+    def blocks(x):  # (count [B, 1, nq], indices [B, 1, nq, nk]: the set tiles first)
+        return x.sum(-1, dtype=torch.int32), torch.sort(x.int(), dim=-1, descending=True, stable=True).indices.int()
+
+    return BlockMask.from_kv_blocks(*blocks(part), *blocks(full), BLOCK_SIZE=tile, mask_mod=mod,
+                                    seq_lengths=(q_len, kv_len))

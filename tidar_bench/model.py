@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import math as math_attention
-from .attention import select_backend
+from .attention import flex_block, is_block_mask, select_backend
 from .cache import KVCache
 from .errors import UserError
 from .masks import static_step
@@ -238,7 +238,7 @@ def prepare_step(input_ids: torch.Tensor, position_ids: torch.Tensor | None, mas
         position_ids = position_ids[None].expand(B, q)
     if mask is None:
         mask = None if q == 1 else "causal"
-    elif mask.dim() == 2:
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 2:  # else a tensor [B|1, 1, q, T] or a BlockMask
         mask = mask[None, None]
     return start, position_ids, mask
 
@@ -324,7 +324,8 @@ class Transformer(nn.Module):
         """input_ids [B, q]. position_ids [B, q] or [q] (default: cache.length + arange(q)).
 
         mask: bool [q, C + q] or [B, 1, q, C + q] over [cached keys | fed keys], True = attend
-        (C = cache.length before this call, 0 without a cache). None means causal over the fed
+        (C = cache.length before this call, 0 without a cache), or a FlexAttention BlockMask
+        (training without a cache, `masks.block_mask`). None means causal over the fed
         tokens with full access to the cache. With a cache, the fed tokens' keys/values are
         written at [C, C + q) and cache.length advances by q; crop() to evict them.
 
@@ -343,6 +344,8 @@ class Transformer(nn.Module):
         hidden: dict[int, torch.Tensor] = {}
         x = self.model.embed_tokens(input_ids)
         attn = math_attention if static and x.device.type == "cpu" else self.attn
+        if is_block_mask(mask):  # training with FlexAttention block masks (masks.block_mask)
+            attn = flex_block
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, i, cache, start, attn)
             if i in want:

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "tidar_bench.cli.train_eagle",
     "tidar_bench.cli.distill",
     "tidar_bench.cli.train_dflash",
+    "tidar_bench.cli.tokens",
     "tidar_bench.cli.run",
     "tidar_bench.cli.profile",
     "tidar_bench.cli.report",

@@ -22,7 +22,8 @@ train_app = typer.Typer(help="Train models with the project's recipes (continued
 app.add_typer(train_app, name="train")
 
 DATA_HELP = ("training data, repeatable: .jsonl/.json (field --text-field), .parquet, .arrow, plain text "
-             "(documents separated by two blank lines), a datasets directory, or a Hugging Face dataset NAME[:CONFIG]")
+             "(documents separated by two blank lines), a datasets directory, a Hugging Face dataset NAME[:CONFIG], "
+             "or a token-shard folder written by `tidar-bench tokenize` (streamed, not loaded)")
 
 FIELD_HELP = "record field holding the text, or a chat (list of role/content messages, rendered with the chat template)"
 
@@ -33,6 +34,10 @@ class ScaleOptions:
     evaluation); `scale_options` adds them to a Typer command, which passes them to run_recipe."""
 
     shard: str = "auto"
+    doc_attention: bool = False
+    loss_on: str = "all"
+    attention_masks: str = "dense"
+    checkpoint_format: str = "full"
     activation_checkpointing: bool = False
     resume: bool = False
     keep_checkpoints: int = 2
@@ -51,6 +56,15 @@ class ScaleOptions:
 _SCALE_HELP = {
     "shard": "auto (DDP under torchrun) | ddp | fsdp (FSDP2 fully_shard per block, bf16 params with fp32 master "
              "weights on CUDA; needs torchrun)",
+    "doc_attention": "in packed sequences attend only within each document (positions and blocks restart per "
+                     "document; a document's last token predicts nothing)",
+    "loss_on": "all | completion: loss only on assistant turns of chats (not system/user turns or the assistant "
+               "header) and on the completion of prompt/completion records; plain text counts whole",
+    "attention_masks": "dense (boolean n x n masks, SDPA) | block (FlexAttention block masks built from the document "
+                       "and block structure: no n x n mask, for long --seq-len; compiled kernel on CUDA)",
+    "checkpoint_format": "full (rank 0 gathers weights and AdamW state, writes safetensors + the HF layout) | sharded "
+                         "(torch.distributed.checkpoint: each rank writes its shards; resumes under any world size; "
+                         "`tidar-bench export` writes the HF layout)",
     "activation_checkpointing": "recompute each block's activations in the backward pass (less memory, ~1/3 more compute)",
     "resume": "continue from the newest checkpoint in --out/checkpoints (model, optimizer, schedule, RNG, data position)",
     "keep_checkpoints": "keep the newest N checkpoints of --save-every (0 = all)",
@@ -89,6 +103,8 @@ def scale_options(fn):
 def run_recipe(make_objective: Callable[[object, str], object], base: Path, data: list[Path], out: Path, *,
                field: str, seq_len: int, batch_size: int, grad_accum: int, lr: float, warmup_steps: int, steps: int,
                seed: int, device: str, dtype: str = "auto", save_every: int = 0, shard: str = "auto",
+               doc_attention: bool = False, loss_on: str = "all", attention_masks: str = "dense",
+               checkpoint_format: str = "full",
                activation_checkpointing: bool = False, resume: bool = False, keep_checkpoints: int = 2,
                data_weights: str = "", data_split: str = "train", streaming: bool = False, max_docs: int = 0,
                peak_tflops: float = 0.0, log_every: int = 10, eval_every: int = 0, eval_prompts: Path | None = None, eval_limit: int = 32,
@@ -103,7 +119,9 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
 
     from ..model import read_config, resolve_device
     from ..registry import load_tokenizer
-    from ..training.data import MixedDataset, PackedDataset, read_texts
+    from ..training.data import LOSS_ON, MixedDataset, PackedDataset, read_texts
+    from ..training.masking import MASK_KINDS
+    from ..training.shards import ShardDataset, is_shard_dir
     from ..training.evaluate import check_eval_prompts, make_evaluator
     from ..training.loop import TrainConfig, check_out_dir, check_resume, dist_info, train
 
@@ -115,8 +133,12 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
                       seed=seed, save_every=save_every, dtype=dtype, progress=dist_info()[0] == 0, shard=shard,
                       activation_checkpointing=activation_checkpointing, resume=resume,
                       keep_checkpoints=keep_checkpoints, peak_tflops=peak_tflops, eval_every=eval_every,
-                      log_every=log_every)
+                      log_every=log_every, checkpoint_format=checkpoint_format)
     cfg.check()
+    if loss_on not in LOSS_ON:
+        raise UserError(f"unknown --loss-on {loss_on!r}; use {' or '.join(LOSS_ON)}")
+    if attention_masks not in MASK_KINDS:
+        raise UserError(f"unknown --attention-masks {attention_masks!r}; use {' or '.join(MASK_KINDS)}")
     check_resume(out) if resume else check_out_dir(out)
     if eval_every and eval_prompts is None:
         raise UserError("--eval-every needs --eval-prompts FILE")
@@ -133,11 +155,26 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
     cfg.autocast(dev)  # a bad --dtype fails before the model is loaded
-    read = dict(split=data_split, streaming=streaming, max_docs=max_docs)
-    sources = [read_texts([d], field, tokenizer, **read) for d in data] if weights else [read_texts(data, field, tokenizer, **read)]
+    read = dict(split=data_split, streaming=streaming, max_docs=max_docs, loss_on=loss_on)
+    pack = dict(doc_attention=doc_attention, loss_on=loss_on)
+    shard_dirs = [d for d in data if is_shard_dir(d)]
+    if shard_dirs and not weights and len(data) > 1:
+        raise UserError("token shards (a `tidar-bench tokenize` folder) are one --data source each: mix several "
+                        "sources with --data-weights")
+    if shard_dirs:
+        packed = [ShardDataset(d, tokenizer, seq_len, seed, **pack) if is_shard_dir(d)
+                  else PackedDataset(read_texts([d], field, tokenizer, **read), tokenizer, seq_len, seed, **pack)
+                  for d in data]
+    else:
+        sources = [read_texts([d], field, tokenizer, **read) for d in data] if weights else [read_texts(data, field, tokenizer, **read)]
     torch.manual_seed(seed)
     objective = make_objective(tokenizer, str(dev))
-    packed = [PackedDataset(texts, tokenizer, seq_len, seed) for texts in sources]
+    if attention_masks != "dense":
+        if not hasattr(objective, "mask_kind"):
+            raise UserError(f"--attention-masks {attention_masks}: the {objective.name} objective builds its own masks")
+        objective.mask_kind = attention_masks
+    if not shard_dirs:
+        packed = [PackedDataset(texts, tokenizer, seq_len, seed, **pack) for texts in sources]
     dataset = MixedDataset(packed, weights, seed) if weights else packed[0]
     if rank == 0:
         print(f"{dataset.n_tokens} tokens in {len(dataset)} sequences of {seq_len}; "

@@ -64,6 +64,10 @@ def train_dflash(
         raise UserError("--block-size must be >= 2, --num-layers and --num-anchors >= 1, --gamma >= 0")
     layers = parse_layers(target_layers)
 
+    if scale["loss_on"] != "all":
+        raise UserError("--loss-on completion applies to the ar, tidar and block-diffusion recipes; this one learns "
+                        "the target's own distributions")
+
     def make(tokenizer, dev):
         model = load_model(target, "float32", dev)
         if tokenizer.mask_token_id is None:

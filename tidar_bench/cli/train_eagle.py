@@ -48,6 +48,10 @@ def train_eagle(
     if form == "eagle1" and draft_vocab_size:
         raise UserError("--draft-vocab-size needs --form eagle3 (eagle1 reads the target's LM head)")
 
+    if scale["loss_on"] != "all":
+        raise UserError("--loss-on completion applies to the ar, tidar and block-diffusion recipes; this one learns "
+                        "the target's own distributions")
+
     def make(tokenizer, dev):
         model = load_model(target, "float32", dev)
         head = EagleHead.from_target(model, form, draft_vocab_size or None, seed=seed)

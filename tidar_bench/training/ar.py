@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn.functional as F
+import torch
 
+from ..masks import ar_mod, doc_positions
 from ..model import Transformer, load_model, save_model
+from .data import unpack
+from .masking import attention_mask, label_ce
 
 
 class AutoregressiveObjective:
     name = "ar"
+    mask_kind = "dense"  # or "block": FlexAttention block masks (long context, `masking.attention_mask`)
 
     def __init__(self, model: Transformer, tokenizer=None):
         self.model = model
@@ -26,9 +30,17 @@ class AutoregressiveObjective:
         return self.model
 
     def loss(self, trainable, batch):
-        logits = trainable(batch).logits  # no mask = causal
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        return loss, {}
+        """Next-token CE; with documents (`Batch.doc`) attention and positions stay within each
+        document and a document's last token does not predict the next one's first; with `keep`
+        only the kept tokens are predicted."""
+        ids, doc, keep = unpack(batch)
+        if doc is None and self.mask_kind == "dense":
+            logits = trainable(ids).logits  # no mask = causal
+        else:
+            docs = doc if doc is not None else torch.zeros_like(ids)
+            mask = attention_mask(ar_mod(docs), *ids.shape, ids.shape[1], ids.device, self.mask_kind)
+            logits = trainable(ids, doc_positions(docs), mask).logits
+        return label_ce(logits[:, :-1], ids[:, 1:], doc, keep), {}
 
     def save(self, out_dir: Path) -> None:
         save_model(self.model, out_dir)

@@ -3,46 +3,69 @@
 Sources (`read_source`): local `.jsonl`/`.json` (one record per line), `.parquet`, `.arrow`, plain
 text (documents separated by two blank lines), a directory written by `Dataset.save_to_disk`, any
 other directory or a Hugging Face dataset name `NAME[:CONFIG]` (through `datasets.load_dataset`,
-optionally streaming). A record's `field` holds either text or a chat (`[{"role", "content"}, ...]`),
-which is rendered with the tokenizer's chat template.
+optionally streaming). A record's `field` holds text, a chat (`[{"role", "content"}, ...]`, rendered
+with the tokenizer's chat template) or a `{"prompt", "completion"}` pair (their concatenation).
 
-Documents are tokenized, joined with EOS between them and cut into `seq_len` chunks (the tail
+What counts for the loss (`loss_on`): "all" = every token. "completion" = for a chat, the assistant
+turns (their content and the template's end-of-turn marker, not the `<|im_start|>assistant` header
+`add_generation_prompt` writes); system, user and tool turns do not; for a `{"prompt", "completion"}`
+record the completion; plain text counts whole. Each piece is tokenized on its own and the ids
+joined. The EOS after a document counts when its last piece does.
+
+Documents are tokenized, joined with EOS after each and cut into `seq_len` chunks (the tail
 shorter than seq_len is dropped). Batches are drawn from a seeded permutation per epoch, so a run is
 reproducible and resumable at any batch (`batches(..., start=n)`), and each rank of a distributed
 run takes its rows of every global batch. `MixedDataset` draws each row from one of several packed
-sources with given weights."""
+sources with given weights.
+
+Next to the ids every token carries flags (`DOC_START`: first token of a document, `LOSS`: counts
+for the loss). A batch is the [B, S] id tensor, or a `Batch` with the rows' document numbers (for
+`doc_attention`) and loss mask (for loss_on="completion") when either is asked for."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 
+DOC_START, LOSS = 1, 2  # token flags
+LOSS_ON = ("all", "completion")
+Document = Union[str, list]  # text, or (text, counts-for-loss) pieces (loss_on="completion")
+
 def read_texts(files: Sequence[str | Path], field: str = "text", tokenizer=None, *, split: str = "train",
-               streaming: bool = False, max_docs: int = 0) -> list[str]:
+               streaming: bool = False, max_docs: int = 0, loss_on: str = "all") -> list[Document]:
     """Documents of all `files` (each any source `read_source` takes), in order."""
     texts = [t for f in files for t in read_source(f, field, tokenizer, split=split, streaming=streaming,
-                                                   max_docs=max_docs)]
+                                                   max_docs=max_docs, loss_on=loss_on)]
     if not texts:
         raise UserError("the training corpus is empty")
     return texts
 
 
 def read_source(src: str | Path, field: str = "text", tokenizer=None, *, split: str = "train",
-                streaming: bool = False, max_docs: int = 0) -> list[str]:
+                streaming: bool = False, max_docs: int = 0, loss_on: str = "all") -> list[Document]:
     """Documents of one source (see the module docstring); empty documents are skipped.
-    `max_docs` > 0 keeps the first max_docs records (with `streaming`, only those are read)."""
-    out: list[str] = []
+    `max_docs` > 0 keeps the first max_docs records (with `streaming`, only those are read).
+    loss_on="completion": each document is its (text, counts) pieces (`pieces`)."""
+    return list(iter_documents(src, field, tokenizer, split=split, streaming=streaming, max_docs=max_docs,
+                               loss_on=loss_on))
+
+
+def iter_documents(src: str | Path, field: str = "text", tokenizer=None, *, split: str = "train",
+                   streaming: bool = False, max_docs: int = 0, loss_on: str = "all") -> Iterator[Document]:
+    """`read_source` one document at a time (`tokenize` streams sources bigger than memory)."""
+    if loss_on not in LOSS_ON:
+        raise UserError(f"unknown --loss-on {loss_on!r}; use {' or '.join(LOSS_ON)}")
     for value in iter_records(src, field, split=split, streaming=streaming, max_docs=max_docs):
-        text = render(value, tokenizer, src)
-        if text.strip():
-            out.append(text)
-    return out
+        doc = pieces(value, tokenizer, src) if loss_on == "completion" else render(value, tokenizer, src)
+        if (doc if isinstance(doc, str) else "".join(t for t, _ in doc)).strip():
+            yield doc
 
 
 def iter_records(src: str | Path, field: str = "text", *, split: str = "train", streaming: bool = False,
@@ -127,14 +150,89 @@ def _dataset_records(what: str, ds, field: str) -> Iterator:
 
 
 def render(value, tokenizer, src) -> str:
-    """A text field as it is; a chat (list of {role, content}) through the tokenizer's chat template."""
+    """A text field as it is; a chat (list of {role, content}) through the tokenizer's chat template;
+    a {"prompt", "completion"} record as prompt + completion."""
     if isinstance(value, str):
         return value
+    if isinstance(value, dict) and isinstance(value.get("prompt"), str) and isinstance(value.get("completion"), str):
+        return value["prompt"] + value["completion"]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{src}: chat messages need a tokenizer with a chat template; this one has none")
         return tokenizer.apply_chat_template(value, tokenize=False)
     raise UserError(f"{src}: the text field holds {type(value).__name__}, not text or chat messages")
+
+
+def pieces(value, tokenizer, src) -> list[tuple[str, bool]]:
+    """(text, counts for the loss) pieces of one record for loss_on="completion" (module docstring).
+    A chat is rendered prefix by prefix: before each assistant turn the template with
+    add_generation_prompt (its header does not count), then through the turn (it counts); a
+    template whose renderings are not prefixes of each other (e.g. one that rewrites earlier turns)
+    cannot be split and is a UserError."""
+    if isinstance(value, str):
+        return [(value, True)]
+    if isinstance(value, dict) and isinstance(value.get("prompt"), str) and isinstance(value.get("completion"), str):
+        return [(value["prompt"], False), (value["completion"], True)]
+    whole = render(value, tokenizer, src)  # checks the chat and the template
+    out, done = [], ""
+    for i, m in enumerate(value):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(value[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        full = tokenizer.apply_chat_template(value[: i + 1], tokenize=False)
+        if not (head.startswith(done) and full.startswith(head) and whole.startswith(full)):
+            raise UserError(f"{src}: the chat template does not render a chat as a growing prefix, so the "
+                            "assistant turns cannot be told apart for --loss-on completion")
+        out += [(head[len(done):], False), (full[len(head):], True)]
+        done = full
+    out.append((whole[len(done):], False))
+    return [(t, c) for t, c in out if t]
+
+
+def encode_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, flags) of one document followed by EOS; flags: DOC_START on the first token, LOSS on
+    the tokens that count (the EOS counts when the document's last piece does)."""
+    ids: list[int] = []
+    flags: list[int] = []
+    for text, counts in [(doc, True)] if isinstance(doc, str) else doc:
+        new = tokenizer.encode(text, add_special_tokens=False)
+        ids.extend(new)
+        flags.extend([LOSS if counts else 0] * len(new))
+    ids.append(tokenizer.eos_token_id)
+    flags.append(flags[-1] if flags else LOSS)
+    flags[0] |= DOC_START
+    return ids, flags
+
+
+@dataclass
+class Batch:
+    """Packed rows with their structure: `doc` [B, S] each token's document number in its row
+    (None: no document attention), `keep` [B, S] bool, the tokens that count for the loss (None: all)."""
+
+    ids: torch.Tensor
+    doc: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    def to(self, device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device) for t in (self.ids, self.doc, self.keep)))
+
+
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(ids, doc, keep) of a batch (a plain id tensor has neither)."""
+    return (batch.ids, batch.doc, batch.keep) if isinstance(batch, Batch) else (batch, None, None)
+
+
+def make_batch(ids: torch.Tensor, flags: torch.Tensor, doc_attention: bool, loss_on: str):
+    """Rows ids [B, S] + flags [B, S] -> what the objectives take (see `Batch`)."""
+    if not doc_attention and loss_on == "all":
+        return ids
+    doc = ((flags & DOC_START) != 0).long().cumsum(-1) if doc_attention else None
+    keep = (flags & LOSS) != 0 if loss_on == "completion" else None
+    return Batch(ids, doc, keep)
 
 
 def _read(p: Path) -> str:
@@ -145,19 +243,35 @@ def _read(p: Path) -> str:
 
 
 class PackedDataset:
-    def __init__(self, texts: Sequence[str], tokenizer, seq_len: int, seed: int = 0):
+    """Documents tokenized in memory (`tokenize` + `ShardDataset` for corpora bigger than that).
+    `doc_attention` / `loss_on` choose what the batches carry (`make_batch`)."""
+
+    def __init__(self, texts: Sequence[Document], tokenizer, seq_len: int, seed: int = 0, *,
+                 doc_attention: bool = False, loss_on: str = "all"):
         if tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no EOS token to separate documents")
         ids: list[int] = []
+        flags: list[int] = []
         for t in texts:
-            ids.extend(tokenizer.encode(t, add_special_tokens=False))
-            ids.append(tokenizer.eos_token_id)
+            i, f = encode_document(t, tokenizer)
+            ids.extend(i)
+            flags.extend(f)
         n = len(ids) // seq_len
         if n == 0:
             raise UserError(f"the corpus has {len(ids)} tokens, fewer than one sequence of {seq_len}")
         self.data = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+        self.flags = torch.tensor(flags[: n * seq_len], dtype=torch.uint8).view(n, seq_len)
         self.seq_len = seq_len
         self.seed = seed
+        self.doc_attention, self.loss_on = doc_attention, loss_on
+
+    def raw(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, flags) of rows `idx` [n] -> [n, S] each."""
+        return self.data[idx], self.flags[idx]
+
+    def rows(self, idx: torch.Tensor):
+        """The batch of rows `idx`."""
+        return make_batch(*self.raw(idx), self.doc_attention, self.loss_on)
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -181,7 +295,7 @@ class PackedDataset:
         while True:
             perm = self._perm(epoch)
             for b in range(i, per_epoch):
-                yield self.data[perm[b * batch_size : (b + 1) * batch_size][rank::world_size]]
+                yield self.rows(perm[b * batch_size : (b + 1) * batch_size][rank::world_size])
             epoch, i = epoch + 1, 0
 
 
@@ -215,7 +329,7 @@ class MixedDataset:
         while True:
             g = torch.Generator().manual_seed(self.seed * 100003 + 7919 * b)
             choice = torch.multinomial(self.weights, batch_size, replacement=True, generator=g).tolist()
-            rows = []
+            rows, flags = [], []
             for s in choice:
                 src = self.sources[s]
                 epoch, j = divmod(used[s], len(src))
@@ -224,9 +338,12 @@ class MixedDataset:
                     if (s, epoch) not in perms:
                         perms = {k: v for k, v in perms.items() if k[0] != s}
                         perms[(s, epoch)] = src._perm(epoch)
-                    rows.append(src.data[perms[(s, epoch)][j]])
+                    r, f = src.raw(perms[(s, epoch)][j : j + 1])
+                    rows.append(r)
+                    flags.append(f)
             if b >= start:
-                yield torch.stack(rows)[rank::world_size]
+                yield make_batch(torch.cat(rows)[rank::world_size], torch.cat(flags)[rank::world_size],
+                                 self.sources[0].doc_attention, self.sources[0].loss_on)
             b += 1
 
 

@@ -19,6 +19,11 @@ defaults to 7 for k = 16, 5 for 10, 4 for 8, else k/2). Metrics: ce (unweighted 
 row i == argmax of its label, all rows) and tau (1 + expected accepted drafts per block if each
 row were verified greedily against the label argmax: mean over blocks of the length of the
 leading run of hits + 1), and with target labels kl (ce minus the labels' entropy).
+
+Packed rows with documents (`--doc-attention`): the target reads each document alone, an anchor is
+drawn only where its whole block lies in one document (at least one token after the document's
+start), the block sees only its own document's context, and positions restart per document. Every
+row then has the same number of anchors: the fewest any row of the batch allows.
 """
 
 from __future__ import annotations
@@ -28,31 +33,44 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..masks import ar_mod, dense, doc_positions
+from .data import unpack
 
 LABELS = ("target", "data")
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 
 
-def block_mask(anchors: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+def block_mask(anchors: torch.Tensor, seq_len: int, block_size: int, doc: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, N*k, S + N*k] bool over keys [context positions 0..S-1 | the N blocks], rows = block
-    tokens (block n row i): context j < anchor n, same block."""
+    tokens (block n row i): context j < anchor n (and in the anchor's document of `doc` [B, S]), same block."""
     B, N = anchors.shape
     rows_anchor = anchors.repeat_interleave(block_size, dim=1)  # [B, N*k]
     j = torch.arange(seq_len, device=anchors.device)
     ctx = j[None, None, :] < rows_anchor[:, :, None]
+    if doc is not None:
+        ctx = ctx & (doc[:, None, :] == doc.gather(1, rows_anchor)[:, :, None])
     blk = torch.arange(N * block_size, device=anchors.device) // block_size
     own = blk[:, None] == blk[None, :]
     return torch.cat([ctx, own[None].expand(B, -1, -1)], dim=-1)[:, None]
 
 
 def sample_anchors(batch: int, seq_len: int, block_size: int, n: int, generator=None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """[B, n'] sorted anchors in [1, S - k], distinct per row (n' = min(n, S - k))."""
+                   device: torch.device | str = "cpu", doc: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, n'] sorted anchors in [1, S - k], distinct per row (n' = min(n, S - k)); with `doc` [B, S]
+    only anchors a with a-1 and a+k-1 in a's document (n' = the fewest any row allows)."""
     hi = seq_len - block_size  # anchors 1..hi
     if hi < 1:
         raise UserError(f"--seq-len {seq_len} is too short for blocks of {block_size} (needs >= {block_size + 1})")
     n = min(n, hi)
     scores = torch.rand(batch, hi, generator=generator)
+    if doc is not None:
+        d = doc.cpu()
+        ok = (d[:, :hi] == d[:, 1 : hi + 1]) & (d[:, 1 : hi + 1] == d[:, block_size:])
+        n = min(n, int(ok.sum(1).min()))
+        if n == 0:
+            raise UserError(f"--doc-attention: a row has no document longer than the block ({block_size} tokens); "
+                            "use longer documents or a longer --seq-len")
+        scores = scores.masked_fill(~ok, -1.0)
     return (scores.topk(n, dim=1).indices + 1).sort(dim=1).values.to(device)
 
 
@@ -77,16 +95,22 @@ class DFlashObjective:
     def module(self):
         return self.drafter
 
-    def loss(self, trainable, batch: torch.Tensor):
+    def loss(self, trainable, batch):
         from tidar_bench.baselines.dflash import target_context
 
+        batch, doc, _ = unpack(batch)  # the labels are the target's (or the data's) own: no loss mask
         B, S = batch.shape
         k, dev = self.k, batch.device
-        anchors = sample_anchors(B, S, k, self.num_anchors, self.generator, dev)  # [B, N]
+        anchors = sample_anchors(B, S, k, self.num_anchors, self.generator, dev, doc)  # [B, N]
         N = anchors.shape[1]
-        pos = anchors[:, :, None] + torch.arange(k, device=dev)  # [B, N, k] positions of the block rows
+        pos = anchors[:, :, None] + torch.arange(k, device=dev)  # [B, N, k] indices of the block rows
+        tpos = torch.arange(S, device=dev)[None].expand(B, -1) if doc is None else doc_positions(doc)
         with torch.no_grad():
-            out = self.target(batch, hidden_layers=self.layers, return_logits=self.labels == "target")
+            if doc is None:
+                out = self.target(batch, hidden_layers=self.layers, return_logits=self.labels == "target")
+            else:
+                out = self.target(batch, tpos, dense(ar_mod(doc), B, S, S, dev), hidden_layers=self.layers,
+                                  return_logits=self.labels == "target")
             feats = target_context(out.hidden_states, self.layers).detach()
             label_pos = pos[:, :, 1:].reshape(B, -1)  # rows 1..k-1 predict the token at their position
             tokens = batch.gather(1, label_pos)
@@ -99,8 +123,8 @@ class DFlashObjective:
             noise = torch.full((B, N, k), self.drafter.mask_token_id, device=dev, dtype=batch.dtype)
             noise[:, :, 0] = batch.gather(1, anchors)
             noise_emb = self.target.model.embed_tokens(noise.view(B, -1))
-        positions = torch.cat([torch.arange(S, device=dev)[None].expand(B, -1), pos.view(B, -1)], dim=1)
-        states = trainable(noise_emb, feats, positions, mask=block_mask(anchors, S, k))
+        positions = torch.cat([tpos, tpos.gather(1, pos.view(B, -1))], dim=1)
+        states = trainable(noise_emb, feats, positions, mask=block_mask(anchors, S, k, doc))
         states = states.view(B, N, k, -1)[:, :, 1:]
         logp = self.target.lm_head(states).float().log_softmax(-1).view(B, N * (k - 1), -1)
         if self.labels == "target":

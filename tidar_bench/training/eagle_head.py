@@ -14,6 +14,11 @@ sees at decoding; it attends to the real pairs <= i-a and to its own chain (step
 i-a+b, b = 1..a), mask `ttt_mask`. Step a's loss is weighted by 0.8**a and counted where i >= a.
 Each step recomputes the earlier steps' rows in the same forward (they only see themselves), so the
 head needs no trainable cache.
+
+Packed rows with documents (`--doc-attention`): the target reads each document alone (causal within
+it, positions restarting), the head's mask is `ttt_mask` within each document (pairs take their
+first token's document and position), a chain starts from zeros at each document's first pair, and
+pair i counts only when token i+1 is in token i's document (and i is at least a pairs into it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..masks import ar_mod, dense, doc_positions
+from .data import unpack
 
 STEP_DECAY = 0.8
 
@@ -83,13 +90,22 @@ class EagleHeadObjective:
             self._masks[key] = ttt_mask(n_pairs, n_steps, device)
         return self._masks[key]
 
-    def loss(self, trainable, batch: torch.Tensor):
+    def loss(self, trainable, batch):
         from tidar_bench.baselines.eagle import target_features
 
+        batch, doc, _ = unpack(batch)  # the labels are the target's own distributions: no loss mask
         B, S = batch.shape
         n = S - 1
+        pos = torch.arange(n, device=batch.device)
+        if doc is not None:
+            tpos = doc_positions(doc)
+            pos, pair_doc = tpos[:, :n], doc[:, :n]
+            same = (pair_doc[:, :, None] == pair_doc[:, None, :])[:, None]  # [B, 1, n, n]
         with torch.no_grad():
-            out = self.target(batch, hidden_layers=self.layers)
+            if doc is None:
+                out = self.target(batch, hidden_layers=self.layers)
+            else:
+                out = self.target(batch, tpos, dense(ar_mod(doc), B, S, S, batch.device), hidden_layers=self.layers)
             feats = target_features(self.target, out.hidden_states, self.head.form).detach()
             probs = out.logits[:, 1:].float().softmax(-1)  # target distribution of token i+2, pair i
             target_top = probs.argmax(-1)
@@ -100,16 +116,20 @@ class EagleHeadObjective:
             entropy = -(p_draft * p_draft.clamp_min(1e-12).log()).sum(-1)  # CE floor: CE - entropy = KL
         ids = batch[:, 1:]
         f_in, f_next = feats[:, :-1], feats[:, 1:]
-        pos = torch.arange(n, device=batch.device)
+        if doc is not None:
+            in_vocab = in_vocab & (doc[:, 1:] == doc[:, :-1])
         total = torch.zeros((), device=batch.device)
         metrics: dict[str, torch.Tensor] = {}
         fed_hidden: list[torch.Tensor] = []
         for a in range(self.ttt_steps):
             hidden = torch.cat(fed_hidden, 1) if fed_hidden else None
+            mask = self._mask(n, a + 1, batch.device)
+            if doc is not None:
+                mask = mask & same.repeat(1, 1, a + 1, a + 1)
             h, logits = trainable(ids.repeat(1, a + 1), target_feats=f_in, hidden=hidden,
-                                  position_ids=pos.repeat(a + 1), mask=self._mask(n, a + 1, batch.device))
+                                  position_ids=pos.repeat(1, a + 1) if pos.dim() == 2 else pos.repeat(a + 1), mask=mask)
             h, logits = h[:, a * n:], logits[:, a * n:]
-            valid = in_vocab.clone()
+            valid = in_vocab & (pos >= a) if doc is not None else in_vocab.clone()
             valid[:, :a] = False
             count = valid.sum().clamp_min(1)
             ce = -(p_draft * logits.log_softmax(-1)).sum(-1)
@@ -125,7 +145,8 @@ class EagleHeadObjective:
             hit = (self.head.to_target(logits.argmax(-1)) == target_top) & valid
             metrics[f"acc{a}"] = (hit.sum() / count).detach()
             total = total + STEP_DECAY ** a * step_loss
-            fed_hidden.append(torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1))
+            fed = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+            fed_hidden.append(fed if doc is None else fed * (pos != 0)[..., None])  # chains start at a document
         return total, metrics
 
     def save(self, out_dir: Path) -> None:

@@ -16,7 +16,7 @@ Under `torchrun` (WORLD_SIZE > 1) each rank takes its rows of every global batch
 `activation_checkpointing` recomputes each block's activations in the backward pass (torch's
 checkpoint_wrapper, non-reentrant).
 
-Checkpoints (`save_every`): `out/checkpoints/step-NNNNNNNN/` holds the objective's HF-layout
+Checkpoints (`save_every`), format "full": `out/checkpoints/step-NNNNNNNN/` holds the objective's HF-layout
 checkpoint plus the training state (`trainable.safetensors`, `optimizer.safetensors` +
 `optimizer.json`, `rng.safetensors`, `trainer_state.json`: step, data position, logs); each is
 written to a temp dir and renamed, and only the newest `keep_checkpoints` are kept. `resume`
@@ -24,6 +24,12 @@ continues from the newest one: weights, AdamW moments, schedule, RNG and data po
 interrupted run ends at the weights of an uninterrupted one. State dicts go through
 `torch.distributed.checkpoint.state_dict` (full, CPU-offloaded, broadcast from rank 0 on load), so a
 run may resume under another world size or shard mode. Logged metrics are averaged over the ranks.
+Format "sharded" (`_checkpoint_sharded`): torch.distributed.checkpoint, each rank writes its own
+shards and nothing is gathered; it too resumes under any world size, and `export_checkpoint`
+(`tidar-bench export`) turns it into the HF-layout checkpoint afterwards.
+With save_every the last step is checkpointed too, so a finished run can be extended: a resume with
+a larger `steps` re-plans the schedule from the resumed step (`TrainConfig.replan`, printed and kept
+in train_config.json / trainer_state.json as `replans`); any other change of options is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -46,10 +52,13 @@ from ..errors import UserError
 from .data import PackedDataset
 
 SHARD_MODES = ("auto", "ddp", "fsdp")
+CHECKPOINT_FORMATS = ("full", "sharded")
+DCP_DIR, EXPORT_DIR = "dcp", "export"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 # trainer_state entries a resumed run must share with the run it continues
-RESUME_KEYS = ("objective", "seq_len", "batch_size", "grad_accum", "seed", "steps", "data_sequences")
+# (steps may grow: the run is extended and the schedule re-planned, see `TrainConfig.replan`)
+RESUME_KEYS = ("objective", "seq_len", "batch_size", "grad_accum", "seed", "data_sequences", "doc_attention", "loss_on")
 NOT_LOSS = ("step", "lr", "tokens", "tokens_per_s", "mfu", "peak_mem_gb")
 
 
@@ -93,6 +102,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (0 = all)
     peak_tflops: float = 0.0  # per-device peak for MFU (0 = no MFU)
     eval_every: int = 0  # run the evaluator every N steps (and at the end); needs an evaluator
+    checkpoint_format: str = "full"  # full (gathered on rank 0) | sharded (torch.distributed.checkpoint, per rank)
+    replans: list = field(default_factory=list)  # [step, lr there, new steps, old steps] per extension (`replan`)
 
     def autocast(self, device: torch.device):
         """The autocast context for `dtype` on `device` (weights stay in their own dtype, fp32 for
@@ -115,14 +126,34 @@ class TrainConfig:
         if self.shard == "fsdp" and dist_info()[1] == 1:
             raise UserError("--shard fsdp needs several processes: launch with torchrun --nproc_per_node N "
                             "-m tidar_bench.cli train ...")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise UserError(f"unknown --checkpoint-format {self.checkpoint_format!r}; use {' or '.join(CHECKPOINT_FORMATS)}")
         if min(self.save_every, self.keep_checkpoints, self.eval_every) < 0 or self.peak_tflops < 0:
             raise UserError("--save-every, --keep-checkpoints, --eval-every and --peak-tflops must be >= 0")
 
     def lr_at(self, step: int) -> float:
+        for start, lr0, end, _ in reversed(self.replans):  # an extended run: cosine from lr0 at start to the floor
+            if step >= start:
+                lo = self.lr * self.min_lr_ratio
+                t = (step - start) / max(1, end - start)
+                return lo + (lr0 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        steps = self.replans[0][3] if self.replans else self.steps  # the first plan's length
+        t = (step - self.warmup_steps) / max(1, steps - self.warmup_steps)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    def replan(self, step: int, old_steps: int) -> str:
+        """Extend a run planned for old_steps to self.steps from `step` (a resume): the learning rate
+        goes on from its value at `step` under the old plan and decays by cosine to lr * min_lr_ratio
+        at the new last step (no jump; a finished run's lr is already at the floor and stays there).
+        Returns the log line."""
+        plan = TrainConfig(lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
+                           steps=old_steps, replans=list(self.replans))
+        lr0 = plan.lr_at(step)
+        self.replans = [*self.replans, [step, lr0, self.steps, old_steps]]
+        return (f"extending the run from {old_steps} to {self.steps} steps: the learning rate is re-planned from step "
+                f"{step} ({lr0:.3g}), cosine to {self.lr * self.min_lr_ratio:.3g} at step {self.steps}")
 
 
 def check_out_dir(out: Path) -> None:
@@ -191,6 +222,9 @@ class _Runner:
             raise UserError(f"--shard fsdp: the {objective.name} objective does not keep module() as an attribute, "
                             "so its save() cannot be given the gathered weights")
         self.template = _meta_copy(self.module) if self.fsdp and self.rank == 0 else None
+        # the module's structure (meta, no memory) for the export template of sharded checkpoints
+        self.skeleton = _meta_copy(self.module) if self.rank == 0 and any(
+            v is self.module for v in vars(objective).values()) else None
         blocks = _blocks(objective, self.module)
         if cfg.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -251,21 +285,38 @@ class _Runner:
 
         return get_model_state_dict(self.module, options=self._options())
 
-    def save_objective(self, path: Path, state: dict[str, torch.Tensor]) -> None:
-        """Rank 0: the objective's own checkpoint; under FSDP from a meta copy filled with `state`."""
-        if self.template is None:
+    def save_objective(self, path: Path, state: dict[str, torch.Tensor], module: nn.Module | None = None) -> None:
+        """Rank 0: the objective's own checkpoint; under FSDP from a meta copy filled with `state`;
+        with `module`, of that module in place of the trained one."""
+        if module is None and self.template is None:
             self.objective.save(path)
             return
-        self.template.load_state_dict(state, assign=True)
+        if module is None:
+            self.template.load_state_dict(state, assign=True)
         swapped = [k for k, v in vars(self.objective).items() if v is self.module]
         for k in swapped:
-            setattr(self.objective, k, self.template)
+            setattr(self.objective, k, module if module is not None else self.template)
         try:
             self.objective.save(path)
         finally:
             for k in swapped:
                 setattr(self.objective, k, self.module)
-            self.template = _meta_copy(self.template)  # drop the gathered tensors
+            if module is None:
+                self.template = _meta_copy(self.template)  # drop the gathered tensors
+
+    def save_export_template(self, path: Path) -> None:
+        """Rank 0: the objective's checkpoint with every tensor EMPTY (config, tokenizer, side config
+        and the weight names and dtypes it writes): `export` fills it from a sharded checkpoint."""
+        if self.skeleton is None:
+            return
+        tpl = _meta_copy(self.skeleton)
+        for m in tpl.modules():
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is not None:
+                        e = torch.empty(0, dtype=t.dtype)
+                        store[k] = nn.Parameter(e, requires_grad=False) if isinstance(t, nn.Parameter) else e
+        self.save_objective(path, {}, module=tpl)
 
     def close(self) -> None:
         if self.world > 1:
@@ -415,7 +466,8 @@ def train(objective: Objective, data: PackedDataset, out_dir: str | Path, cfg: T
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas)
     trainer = {"objective": objective.name, "seq_len": data.seq_len, "batch_size": cfg.batch_size,
-               "grad_accum": cfg.grad_accum, "seed": cfg.seed, "steps": cfg.steps, "data_sequences": len(data)}
+               "grad_accum": cfg.grad_accum, "seed": cfg.seed, "steps": cfg.steps, "data_sequences": len(data),
+               "doc_attention": getattr(data, "doc_attention", False), "loss_on": getattr(data, "loss_on", "all")}
     history: list[dict] = []
     evals: list[dict] = []
     start = 0
@@ -484,9 +536,9 @@ def train(objective: Objective, data: PackedDataset, out_dir: str | Path, cfg: T
             if bar is not None:
                 bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in evals[-1].items() if k != "step"))
             window = [time.perf_counter(), 0]
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):  # the last one: to extend the run
             _checkpoint(run, opt, out, {**trainer, "step": done, "micro_batches": done * cfg.grad_accum,
-                                        "history": history, "evals": evals})
+                                        "replans": cfg.replans, "history": history, "evals": evals})
             window = [time.perf_counter(), 0]
     if bar is not None:
         bar.close()
@@ -501,15 +553,34 @@ def _resume(run: _Runner, opt, ckpt: Path, trainer: dict) -> tuple[int, list[dic
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     saved = json.loads((ckpt / STATE_FILE).read_text())
+    defaults = {"doc_attention": False, "loss_on": "all"}  # checkpoints from before these options
     for k in RESUME_KEYS:
-        if saved.get(k) != trainer[k]:
-            raise UserError(f"--resume: {ckpt} was trained with {k}={saved.get(k)!r}, this run has {trainer[k]!r}; "
-                            "resume with the same data and options")
-    full = run.rank == 0 or run.world == 1  # with several ranks, rank 0 reads and broadcasts
-    model_state = load_file(str(ckpt / "trainable.safetensors")) if full else {}
-    set_model_state_dict(run.module, model_state, options=run._options(load=True))
-    optim_state = _load_optimizer_state(ckpt) if full else {}
-    set_optimizer_state_dict(run.module, opt, optim_state, options=run._options(load=True))
+        if saved.get(k, defaults.get(k)) != trainer[k]:
+            raise UserError(f"--resume: {ckpt} was trained with {k}={saved.get(k, defaults.get(k))!r}, this run has "
+                            f"{trainer[k]!r}; resume with the same data and options (only --steps may grow)")
+    if trainer["steps"] < saved["steps"]:
+        raise UserError(f"--resume: {ckpt} belongs to a run of {saved['steps']} steps; --steps {trainer['steps']} "
+                        "would shorten it (a run can only be extended)")
+    cfg = run.cfg
+    cfg.replans = [list(r) for r in saved.get("replans", [])]
+    extended = trainer["steps"] > saved["steps"]
+    if extended:
+        line = cfg.replan(saved["step"], saved["steps"])
+        if run.rank == 0:
+            print(line)
+    if (ckpt / DCP_DIR).is_dir():  # sharded: each rank reads what it holds, whatever world size wrote it
+        import torch.distributed.checkpoint as dcp
+
+        state = _dcp_state(run, opt)
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+        set_model_state_dict(run.module, state["model"])
+        set_optimizer_state_dict(run.module, opt, state["optim"])
+    else:
+        full = run.rank == 0 or run.world == 1  # with several ranks, rank 0 reads and broadcasts
+        model_state = load_file(str(ckpt / "trainable.safetensors")) if full else {}
+        set_model_state_dict(run.module, model_state, options=run._options(load=True))
+        optim_state = _load_optimizer_state(ckpt) if full else {}
+        set_optimizer_state_dict(run.module, opt, optim_state, options=run._options(load=True))
     _set_rng(load_file(str(ckpt / "rng.safetensors")), run)
     if run.rank == 0:
         print(f"resuming from {ckpt} (step {saved['step']} of {trainer['steps']})")
@@ -518,30 +589,113 @@ def _resume(run: _Runner, opt, ckpt: Path, trainer: dict) -> tuple[int, list[dic
 
 def _checkpoint(run: _Runner, opt, out: Path, trainer: dict) -> None:
     """Write out/checkpoints/step-N atomically (temp dir + rename), then drop all but the newest
-    keep_checkpoints. Collective: every rank calls it (the state dicts are gathered)."""
+    keep_checkpoints. Collective: every rank calls it (full: the state dicts are gathered)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if run.cfg.checkpoint_format == "sharded":
+        return _checkpoint_sharded(run, opt, out, trainer)
     model_state = run.model_state()
     optim_state = get_optimizer_state_dict(run.module, opt, options=run._options())
     rng = _rng_states(run)
     if run.rank == 0:
-        root = out / CHECKPOINTS
-        final = root / f"step-{trainer['step']:08d}"
-        tmp = root / f".{final.name}.tmp"
+        final, tmp = _step_dirs(out, trainer["step"])
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         run.save_objective(tmp, model_state)
         _write_logs(tmp, run.objective, trainer["history"], trainer["evals"], run.cfg)
         _save_training_state(tmp, model_state, optim_state, rng, trainer)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        keep = run.cfg.keep_checkpoints
-        done = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in done[: -keep] if keep else []:
-            shutil.rmtree(old)
+        _finish_checkpoint(run, tmp, final)
     run.barrier()
+
+
+def _step_dirs(out: Path, step: int) -> tuple[Path, Path]:
+    root = out / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    return final, root / f".{final.name}.tmp"
+
+
+def _finish_checkpoint(run: _Runner, tmp: Path, final: Path) -> None:
+    """Rank 0: rename the complete temp dir into place and drop all but the newest keep_checkpoints."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    keep = run.cfg.keep_checkpoints
+    done = sorted(p for p in final.parent.glob("step-*") if p.is_dir())
+    for old in done[: -keep] if keep else []:
+        shutil.rmtree(old)
+
+
+def _dcp_state(run: _Runner, opt) -> dict:
+    """This rank's model and optimizer state as torch.distributed.checkpoint saves and loads it:
+    FSDP2 parameters as DTensor shards (each rank writes its own), replicas deduplicated."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(run.module), "optim": get_optimizer_state_dict(run.module, opt)}
+
+
+def _checkpoint_sharded(run: _Runner, opt, out: Path, trainer: dict) -> None:
+    """A sharded checkpoint: step-N/dcp (every rank writes its shards of weights and AdamW moments,
+    nothing is gathered), the RNG states, logs, trainer state and `export/` (the objective's
+    checkpoint with empty tensors, for `tidar-bench export`). Loads under any world size."""
+    import torch.distributed.checkpoint as dcp
+
+    final, tmp = _step_dirs(out, trainer["step"])
+    if run.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    run.barrier()
+    dcp.save(_dcp_state(run, opt), checkpoint_id=str(tmp / DCP_DIR))
+    rng = _rng_states(run)
+    if run.rank == 0:
+        from safetensors.torch import save_file
+
+        run.save_export_template(tmp / EXPORT_DIR)
+        _write_logs(tmp, run.objective, trainer["history"], trainer["evals"], run.cfg)
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / STATE_FILE).write_text(json.dumps(trainer, indent=1))  # last: marks the checkpoint complete
+        _finish_checkpoint(run, tmp, final)
+    run.barrier()
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    """The HF-layout checkpoint of a sharded training checkpoint (`tidar-bench export`): the
+    export template's files with its weights read from the DCP shards (in one process, any world
+    size it was written with), written to a temp dir and renamed."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / STATE_FILE).is_file() or not (ckpt / DCP_DIR).is_dir() or not (ckpt / EXPORT_DIR).is_dir():
+        raise UserError(f"{ckpt} is not a complete sharded training checkpoint (out/checkpoints/step-N written with "
+                        "--checkpoint-format sharded)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output directory {out} exists and is not empty")
+    with safe_open(str(ckpt / EXPORT_DIR / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    meta = dcp.FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata
+    missing = [k for k in dtypes if f"model.{k}" not in meta]
+    if missing:
+        raise UserError(f"{ckpt}: the shards lack {len(missing)} weights of the export template, e.g. {missing[0]}")
+    state = {"model": {k: torch.empty(meta[f"model.{k}"].size, dtype=meta[f"model.{k}"].properties.dtype)
+                       for k in dtypes}}
+    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(ckpt / EXPORT_DIR, tmp)
+    save_file(_unshared({k: v.to(_ST_DTYPES[dtypes[k]]) for k, v in state["model"].items()}),
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+              "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
 
 
 def _evaluate(run: _Runner, evaluator, out: Path) -> dict[str, float]:
