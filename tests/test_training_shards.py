@@ -47,7 +47,7 @@ def test_tokenize_shards_equal_in_memory_and_resume_mid_shard(base, tmp_path, ca
     for _ in range(3):
         x, y = next(a), next(b)
         assert torch.equal(x.ids, y.ids) and torch.equal(x.doc, y.doc)
-    cfg = dict(seq_len=12, batch_size=2, steps=8, lr=3e-3, warmup_steps=2, save_every=4, log_every=1, progress=False,
+    cfg = dict(seq_len=12, batch_size=2, steps=4, lr=3e-3, warmup_steps=1, save_every=2, log_every=1, progress=False,
                seed=4, keep_checkpoints=1)
 
     def run(out, data, crash_at=0, resume=False):
@@ -72,7 +72,7 @@ def test_tokenize_shards_equal_in_memory_and_resume_mid_shard(base, tmp_path, ca
     for k in whole:
         assert torch.equal(whole[k], from_shards[k]), k
     with pytest.raises(_Crash):
-        run(tmp_path / "cut", ShardDataset(shards, tok, 12, seed=2), crash_at=6)
+        run(tmp_path / "cut", ShardDataset(shards, tok, 12, seed=2), crash_at=3)
     resumed = run(tmp_path / "cut", ShardDataset(shards, tok, 12, seed=2), resume=True)
     for k in whole:
         torch.testing.assert_close(whole[k], resumed[k], atol=1e-6, rtol=1e-5, msg=k)
@@ -101,12 +101,11 @@ def _cmd(base, out, *extra):
 
 
 def test_sharded_checkpoint_two_gloo_processes_resume_in_one(base, tmp_path):
-    """2 gloo processes under FSDP2 write sharded (DCP) checkpoints (each rank its shard, nothing
-    gathered); one process resumes the step-2 checkpoint and lands on the 2-process run's final
-    weights and on those of an uninterrupted 1-process run; `export` of step 4 is the final
+    """2 gloo processes under FSDP2 (document attention on) write sharded (DCP) checkpoints (each
+    rank its shard, nothing gathered); one process resumes the step-2 checkpoint and lands on the
+    uninterrupted 2-process run's final weights and losses; `export` of step 4 is the final
     checkpoint, which our loader and transformers read alike."""
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    assert main(_cmd(base, single)) == 0
+    fsdp = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "tidar_bench.cli", *_cmd(base, fsdp, "--shard", "fsdp")]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -124,11 +123,10 @@ def test_sharded_checkpoint_two_gloo_processes_resume_in_one(base, tmp_path):
     moved = tmp_path / "resumed"
     shutil.copytree(step2, moved / "checkpoints" / step2.name)
     assert main(_cmd(base, moved, "--resume")) == 0
-    final = {k: load_file(str(d / "model.safetensors")) for k, d in (("single", single), ("fsdp", fsdp), ("resumed", moved))}
-    for k in final["fsdp"]:
-        torch.testing.assert_close(final["resumed"][k], final["fsdp"][k], atol=2e-5, rtol=0, msg=k)
-        assert float((final["single"][k] - final["resumed"][k]).abs().max()) < 2e-4, k  # lr 1e-3: a wrong state ~1e-3
-    assert [h["loss"] for h in _losses(moved)][2:] == pytest.approx([h["loss"] for h in _losses(single)][2:], abs=1e-4)
+    final = {k: load_file(str(d / "model.safetensors")) for k, d in (("fsdp", fsdp), ("resumed", moved))}
+    for k in final["fsdp"]:  # lr 1e-3: a lost AdamW moment, step or RNG state moves weights by ~1e-3
+        torch.testing.assert_close(final["resumed"][k], final["fsdp"][k], atol=2e-6, rtol=0, msg=k)
+    assert [h["loss"] for h in _losses(moved)] == pytest.approx([h["loss"] for h in _losses(fsdp)], abs=1e-5)
     exported = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(fsdp / "checkpoints" / "step-00000004"), "--out", str(exported)]) == 0
     assert sorted(f.name for f in exported.iterdir()) == sorted(
@@ -143,4 +141,4 @@ def test_sharded_checkpoint_two_gloo_processes_resume_in_one(base, tmp_path):
     ids = torch.tensor([[5, 9, 17, 3, 8]])
     hf = AutoModelForCausalLM.from_pretrained(str(exported), torch_dtype=torch.float32)(ids).logits
     torch.testing.assert_close(load_model(exported, "float32", "cpu")(ids).logits, hf, atol=1e-4, rtol=1e-4)
-    assert main(["export", "--checkpoint", str(single), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", "--checkpoint", str(fsdp), "--out", str(tmp_path / "x")]) == 2

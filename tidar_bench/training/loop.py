@@ -572,7 +572,7 @@ def _resume(run: _Runner, opt, ckpt: Path, trainer: dict) -> tuple[int, list[dic
         import torch.distributed.checkpoint as dcp
 
         state = _dcp_state(run, opt)
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=run.world == 1)
         set_model_state_dict(run.module, state["model"])
         set_optimizer_state_dict(run.module, opt, state["optim"])
     else:
@@ -646,7 +646,7 @@ def _checkpoint_sharded(run: _Runner, opt, out: Path, trainer: dict) -> None:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     run.barrier()
-    dcp.save(_dcp_state(run, opt), checkpoint_id=str(tmp / DCP_DIR))
+    dcp.save(_dcp_state(run, opt), checkpoint_id=str(tmp / DCP_DIR), no_dist=run.world == 1)
     rng = _rng_states(run)
     if run.rank == 0:
         from safetensors.torch import save_file
@@ -681,7 +681,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
         raise UserError(f"{ckpt}: the shards lack {len(missing)} weights of the export template, e.g. {missing[0]}")
     state = {"model": {k: torch.empty(meta[f"model.{k}"].size, dtype=meta[f"model.{k}"].properties.dtype)
                        for k in dtypes}}
-    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
