@@ -86,11 +86,13 @@ def test_tokenize_shards_equal_in_memory_and_resume_mid_shard(base, tmp_path, ca
     for argv, msg in ((["train", "ar", "--base", str(base / "ckpt"), "--data", str(bad), "--out", str(tmp_path / "o"),
                         "--device", "cpu"], "missing or not"),
                       (["tokenize", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--out",
-                        str(shards)], "not empty")):
+                        str(shards)], "not empty"),
+                      (["tokenize", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--data",
+                        str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "t")], "not found")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and msg in err[0], err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists() and not (tmp_path / ".t.tmp").exists()
 
 
 def _cmd(base, out, *extra):

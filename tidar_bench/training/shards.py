@@ -62,22 +62,25 @@ def write_shards(docs: Iterable[Document], tokenizer, out: str | Path, *, shard_
         shards.append({"name": name, "tokens": len(ids)})
         del ids[:], flags[:]
 
-    for doc in docs:
-        i, f = encode_document(doc, tokenizer)
-        ids.extend(i)
-        flags.extend(f)
-        n_docs += 1
-        while len(ids) >= shard_tokens:  # cut at shard_tokens (a document may span shards)
-            rest_i, rest_f = ids[shard_tokens:], flags[shard_tokens:]
-            del ids[shard_tokens:], flags[shard_tokens:]
+    try:
+        for doc in docs:
+            i, f = encode_document(doc, tokenizer)
+            ids.extend(i)
+            flags.extend(f)
+            n_docs += 1
+            while len(ids) >= shard_tokens:  # cut at shard_tokens (a document may span shards)
+                rest_i, rest_f = ids[shard_tokens:], flags[shard_tokens:]
+                del ids[shard_tokens:], flags[shard_tokens:]
+                flush()
+                ids.extend(rest_i)
+                flags.extend(rest_f)
+        if ids:
             flush()
-            ids.extend(rest_i)
-            flags.extend(rest_f)
-    if ids:
-        flush()
-    if not n_docs:
+        if not n_docs:
+            raise UserError("the training corpus is empty")
+    except BaseException:  # a bad record or an interrupt leaves nothing behind
         shutil.rmtree(tmp)
-        raise UserError("the training corpus is empty")
+        raise
     index = {"format": FORMAT, "tokens": sum(s["tokens"] for s in shards), "documents": n_docs,
              "eos_token_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer), "shards": shards, **(meta or {})}
     (tmp / INDEX).write_text(json.dumps(index, indent=1))
