@@ -12,6 +12,7 @@ its RSS after imports (the floor every run pays). The data are synthetic and say
   machine); the shards are measured at the same small sizes too (paired).
 
 Usage: python scripts/measure_shard_rss.py --out results/training/shard_rss.json
+Peak RSS is VmHWM of the child (see `_status`); the in-memory line is fitted to the absolute peaks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,8 +42,18 @@ class IntTok:
         return [int(x) for x in t.split()]
 
 
+def _status(key: str) -> float:
+    """A /proc/self/status figure in MiB. VmHWM (peak RSS) belongs to this process's memory map and
+    starts afresh at exec, unlike ru_maxrss, which Linux carries over from the parent that forked
+    us (the first version of this script reported the parent's ~2.9 GiB shard writing as the child's)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(key)
+
+
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status("VmHWM")
 
 
 def write_shard_dir(path: Path, n_tokens: int, shard_tokens: int = 1 << 27) -> None:
@@ -57,14 +67,17 @@ def write_shard_dir(path: Path, n_tokens: int, shard_tokens: int = 1 << 27) -> N
     shards = []
     for i, a in enumerate(range(0, n_tokens, shard_tokens)):
         n = min(shard_tokens, n_tokens - a)
-        ids = rng.integers(1, 1024, n, dtype=np.uint32)
-        flags = np.full(n, LOSS, np.uint8)
-        flags[(np.arange(a, a + n) % DOC) == 0] |= DOC_START
-        ids[(np.arange(a, a + n) % DOC) == DOC - 1] = 0  # EOS ends each document
-        ids.astype("<u4").tofile(path / f"shard-{i:05d}.ids")
-        flags.tofile(path / f"shard-{i:05d}.flags")
+        with open(path / f"shard-{i:05d}.ids", "wb") as fi, open(path / f"shard-{i:05d}.flags", "wb") as ff:
+            for c in range(a, a + n, 1 << 22):  # in chunks: the writer's own memory stays small
+                m = min(1 << 22, a + n - c)
+                at = np.arange(c, c + m) % DOC
+                ids = rng.integers(1, 1024, m, dtype=np.uint32)
+                ids[at == DOC - 1] = 0  # EOS ends each document
+                flags = np.full(m, LOSS, np.uint8)
+                flags[at == 0] |= DOC_START
+                fi.write(ids.astype("<u4").tobytes())
+                ff.write(flags.tobytes())
         shards.append({"name": f"shard-{i:05d}", "tokens": n})
-        del ids, flags
     (path / INDEX).write_text(json.dumps({"format": FORMAT, "tokens": n_tokens, "documents": -(-n_tokens // DOC),
                                           "eos_token_id": 0, "vocab_size": 1024, "shards": shards,
                                           "loss_on": "all", "synthetic": True}))
@@ -89,7 +102,7 @@ def child(kind: str, data: str, steps: int) -> dict:
     from tidar_bench.training.shards import ShardDataset
 
     torch.set_num_threads(1)
-    floor = rss_mib()
+    floor = _status("VmRSS")
     t0 = time.perf_counter()
     tok = IntTok()
     ds = ShardDataset(data, tok, 256) if kind == "shards" else PackedDataset(read_texts([data]), tok, 256)
@@ -120,7 +133,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="results/training/shard_rss.json")
     ap.add_argument("--big-log2", type=int, default=28)
+    ap.add_argument("--summarize", help="recompute the summary of a stored result file in place")
     a = ap.parse_args()
+    if a.summarize:
+        r = summarize(json.loads(Path(a.summarize).read_text()))
+        Path(a.summarize).write_text(json.dumps(r, indent=1))
+        print(json.dumps({k: v for k, v in r.items() if k != "runs"}, indent=1))
+        return
     if a.child:
         print(json.dumps(child(*a.child, a.steps)))
         return
@@ -140,9 +159,6 @@ def main() -> None:
         write_shard_dir(tmp / "big", big)
         size = sum(f.stat().st_size for f in (tmp / "big").glob("*.ids"))
         rows.append({**measure("shards", tmp / "big", a.steps), "ids_file_bytes": size})
-    mem = [r for r in rows if r["kind"] == "in-memory"]
-    (x0, y0), (x1, y1) = [(r["tokens"], r["peak_minus_imports_mib"]) for r in (mem[0], mem[-1])]
-    slope = (y1 - y0) / (x1 - x0)  # MiB per token above the floor
     result = {
         "command": "python scripts/measure_shard_rss.py --out " + a.out,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared by 5 engineers), {platform.platform()}",
@@ -151,13 +167,29 @@ def main() -> None:
         "data": "synthetic: random ids in [1, 1024), documents of 1000 tokens (shards written directly in the "
                 "tokenize format; JSONL of space-separated integers through a splitting tokenizer)",
         "runs": rows,
-        "in_memory_bytes_per_token": slope * 2**20,
-        "in_memory_extrapolated_peak_mib_at_big": y0 + slope * (big - x0) + mem[0]["rss_after_imports_mib"],
         "big_tokens": big,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    Path(a.out).write_text(json.dumps(summarize(result), indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+
+
+def summarize(result: dict) -> dict:
+    """The in-memory path's peak RSS as a least-squares line in tokens over its runs (absolute peaks:
+    the RSS after imports varies between processes on this machine), extrapolated to big_tokens, and
+    the shard runs' peaks. `--summarize FILE` recomputes this from a stored result."""
+    import numpy as np
+
+    result = {k: v for k, v in result.items() if k not in ("in_memory_bytes_per_token",
+                                                           "in_memory_extrapolated_peak_mib_at_big")}  # the first summary's
+    mem = [r for r in result["runs"] if r["kind"] == "in-memory"]
+    slope, icpt = np.polyfit([r["tokens"] for r in mem], [r["peak_rss_mib"] for r in mem], 1)
+    big = result["big_tokens"]
+    shards = [r for r in result["runs"] if r["kind"] == "shards"]
+    return {**result, "in_memory_peak_rss_bytes_per_token": slope * 2**20,
+            "in_memory_peak_rss_mib_extrapolated_to_big": icpt + slope * big,
+            "shards_peak_rss_mib_at_big": max(r["peak_rss_mib"] for r in shards if r["tokens"] == big),
+            "shards_peak_rss_mib_range": [min(r["peak_rss_mib"] for r in shards), max(r["peak_rss_mib"] for r in shards)]}
 
 
 if __name__ == "__main__":

@@ -142,12 +142,17 @@ def test_tidar_ar_and_block_diffusion_packed_loss_equals_documents_alone(base):
                     tot, cnt = tot + float(l) * n, cnt + n
             assert float(loss) == pytest.approx(tot / cnt, abs=1e-5), shift
         bd.config.token_shift = False
-        # block masks (FlexAttention, the long-context path) give the same losses
-        for obj in (tidar, ar):
-            dense_loss = obj.loss(model, batch)[0]
-            obj.mask_kind = "block"
-            torch.testing.assert_close(obj.loss(model, batch)[0], dense_loss, atol=1e-5, rtol=1e-5)
-            obj.mask_kind = "dense"
+        # block masks (FlexAttention, the long-context path) give the same losses, with and without documents
+        x_t = batch.ids.masked_fill(masked, tidar.mask_id)
+        for obj in (tidar, ar, bd):
+            for b in (batch, batch.ids):
+                doc = b.doc if b is batch else None
+                f = (lambda: bd.masked_loss(model, batch.ids, x_t, masked, p, doc)[0]) if obj is bd else \
+                    (lambda: obj.loss(model, b)[0])
+                dense_loss = f()
+                obj.mask_kind = "block"
+                torch.testing.assert_close(f(), dense_loss, atol=1e-5, rtol=1e-5)
+                obj.mask_kind = "dense"
 
 
 def test_eagle_and_dflash_stay_within_documents(base):

@@ -128,13 +128,13 @@ class BlockDiffusionObjective:
             masked &= keep
         return x0.masked_fill(masked, self.config.mask_token_id), masked, p
 
-    def _train_mask(self, S: int, device, doc: torch.Tensor | None = None):
+    def _train_mask(self, S: int, device, doc: torch.Tensor | None = None, batch: int = 1):
         if doc is None and self.mask_kind == "dense":
             key = (S, str(device))
             if key not in self._masks:
                 self._masks[key] = block_diffusion_training(S, self.config.block_size, device)
             return self._masks[key]
-        doc = doc if doc is not None else torch.zeros(1, S, dtype=torch.long, device=device)
+        doc = doc if doc is not None else torch.zeros(batch, S, dtype=torch.long, device=device)
         mod = block_diffusion_mod(doc, doc_positions(doc), self.config.block_size)
         return attention_mask(mod, doc.shape[0], 2 * S, 2 * S, device, self.mask_kind)
 
@@ -164,7 +164,7 @@ class BlockDiffusionObjective:
         b, S = x0.shape
         pos = torch.arange(S, device=x0.device).repeat(2) if doc is None else doc_positions(doc).repeat(1, 2)
         ids = torch.cat([x_t, x0], dim=1)
-        logits = trainable(ids, pos, self._train_mask(S, x0.device, doc), logits_index=slice(0, S)).logits
+        logits = trainable(ids, pos, self._train_mask(S, x0.device, doc, b), logits_index=slice(0, S)).logits
         if self.config.token_shift:  # output i predicts token i+1; heads (i % B == 0) are never masked
             logits, x0, masked, p = logits[:, :-1], x0[:, 1:], masked[:, 1:], p[:, 1:]
             keep = None if keep is None else keep[:, 1:]

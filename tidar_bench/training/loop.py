@@ -440,9 +440,13 @@ def _plot(history: list[dict], evals: list[dict], path: Path, title: str) -> Non
 def _peak_mem_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    try:  # VmHWM: this process's peak RSS (ru_maxrss would carry over the peak of a parent that forked it)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB; the process's peak RSS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- the loop
