@@ -71,11 +71,11 @@ def test_fsdp_two_gloo_processes_equal_single_process(base, tmp_path):
     ours = load_model(fsdp, "float32", "cpu")(ids).logits
     hf = AutoModelForCausalLM.from_pretrained(str(fsdp), torch_dtype=torch.float32)(ids).logits
     torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
-    ckpt = latest_checkpoint(fsdp)
-    assert ckpt.name == "step-00000002" and load_model(ckpt, "float32", "cpu").config.vocab_size == wb["model.embed_tokens.weight"].shape[0]
-    # FSDP's training state resumes in one process (another world size and shard mode)
+    ckpt = latest_checkpoint(fsdp)  # the last step is checkpointed too (a finished run can be extended)
+    assert ckpt.name == "step-00000004" and load_model(ckpt, "float32", "cpu").config.vocab_size == wb["model.embed_tokens.weight"].shape[0]
+    # FSDP's training state of step 2 resumes in one process (another world size and shard mode)
     moved = tmp_path / "resumed"
-    shutil.copytree(fsdp / "checkpoints", moved / "checkpoints")
+    shutil.copytree(fsdp / "checkpoints" / "step-00000002", moved / "checkpoints" / "step-00000002")
     assert main(_tidar_cmd(base, moved, "--resume")) == 0
     assert [h["step"] for h in _losses(moved)] == [0, 1, 2, 3]
     wr = load_file(str(moved / "model.safetensors"))
