@@ -242,9 +242,10 @@ def test_extend_a_finished_run(base, tmp_path):
     cfg = dict(seq_len=12, batch_size=2, steps=4, lr=3e-3, warmup_steps=1, save_every=2, log_every=1, progress=False,
                seed=4)
 
+    data = PackedDataset(read_texts([base / "train.jsonl"]), tok, 12, seed=2)  # stateless: shared by the runs
+
     def run(out, **kw):
         obj = TidarObjective.from_checkpoint(base / "ckpt", _tok(base), "cpu", block_size=4)
-        data = PackedDataset(read_texts([base / "train.jsonl"]), tok, 12, seed=2)
         return train(obj, data, out, TrainConfig(**{**cfg, **kw})), obj
 
     out = tmp_path / "run"
