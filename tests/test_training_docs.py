@@ -285,7 +285,8 @@ def test_cli_doc_attention_and_loss_on(base, tmp_path, capsys):
     capsys.readouterr()
     cases = [([*argv, "--out", str(out), "--resume", "--steps", "3"], "doc_attention=True"),
              ([*argv, "--out", str(tmp_path / "x"), "--loss-on", "prompt"], "unknown --loss-on"),
-             ([*argv, "--out", str(tmp_path / "x"), "--attention-masks", "sparse"], "unknown --attention-masks")]
+             ([*argv, "--out", str(tmp_path / "x"), "--attention-masks", "sparse"], "unknown --attention-masks"),
+             ([*argv, "--out", str(tmp_path / "x"), "--attention-masks", "block"], "needs a CUDA device")]
     for a, msg in cases:
         assert main(a) == 2
         err = capsys.readouterr().err.strip().splitlines()

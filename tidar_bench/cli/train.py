@@ -155,6 +155,8 @@ def run_recipe(make_objective: Callable[[object, str], object], base: Path, data
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
     cfg.autocast(dev)  # a bad --dtype fails before the model is loaded
+    if attention_masks == "block" and dev.type != "cuda":
+        raise UserError("--attention-masks block needs a CUDA device (FlexAttention has no backward pass on CPU)")
     read = dict(split=data_split, streaming=streaming, max_docs=max_docs, loss_on=loss_on)
     pack = dict(doc_attention=doc_attention, loss_on=loss_on)
     shard_dirs = [d for d in data if is_shard_dir(d)]
