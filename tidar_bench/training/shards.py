@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from array import array
 from pathlib import Path
 from typing import Iterable
@@ -45,6 +46,8 @@ def write_shards(docs: Iterable[Document], tokenizer, out: str | Path, *, shard_
         raise UserError(f"output directory {out} exists and is not empty")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token to separate documents")
+    if array("I").itemsize != 4:
+        raise UserError("this platform's unsigned int is not 4 bytes; token shards need uint32")
     if len(tokenizer) > 2**32:
         raise UserError("the vocabulary does not fit uint32 token ids")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -57,8 +60,12 @@ def write_shards(docs: Iterable[Document], tokenizer, out: str | Path, *, shard_
 
     def flush():
         name = f"shard-{len(shards):05d}"
-        (tmp / f"{name}.ids").write_bytes(np.frombuffer(ids, dtype=np.uint32).astype("<u4").tobytes())
-        (tmp / f"{name}.flags").write_bytes(bytes(flags))
+        if sys.byteorder != "little":
+            ids.byteswap()
+        with open(tmp / f"{name}.ids", "wb") as f:  # straight from the buffer: no copy of the shard
+            ids.tofile(f)
+        with open(tmp / f"{name}.flags", "wb") as f:
+            f.write(flags)
         shards.append({"name": name, "tokens": len(ids)})
         del ids[:], flags[:]
 
