@@ -91,7 +91,7 @@ Q_DECODERS="ar"; Q_ARGS=()                                                     #
 # Q_DECODERS+=",eagle"; Q_ARGS+=(--draft "$(hub "$ANGELSLIM")")               # (after merge) issue 23 A: AngelSlim EAGLE-3
 # Q_DECODERS+=",dflash"; Q_ARGS+=(--decoder-arg "dflash.draft=$(hub "$DSPARK")") # (after merge) issue 23 A: speculators DSpark
 row qwen3 "$QWEN3" "$Q_DECODERS" "${Q_ARGS[@]}"
-row sdar "$SDAR" "ar,bd,bd(separate_commit=true)"                               # SDAR as bd: block 4, steps 4, dynamic > 0.9
+row sdar "$SDAR" "ar,bd,bd(separate_commit=true)"                               # SDAR as bd: block 4, steps 4, dynamic rule, threshold 0.9
 # row tidar "$TIDAR" "ar,tidar"                                                 # (after merge) the TiDAR-LM preset
 
 if [ -n "$FAILED" ]; then
