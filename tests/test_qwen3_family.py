@@ -39,6 +39,6 @@ def test_qwen3_family_replica_cpu(tmp_path):
     for task in tasks:
         a, b = ([json.loads(x) for x in (out / "sdar" / f"samples_{d}_{task}.jsonl").read_text().splitlines()]
                 for d in ("bd", "bd(separate_commit=true)"))
-        assert len(a) == len(b) == 1
+        assert len(a) == len(b) >= 1  # one row per document and filter
         assert [r["output"] for r in a] == [r["output"] for r in b]
         assert all(x["new_tokens"] == y["new_tokens"] and y["nfe"] > x["nfe"] for x, y in zip(a, b))
