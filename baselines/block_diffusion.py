@@ -337,7 +337,8 @@ def _bd_config(path: Path, raw: dict) -> tuple[BDConfig, dict]:
     if BDConfig.exists(path):
         return BDConfig.load(path), {}
     if mt == FAST_DLLM_MODEL_TYPE:
-        return BDConfig(FAST_DLLM_MASK_ID, int(raw.get("bd_size", 32)), token_shift=True), {"sub_block": FAST_DLLM_SUB_BLOCK}
+        cfg = BDConfig(FAST_DLLM_MASK_ID, int(raw.get("bd_size", 32)), token_shift=True)
+        return cfg, {"sub_block": FAST_DLLM_SUB_BLOCK}
     if mt == SDAR_MODEL_TYPE:
         arch = raw.get("architectures") or ["SDARForCausalLM"]
         if arch != ["SDARForCausalLM"]:
@@ -345,7 +346,8 @@ def _bd_config(path: Path, raw: dict) -> tuple[BDConfig, dict]:
         missing = [k for k in ("mask_token_id", "block_size") if not isinstance(raw.get(k), int)]
         if missing:
             raise UserError(f"{path}: SDAR config.json lacks an integer {missing[0]}")
-        return BDConfig(raw["mask_token_id"], raw["block_size"], token_shift=False), {"remasking": "low_confidence_dynamic"}
+        cfg = BDConfig(raw["mask_token_id"], raw["block_size"], token_shift=False)
+        return cfg, {"remasking": "low_confidence_dynamic"}
     return BDConfig.load(path), {}  # raises the "not a block-diffusion checkpoint" error
 
 
@@ -354,7 +356,8 @@ def _bd_config(path: Path, raw: dict) -> tuple[BDConfig, dict]:
                   "block_cache, token_shift, separate_commit)")
 def build(ctx: DecoderContext, *, block_size: int | None = None, threshold: float = 0.9, steps: int | None = None,
           remasking: str | None = None, sub_block: int | None = None, block_cache: bool = True,
-          token_shift: bool | None = None, separate_commit: bool = False, compile: str = "auto") -> BlockDiffusionDecoder:
+          token_shift: bool | None = None, separate_commit: bool = False,
+          compile: str = "auto") -> BlockDiffusionDecoder:
     from tidar_bench.model import read_config
 
     path = Path(ctx.model_path)
