@@ -40,8 +40,8 @@ forwards spent on each block of the last call.
 
 Fast-dLLM v2 checkpoints (Efficient-Large-Model/Fast_dLLM_v2_{1.5B,7B}): the architecture is
 Qwen2 (QKV bias, GQA), so the weights load into our core; their config.json says
-`model_type: "Fast_dLLM_Qwen"` and `bd_size: 32`. The factory reads such a directory as qwen2
-(config patched in a temporary alias directory, no change to the model loader) with mask id
+`model_type: "Fast_dLLM_Qwen"` and `bd_size: 32`. The model core reads such a directory as qwen2
+(its alias table, `model.MODEL_TYPE_ALIASES`); the factory takes mask id
 151665 (`|<MASK>|`), block size bd_size and token_shift=True, sub_block 8 by default. What fits:
 token shift, aligned blocks with the prompt tail as first-block head, threshold decoding with
 sub-blocks, the block-level cache and the separate commit forward. What does not: their
@@ -50,14 +50,29 @@ block each step: identical outputs, more compute), batched generation, and the e
 attention of their training (we assume BD3-LM block-causal, bidirectional inside a block; if their
 clean stream is causal inside blocks the committed KV differs slightly). Not checked against the
 real weights (no network here).
+
+SDAR checkpoints (JetLM/SDAR-{1.7B,4B,8B}-Chat; JetAstra/SDAR `generate.py` and
+`modeling_sdar.py`): the body is Qwen3 (`model_type: "sdar"`, loaded as qwen3 by the model core's
+alias table), `block_size` and `mask_token_id` (151669, `<|MASK|>`) are in config.json, no token
+shift. SDAR's decode rules are options (`remasking=`), each with SDAR's per-step count: `steps`
+(default block_size) splits the *whole block* B into `B // steps` per step, the remainder first
+(`get_num_transfer_tokens`), whatever the prompt tail already fills:
+- `low_confidence_dynamic` (the default for SDAR checkpoints): every masked position with
+  confidence strictly > `threshold`, if at least that step's count qualify; else the top count;
+- `low_confidence_static`: the top count by confidence; `sequential`: the leftmost count.
+Where SDAR's count exceeds the masked positions left, its `topk` over confidences that are -inf at
+final positions also picks final positions and rewrites them with the current prediction (its
+prompt tail included); we take only the masked ones, so final tokens are never rewritten. SDAR
+commits a finished block with a forward of its own (`store_kv=True`) and prefills the prompt's full
+blocks alone; `separate_commit=true` does the same (same tokens, one more forward per block), the
+default merges each commit into the next block's first step. SDAR suppresses nothing: a position
+that predicts `<|MASK|>` stays masked; here the mask token is never an output. Checked against
+SDAR's own code: scripts/reference/sdar_check.py, results/reference/sdar.txt.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,8 +85,10 @@ from tidar_bench.masks import block_causal, block_diffusion_step
 from tidar_bench.registry import DecoderContext, register_decoder
 from tidar_bench.training.block_diffusion import BDConfig
 
-REMASKING = ("low_confidence", "random")
+SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "sequential")
+REMASKING = ("low_confidence", "random") + SDAR_REMASKING
 FAST_DLLM_MODEL_TYPE = "Fast_dLLM_Qwen"
+SDAR_MODEL_TYPE = "sdar"
 FAST_DLLM_MASK_ID = 151665
 FAST_DLLM_SUB_BLOCK = 8
 
@@ -83,7 +100,7 @@ class BlockDiffusionDecoder(CachedDecoder):
     def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 32,
                  threshold: float = 0.9, steps: int | None = None, remasking: str = "low_confidence",
                  sub_block: int | None = None, block_cache: bool = True, token_shift: bool = False,
-                 compile: str = "off"):
+                 separate_commit: bool = False, compile: str = "off"):
         vocab = model.config.vocab_size
         if not 0 <= mask_token_id < vocab:
             raise UserError(f"mask_token_id {mask_token_id} outside the vocabulary [0, {vocab})")
@@ -98,11 +115,17 @@ class BlockDiffusionDecoder(CachedDecoder):
         if remasking == "random" and steps is None:
             raise UserError("remasking=random needs a fixed number of steps (steps=N); "
                             "the threshold rule is confidence-based")
+        if remasking in SDAR_REMASKING and steps is None:
+            steps = block_size  # SDAR's generate.py default: denoising_steps = block_length
         if sub_block is not None:
             if not 1 <= sub_block <= block_size or block_size % sub_block:
                 raise UserError(f"sub_block must divide block_size={block_size}, got {sub_block}")
             if steps is not None:
-                raise UserError("sub_block works with the threshold rule; do not combine it with steps")
+                raise UserError("sub_block works with the threshold rule; do not combine it with steps "
+                                "or an SDAR remasking rule")
+        if separate_commit and (token_shift or not block_cache):
+            raise UserError("separate_commit needs the block cache and no token shift (token-shift "
+                            "commits are separate forwards already; without a cache nothing is committed)")
         self.model = model
         self.tokenizer = tokenizer
         self.mask_id = mask_token_id
@@ -113,6 +136,9 @@ class BlockDiffusionDecoder(CachedDecoder):
         self.sub_block = sub_block
         self.block_cache = block_cache
         self.token_shift = token_shift
+        self.separate_commit = separate_commit
+        # SDAR's per-step counts: B // steps each, the remainder to the first steps
+        self.step_counts = [block_size // steps + (i < block_size % steps) for i in range(steps)] if steps else []
         # tests observe the committed state after every forward: on_step(cache, committed ids)
         self.on_step: Callable | None = None
         self.last_block_steps: list[int] = []
@@ -124,7 +150,8 @@ class BlockDiffusionDecoder(CachedDecoder):
     def options(self) -> dict:
         return {"block_size": self.B, "mask_token_id": self.mask_id, "threshold": self.threshold,
                 "steps": self.steps, "remasking": self.remasking, "sub_block": self.sub_block,
-                "block_cache": self.block_cache, "token_shift": self.token_shift, "compile": self.runner.compiled}
+                "block_cache": self.block_cache, "token_shift": self.token_shift,
+                "separate_commit": self.separate_commit, "compile": self.runner.compiled}
 
     # ------------------------------------------------------------------------- one forward
 
@@ -181,6 +208,12 @@ class BlockDiffusionDecoder(CachedDecoder):
         finalised = []  # per forward: generated tokens it finalised
         emit_from = L - base  # block positions before this are prompt or already given to `stop`
         done = False
+        if self.separate_commit and base:  # SDAR: the prompt's full blocks are prefilled alone
+            self._forward(pending, slice(base - 1, base), n_commit=base)  # one unused logit row: no empty graphs
+            pending = pending[:0]
+            finalised.append(0)
+            run.prefill_done()
+            self._notify()
         if self.token_shift and not head:  # AR step: the prompt's last output gives the first token
             logits = self._forward(pending, slice(base - 1, base), n_commit=base)
             pending = pending[:0]
@@ -223,6 +256,12 @@ class BlockDiffusionDecoder(CachedDecoder):
                 block_steps += 1
                 self._notify()
                 done, emit_from = stop.extend(head), 1
+            elif self.separate_commit:  # SDAR: the finished block's KV is stored by a forward of its own
+                self._forward(block, slice(B - 1, B), n_commit=B)  # its logits are unused
+                finalised.append(0)
+                block_steps += 1
+                self._notify()
+                pending, head, emit_from = block[:0], [], 0
             else:
                 pending, head, emit_from = block, [], 0
             self.last_block_steps.append(block_steps)
@@ -257,7 +296,19 @@ class BlockDiffusionDecoder(CachedDecoder):
             eligible = [e and s <= i < s + self.sub_block for i, e in enumerate(eligible)]
         elig = torch.tensor(eligible, device=block.device)
         tokens, conf = self._pick(logits, sp, gen)
-        if self.steps is not None:
+        if self.remasking in SDAR_REMASKING:
+            # SDAR's count for this step, capped at the masked positions (see the module docstring)
+            n = min(self.step_counts[min(step, self.steps - 1)], int(elig.sum()))
+            conf = conf.masked_fill(~elig, -1.0)
+            if self.remasking == "sequential":
+                idx = elig.nonzero().flatten()[:n]
+            else:
+                high = conf > self.threshold  # strict, as SDAR
+                if self.remasking == "low_confidence_dynamic" and int(high.sum()) >= n:
+                    idx = high.nonzero().flatten()
+                else:
+                    idx = conf.topk(n).indices
+        elif self.steps is not None:
             u = math.ceil(sum(eligible) / (self.steps - step))
             if self.remasking == "random":
                 score = torch.rand(B, generator=rgen, device=block.device)
@@ -279,53 +330,44 @@ class BlockDiffusionDecoder(CachedDecoder):
 # ----------------------------------------------------------------------------- construction
 
 
-def _is_fast_dllm(path: Path) -> bool:
-    cfg = path / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == FAST_DLLM_MODEL_TYPE
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _load_fast_dllm(ctx: DecoderContext):
-    """Load a Fast_dLLM_Qwen checkpoint as qwen2: a temporary directory holds the patched
-    config.json and links to the weight files, read by the ordinary loader."""
-    from tidar_bench.model import load_model
-
-    src = Path(ctx.model_path)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "qwen2"
-    with tempfile.TemporaryDirectory(prefix="fast_dllm_") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
-        for f in src.iterdir():
-            if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"):
-                try:
-                    (Path(tmp) / f.name).symlink_to(f.resolve())
-                except OSError:
-                    shutil.copy(f, Path(tmp) / f.name)
-        return load_model(tmp, ctx.dtype, ctx.device), cfg
-
-
-@register_decoder("bd", help="block diffusion (BD3-LM / Fast-dLLM v2): parallel denoising of B-token blocks "
-                  "over a block-causal KV cache (options: block_size, threshold, steps, remasking, sub_block, "
-                  "block_cache, token_shift)")
-def build(ctx: DecoderContext, *, block_size: int | None = None, threshold: float = 0.9, steps: int | None = None,
-          remasking: str = "low_confidence", sub_block: int | None = None, block_cache: bool = True,
-          token_shift: bool | None = None, compile: str = "auto") -> BlockDiffusionDecoder:
-    path = Path(ctx.model_path)
+def _bd_config(path: Path, raw: dict) -> tuple[BDConfig, dict]:
+    """The block-diffusion settings a checkpoint states, and the decoder defaults they imply:
+    `bd_config.json` (ours), a Fast_dLLM_Qwen config, or an SDAR config (see the module docstring)."""
+    mt = raw.get("model_type")
     if BDConfig.exists(path):
-        cfg = BDConfig.load(path)
-        model = ctx.model
-    elif _is_fast_dllm(path):
-        model, raw = _load_fast_dllm(ctx)
-        ctx.model = model  # share with other decoders built from this context
-        cfg = BDConfig(mask_token_id=FAST_DLLM_MASK_ID, block_size=int(raw.get("bd_size", 32)), token_shift=True)
-        if sub_block is None and steps is None and (block_size or cfg.block_size) % FAST_DLLM_SUB_BLOCK == 0:
-            sub_block = FAST_DLLM_SUB_BLOCK
-    else:
-        cfg = BDConfig.load(path)  # raises the "not a block-diffusion checkpoint" error
+        return BDConfig.load(path), {}
+    if mt == FAST_DLLM_MODEL_TYPE:
+        cfg = BDConfig(FAST_DLLM_MASK_ID, int(raw.get("bd_size", 32)), token_shift=True)
+        return cfg, {"sub_block": FAST_DLLM_SUB_BLOCK}
+    if mt == SDAR_MODEL_TYPE:
+        arch = raw.get("architectures") or ["SDARForCausalLM"]
+        if arch != ["SDARForCausalLM"]:
+            raise UserError(f"{path}: SDAR architecture {arch} is not supported (only SDARForCausalLM)")
+        missing = [k for k in ("mask_token_id", "block_size") if not isinstance(raw.get(k), int)]
+        if missing:
+            raise UserError(f"{path}: SDAR config.json lacks an integer {missing[0]}")
+        cfg = BDConfig(raw["mask_token_id"], raw["block_size"], token_shift=False)
+        return cfg, {"remasking": "low_confidence_dynamic"}
+    return BDConfig.load(path), {}  # raises the "not a block-diffusion checkpoint" error
+
+
+@register_decoder("bd", help="block diffusion (BD3-LM / Fast-dLLM v2 / SDAR): parallel denoising of B-token blocks "
+                  "over a block-causal KV cache (options: block_size, threshold, steps, remasking, sub_block, "
+                  "block_cache, token_shift, separate_commit)")
+def build(ctx: DecoderContext, *, block_size: int | None = None, threshold: float = 0.9, steps: int | None = None,
+          remasking: str | None = None, sub_block: int | None = None, block_cache: bool = True,
+          token_shift: bool | None = None, separate_commit: bool = False,
+          compile: str = "auto") -> BlockDiffusionDecoder:
+    from tidar_bench.model import read_config
+
+    path = Path(ctx.model_path)
+    cfg, defaults = _bd_config(path, read_config(path))
+    B = block_size if block_size is not None else cfg.block_size
+    sub = defaults.get("sub_block")
+    if sub and sub_block is None and steps is None and remasking in (None, "low_confidence") and B % sub == 0:
+        sub_block = sub  # Fast-dLLM v2's small blocks
     return BlockDiffusionDecoder(
-        model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
-        block_size=block_size if block_size is not None else cfg.block_size,
-        threshold=threshold, steps=steps, remasking=remasking, sub_block=sub_block, block_cache=block_cache,
-        token_shift=cfg.token_shift if token_shift is None else token_shift, compile=compile)
+        ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id, block_size=B, threshold=threshold, steps=steps,
+        remasking=remasking or defaults.get("remasking", "low_confidence"), sub_block=sub_block,
+        block_cache=block_cache, token_shift=cfg.token_shift if token_shift is None else token_shift,
+        separate_commit=separate_commit, compile=compile)

@@ -155,6 +155,12 @@ def test_batched_bad_input(tidar_ctx):
     assert supports_batch(hf) and "hf" in supports_batch(hf)
 
 
+def test_bd_separate_commit_is_refused():
+    """Batched bd merges commits into the next step: SDAR's separate commit forwards run at batch 1."""
+    assert "separate_commit" in supports_batch("bd", {"separate_commit": "true"})
+    assert supports_batch("bd", {"separate_commit": "false", "remasking": "low_confidence_dynamic"}) is None
+
+
 def test_eagle_tree_is_refused(base_ctx):
     tree = build_decoder("eagle", base_ctx, {})
     assert "tree=False" in supports_batch(tree)

@@ -1,6 +1,7 @@
 """Block diffusion: masks against hand-written matrices, the decoder against a plain full-recompute
 reference (both prediction conventions), committed KV == fresh block-causal prefill, stopping inside
-a block, option errors, Fast-dLLM v2 config reading, and the training objective."""
+a block, option errors, Fast-dLLM v2 and SDAR config reading, SDAR's decode rules by hand, and the
+training objective. (SDAR against its authors' own code: scripts/reference/sdar_check.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step, block_diffusion_training
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import CharTok, make_hf_model
+from tidar_bench.testing import CharTok, make_hf_model, make_sdar_replica
 from tidar_bench.training.block_diffusion import BDConfig, BlockDiffusionObjective
 
 V = 96
@@ -261,6 +262,127 @@ def test_fast_dllm_config_is_read_as_qwen2(tmp_path):
     g = dec.generate(p, GenerationConfig(max_new_tokens=6))
     assert g.tokens == reference(dec.model, p, 8, 6, shift=True, mask=151_665)
     assert list((d).glob("*.tmp")) == [] and json.loads((d / "config.json").read_text())["model_type"] == "Fast_dLLM_Qwen"
+
+
+# ----------------------------------------------------------------------------- SDAR
+
+
+@pytest.fixture(scope="module")
+def sdar(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sdar")
+    hf = make_sdar_replica(d, seed=4, vocab_size=V, block_size=4, mask_token_id=MASK)
+    return d, hf
+
+
+def test_sdar_checkpoint_is_read_from_its_config(sdar):
+    """model_type sdar loads as Qwen3 (same logits as the HF Qwen3 model it was saved from); block
+    size and mask id come from config.json; SDAR's dynamic rule with steps = B and a threshold no
+    confidence exceeds is one most-confident token per forward: the full-recompute reference."""
+    d, hf = sdar
+    ctx = DecoderContext(d, device="cpu", dtype="float32")
+    ids = torch.tensor([[5, 17, 3, 40, 8]])
+    torch.testing.assert_close(ctx.model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+    dec = build_decoder("bd", ctx, {"threshold": "1.0"})
+    o = dec.options()
+    assert (o["mask_token_id"], o["block_size"], o["token_shift"], o["remasking"], o["steps"]) == \
+        (MASK, 4, False, "low_confidence_dynamic", 4)
+    for p in _prompts()[1:3]:  # a prompt tail of 3, and a full prompt block
+        g = dec.generate(p, GenerationConfig(max_new_tokens=7))
+        assert g.tokens == reference(ctx.model, p, 4, 7), p
+        assert all(a == 1 for a in g.stats.accepted_lengths)
+    assert build_decoder("ar", ctx).generate([5, 17], GenerationConfig(max_new_tokens=3)).tokens  # ar reads it too
+
+
+def _rows(dec, confs):
+    """Logits whose argmax at block position i is token i + 1, with confidence about confs[i]."""
+    logits = torch.full((len(confs), V), 0.0)
+    for i, c in enumerate(confs):
+        logits[i, i + 1] = float(torch.log(torch.tensor(c * (V - 1) / (1 - c))))
+    return logits
+
+
+@pytest.mark.parametrize("rule", ["low_confidence_dynamic", "low_confidence_static", "sequential"])
+def test_sdar_rules_by_hand(ckpt, rule):
+    _, model = ckpt
+    dec = BlockDiffusionDecoder(model, mask_token_id=MASK, block_size=4, steps=2, remasking=rule, threshold=0.5)
+    assert dec.step_counts == [2, 2]
+    assert BlockDiffusionDecoder(model, mask_token_id=MASK, block_size=8, steps=3, remasking=rule).step_counts == [3, 3, 2]
+    greedy = SamplingParams()
+
+    def unmask(confs, known, step=0):
+        block = torch.full((4,), MASK)
+        block[torch.tensor(known)] = 0
+        idx = dec._unmask(_rows(dec, confs), block, list(known), step, greedy, None, None)
+        assert all(int(block[i]) == i + 1 for i in idx) and all(int(block[i]) == 0 for i in range(4) if known[i])
+        return sorted(idx)
+
+    none = [False] * 4
+    three_high = [0.6, 0.2, 0.7, 0.9]  # three masked positions above 0.5 >= the step's count of 2
+    one_high = [0.3, 0.2, 0.4, 0.9]  # one above: fewer than 2, so the top 2
+    expected = {"low_confidence_dynamic": ([0, 2, 3], [2, 3]), "low_confidence_static": ([2, 3], [2, 3]),
+                "sequential": ([0, 1], [0, 1])}[rule]
+    assert unmask(three_high, none) == expected[0]
+    assert unmask(one_high, none) == expected[1]
+    # one masked position left, count 2: only it (SDAR's topk would also rewrite a final position)
+    assert unmask(three_high, [True, True, False, True], step=1) == [2]
+    if rule == "low_confidence_dynamic":  # strictly above the threshold: a tie does not count
+        tokens, conf = dec._pick(_rows(dec, three_high), greedy, None)
+        dec.threshold = float(conf[0])
+        assert unmask(three_high, none) == [2, 3]
+
+
+def test_sdar_separate_commit_same_tokens_more_forwards(sdar):
+    """SDAR's separate prefill and commit forwards: the same tokens and the same exact block-causal
+    cache; one more forward per committed block (and one for the prompt's full blocks)."""
+    d, _ = sdar
+    ctx = DecoderContext(d, device="cpu", dtype="float32")
+    model = ctx.model
+    cfg = GenerationConfig(max_new_tokens=12)
+    p = _prompts()[2]  # 4 tokens: one full prompt block
+    merged = build_decoder("bd", ctx, {"steps": "1"}).generate(p, cfg)
+    dec = build_decoder("bd", ctx, {"steps": "1", "separate_commit": "true"})
+    seen = []
+
+    def on_step(cache, committed):
+        n = len(committed)
+        assert cache.length == n and n % 4 == 0
+        if n:
+            fresh = model.new_cache(n)
+            model(torch.tensor([committed]), mask=block_causal(n, 4), cache=fresh)
+            for a, b in zip(cache.snapshot(), fresh.snapshot()):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        seen.append(n)
+
+    dec.on_step = on_step
+    sep = dec.generate(p, cfg)
+    assert sep.tokens == merged.tokens
+    assert merged.stats.tokens_fed == [8, 8, 8] and merged.stats.accepted_lengths == [4, 4, 4]
+    assert sep.stats.tokens_fed == [4] * 6 and sep.stats.accepted_lengths == [0, 4, 0, 4, 0, 4]
+    assert seen == [4, 4, 8, 8, 12, 12]
+    cfg = GenerationConfig(max_new_tokens=9)
+    for p in (_prompts()[1], _prompts()[3]):  # prompt tails of 3 and 2, the dynamic rule: same tokens both ways
+        a = build_decoder("bd", ctx, {"threshold": "0.2"}).generate(p, cfg)
+        b = build_decoder("bd", ctx, {"threshold": "0.2", "separate_commit": "true"}).generate(p, cfg)
+        assert a.tokens == b.tokens and b.stats.nfe > a.stats.nfe
+
+
+def test_sdar_bad_configs_and_options(sdar, tmp_path):
+    d, _ = sdar
+    ctx = DecoderContext(d, device="cpu", dtype="float32")
+    for bad in ({"separate_commit": "true", "token_shift": "true"}, {"separate_commit": "true", "block_cache": "false"},
+                {"sub_block": "2"}, {"remasking": "entropy_bounded"}):
+        with pytest.raises(UserError):
+            build_decoder("bd", ctx, bad)
+    cfg = json.loads((d / "config.json").read_text())
+    for change, msg in (({"mask_token_id": None}, "lacks an integer mask_token_id"),
+                        ({"architectures": ["SDARMoeForCausalLM"]}, "SDARMoeForCausalLM"),
+                        ({"attention_bias": True}, "attention_bias")):
+        other = tmp_path / msg.split()[-1]
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({**cfg, **change}))
+        (other / "model.safetensors").symlink_to(d / "model.safetensors")
+        with pytest.raises(UserError, match=msg):
+            build_decoder("bd", DecoderContext(other, device="cpu", dtype="float32"))
 
 
 # ----------------------------------------------------------------------------- objective

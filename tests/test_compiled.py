@@ -178,9 +178,10 @@ def test_compiled_eagle_is_lossless(model, tree):
 
 
 @pytestmark_compile
-def test_compiled_block_diffusion_equals_eager(model):
+@pytest.mark.parametrize("extra", [{}, {"separate_commit": True, "remasking": "low_confidence_dynamic"}])
+def test_compiled_block_diffusion_equals_eager(model, extra):
     cfg = GenerationConfig(max_new_tokens=16)
-    kw = dict(mask_token_id=MASK, block_size=4, threshold=0.5)
+    kw = dict(mask_token_id=MASK, block_size=4, threshold=0.5, **extra)  # extra: SDAR's rule and forward schedule
     eager = BlockDiffusionDecoder(model, compile="off", **kw)
     comp = BlockDiffusionDecoder(model, compile="on", **kw)
     _same_tokens(eager, comp, _prompts(2), cfg)

@@ -50,13 +50,17 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
         o = options  # the factories' defaults where an option is absent
         lossless = o.get("mode", "tidar") == "tidar" and float(o.get("beta", 1.0)) == 1.0
         block_cache, tree = bool(o.get("block_cache", True)), bool(o.get("tree", True))
+        separate = str(o.get("separate_commit", False)).lower() in ("1", "true", "yes", "on")
     else:
         lossless, block_cache = getattr(decoder, "lossless", True), getattr(decoder, "block_cache", True)
         tree = getattr(decoder, "tree", False)
+        separate = getattr(decoder, "separate_commit", False)
     if name == "tidar" and not lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1)"
     if name == "bd" and not block_cache:
         return "batched bd needs the block cache (block_cache=True)"
+    if name == "bd" and separate:
+        return "batched bd merges each commit into the next block's step; separate_commit=true runs at batch 1"
     if name == "eagle" and tree:
         return "batched eagle drafts chains: use --decoder-arg eagle.tree=False (chain_length=N)"
     return None

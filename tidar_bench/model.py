@@ -27,6 +27,11 @@ from .errors import UserError
 from .masks import static_step
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Checkpoints whose body is a supported family under another model_type: the tensors and config keys
+# are that family's, and what the name adds (mask id, block size) is read by the decoder that uses it
+# (baselines/block_diffusion.py). SDAR: JetLM/SDAR-*-Chat (modeling_sdar.py is Qwen3's, with is_causal
+# off); Fast_dLLM_Qwen: Efficient-Large-Model/Fast_dLLM_v2_* (Qwen2).
+MODEL_TYPE_ALIASES = {"sdar": "qwen3", "Fast_dLLM_Qwen": "qwen2"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -54,9 +59,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        mt = d.get("model_type")
+        mt = MODEL_TYPE_ALIASES.get(d.get("model_type"), d.get("model_type"))
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            names = ", ".join(SUPPORTED_MODEL_TYPES + tuple(MODEL_TYPE_ALIASES))
+            raise UserError(f"unsupported model_type {d.get('model_type')!r}; supported: {names}")
+        if mt == "qwen3" and d.get("attention_bias"):  # HF Qwen3 then has an o_proj bias too; not built here
+            raise UserError(f"model_type {d.get('model_type')!r} with attention_bias: true is not supported")
         if d.get("use_sliding_window"):
             raise UserError("sliding-window attention (use_sliding_window: true) is not supported")
         heads = d["num_attention_heads"]

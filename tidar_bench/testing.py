@@ -50,6 +50,25 @@ def make_hf_model(family: str, path: str | Path, seed: int = 0, vocab_size: int 
     return model
 
 
+def make_sdar_replica(path: str | Path, seed: int = 0, vocab_size: int = 96, block_size: int = 4,
+                      mask_token_id: int | None = None, **overrides):
+    """A random SDAR checkpoint in JetLM/SDAR-*-Chat's layout: Qwen3 tensors (saved by transformers)
+    and SDAR's config.json keys (`model_type: sdar`, `SDARForCausalLM`, `auto_map`, `block_size`,
+    `mask_token_id`, as in JetAstra/SDAR's SDAR-4B-Chat/config.json). Returns the HF Qwen3 model."""
+    import json
+
+    model = make_hf_model("qwen3", path, seed, vocab_size, **overrides)
+    cfg_file = Path(path) / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(model_type="sdar", architectures=["SDARForCausalLM"], block_size=block_size,
+               mask_token_id=vocab_size - 2 if mask_token_id is None else mask_token_id,
+               auto_map={"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                         "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+               attn_implementation="flex_attention", fuse_cross_entropy=True, use_sliding_window=False)
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    return model
+
+
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit of `counts` to `probs`; cells with expected count < 5
     are pooled (the statistical tests of the sampling rules)."""
