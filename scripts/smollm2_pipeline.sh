@@ -37,7 +37,7 @@ SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."
 TB=${TB:-.venv/bin/tidar-bench}
 PY=${PY:-.venv/bin/python}
-STAGES="model prompts distill eagle dflash tidar bd run profile plot"
+STAGES="model prompts mask distill eagle dflash tidar bd run profile plot"
 MODE=full ONLY="" FROM=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -61,12 +61,13 @@ if [ $MODE = full ]; then
   E_STEPS=300 E_BATCH=8 D_STEPS=300 D_BATCH=8 T_STEPS=400 T_BATCH=4 B_STEPS=400 B_BATCH=4
   GSM_LIMIT=50 HE_LIMIT=40 CONTEXTS=256,1024 REPEATS=10
   RUN_ARGS=() PROFILE_ARGS=(--slots 1,2,4,8,16,32,64,128)
-else  # every stage on a few items and 3 steps of the full run's shapes (seq_len, batch): proves the commands
-  # and the resume logic, and times a step of each recipe for the budget above; measures no score
+else  # every stage on a few items and 2 steps at the full run's seq_len (smaller batches): proves the commands
+  # and the resume logic, and times each recipe per training token (cpu_s in stages.jsonl) for the budget
+  # above; measures no score
   WORK=$CACHE/smollm2-smoke RES=results/smollm2/smoke
   N_GSM=3 N_MBPP=1 DISTILL_TOKENS=64 DISTILL_BATCH=2 CHUNK=2
-  SEQ=256 SAVE=1 EVAL_EVERY=3 EVAL_LIMIT=1 EVAL_TOKENS=16
-  E_STEPS=3 E_BATCH=8 D_STEPS=3 D_BATCH=8 T_STEPS=3 T_BATCH=4 B_STEPS=3 B_BATCH=4
+  SEQ=256 SAVE=1 EVAL_EVERY=2 EVAL_LIMIT=1 EVAL_TOKENS=16
+  E_STEPS=2 E_BATCH=2 D_STEPS=2 D_BATCH=2 T_STEPS=2 T_BATCH=1 B_STEPS=2 B_BATCH=1
   GSM_LIMIT=1 HE_LIMIT=1 CONTEXTS=256 REPEATS=2
   RUN_ARGS=(--gen-kwargs max_gen_toks=16 --compile off)  # 16 tokens an item, no compilation wait
   PROFILE_ARGS=(--slots 1,8 --compile off)
@@ -148,6 +149,29 @@ print(f"{len(rows)} training prompts, {len(ev)} eval prompts")
 EOF
 }
 
+stage_mask() {  # DFlash's blocks need a mask token; SmolLM2 has none: the same model with [MASK] added
+  [ -f "$WORK/base-mask/config.json" ] && { echo "[mask] done" >&2; return; }
+  log_run mask $PY - "$MODEL" "$WORK/base-mask" <<'EOF'
+"""The converted model + a [MASK] token (training.data.add_mask_token: a new embedding row, the mean of the
+others; the tied head gets the same row). Its `ar` is measured beside `dflash` in its own run, so dflash is
+checked against the greedy outputs of exactly the model it drafts for."""
+import os, shutil, sys
+from tidar_bench.model import load_model, save_model
+from tidar_bench.registry import load_tokenizer
+from tidar_bench.training.data import add_mask_token
+src, out = sys.argv[1:3]
+model, tok = load_model(src, dtype="float32", device="cpu"), load_tokenizer(src)
+mid = add_mask_token(model, tok)
+tmp = out + ".tmp"
+shutil.rmtree(tmp, ignore_errors=True)
+save_model(model, tmp)
+tok.save_pretrained(tmp)
+shutil.copy(os.path.join(src, "generation_config.json"), tmp)
+os.replace(tmp, out)
+print(f"{out}: [MASK] = {mid}, vocab {model.config.vocab_size}")
+EOF
+}
+
 stage_distill() {  # in chunks, so a killed distill loses one chunk at most
   local d=$WORK/distill
   [ -f "$WORK/distilled.jsonl" ] && { echo "[distill] done" >&2; return; }
@@ -167,7 +191,7 @@ stage_eagle() {
 }
 
 stage_dflash() {
-  train dflash "$WORK/dflash" $TB train dflash --target "$MODEL" --data "$WORK/distilled.jsonl" --block-size 8 \
+  train dflash "$WORK/dflash" $TB train dflash --target "$WORK/base-mask" --data "$WORK/distilled.jsonl" --block-size 8 \
     --num-layers 2 --seq-len $SEQ --batch-size $D_BATCH --steps $D_STEPS --lr 3e-4 --device cpu --dtype float32
 }
 
@@ -185,8 +209,10 @@ stage_bd() {
 measure() {
   local name=$1 limit=$2 task=$3; shift 3
   local common=(--tasks "$task" --limit "$limit" --apply-chat-template --device cpu --dtype float32 --seed 0 "${RUN_ARGS[@]}" "$@")
-  log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle,dflash" \
-    --decoder-arg dflash.draft="$WORK/dflash" "${common[@]}" --out "$WORK/runs/${name}_base"
+  log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle" "${common[@]}" \
+    --out "$WORK/runs/${name}_base"
+  log_run run $TB run --model "$WORK/base-mask" --draft "$WORK/dflash" --decoders "ar,dflash" "${common[@]}" \
+    --out "$WORK/runs/${name}_dflash"
   log_run run $TB run --model "$WORK/tidar" --decoders "ar,tidar(max_blocks=3)" "${common[@]}" --out "$WORK/runs/${name}_tidar"
   log_run run $TB run --model "$WORK/bd" --decoders "ar,bd" "${common[@]}" --out "$WORK/runs/${name}_bd"
 }
