@@ -272,6 +272,9 @@ def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) ->
         ax.margins(x=0.18, y=0.16)
         if xkey == "tokens_per_nfe":
             ax.set_xlim(left=0)
+        if bars and max(b[2] for b in bars) - min(b[1] for b in bars) < 0.02:  # equal scores: a readable range
+            mid = (max(b[2] for b in bars) + min(b[1] for b in bars)) / 2
+            ax.set_ylim(mid - 0.05, mid + 0.05)
         pending.append((ax, [(x, y, t, c) for (x, y), (t, c) in drawn.items()], lines, bars))
     models = ", ".join(sorted({m["model"] for m in metas}))
     devices = ", ".join(sorted({m["device"] for m in metas}))
