@@ -222,7 +222,9 @@ def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) ->
         dup = {lab for lab in labels if labels.count(lab) > 1}
         labels = [f"{r['run']}: {lab}" if lab in dup else lab for r, lab in zip(pts, labels)]
     families = list(dict.fromkeys(_family(r) for r in pts))
-    spare = iter(c for c in plt.get_cmap("tab10").colors if c not in FAMILY_COLORS.values())
+    from matplotlib.colors import to_hex
+
+    spare = iter(c for c in map(to_hex, plt.get_cmap("tab10").colors) if c not in FAMILY_COLORS.values())
     colors = {f: FAMILY_COLORS.get(f) or next(spare, "grey") for f in families}
     marker = {}
     for f in families:
