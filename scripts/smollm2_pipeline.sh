@@ -27,7 +27,7 @@
 #   stage     what                                        steps x seqs x seq_len = tokens seen       est.
 #   distill   greedy ar answers to 150 GSM8K + 50 MBPP     200 prompts, <= 256 new tokens each        ~30 min
 #             train prompts, chat template, batch 8
-#   eagle     EAGLE-3 head, draft vocab 8192, TTT 3        50 x 8 x 256 = 102,400 tokens (~19 ms)     ~32 min
+#   eagle     EAGLE-3 head, draft vocab 8192, TTT 3        50 x 8 x 256 = 102,400 tokens (~21 ms)     ~35 min
 #   dflash    DFlash drafter, 2 layers, block 8            50 x 8 x 256 = 102,400 tokens (~17 ms)     ~29 min
 #   tidar     TiDAR continued pretraining, k = 8           32 x 4 x 256 = 32,768 tokens, each read    ~32 min
 #             (whole model, lr 1e-4)                       twice: clean + masked (~59 ms)
