@@ -73,8 +73,13 @@ def test_plot_writes_valid_images_and_report(tmp_path, capsys):
 
 def test_plot_several_runs_and_bad_input(tmp_path, capsys):
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
-    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "fig")]) == 0
-    assert "| a | mini_gsm |" in (tmp_path / "fig" / "report.md").read_text()
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "fig")]) == 0  # one run per figure
+    assert sorted(p.name for p in (tmp_path / "fig").glob("pareto_*.png")) == [
+        "pareto_mini_gsm_a.png", "pareto_mini_gsm_b.png", "pareto_mini_math_a.png", "pareto_mini_math_b.png"]
+    report = (tmp_path / "fig" / "report.md").read_text()
+    assert "| a | mini_gsm |" in report and f"`tidar-bench plot {a} {b} --out {tmp_path / 'fig'}`" in report
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "tog"), "--together"]) == 0  # asked for: together
+    assert sorted(p.name for p in (tmp_path / "tog").glob("pareto_*.png")) == ["pareto_mini_gsm.png", "pareto_mini_math.png"]
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "f2")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "f3")]) == 2
@@ -190,3 +195,69 @@ def test_plot_speed_vs_batch_size(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"decoders": {}}))  # a batch-1 speed file: no batch section
     assert main(["plot", str(bad), "--out", str(tmp_path / "f2")]) == 2
+
+
+def _figures(monkeypatch):
+    """Capture the matplotlib figures `plot` saves (their artists say what a reader sees)."""
+    from tidar_bench import report
+
+    figs = {}
+
+    def save(fig, base):
+        figs[base.name] = fig
+        return []
+
+    monkeypatch.setattr(report, "_savefig", save)
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig=None: None)
+    return figs
+
+
+def test_pareto_figure_reads_without_a_legend(tmp_path, monkeypatch):
+    """One colour per decoder family, a marker per setting, filled = lossless, labels beside their points
+    (not overlapping), no legend, and each checkpoint's ar score as a horizontal line."""
+    import matplotlib.colors as mc
+
+    rows = [["tidar", "tb_mini_gsm", "tidar(block_size=4)", "exact_match,strict-match", 0.6, 0.05, 400.0, 2.5, 2.7, 2.0, 100, 0],
+            ["base", "tb_mini_gsm", "ar", "exact_match,strict-match", 0.62, 0.05, 200.0, 1.0, 1.0, 1.0, 100, ""],
+            ["base", "tb_mini_gsm", "eagle", "exact_match,strict-match", 0.62, 0.05, 260.0, 3.0, 3.5, 1.3, 100, 0],
+            ["tidar", "tb_mini_gsm", "ar", "exact_match,strict-match", 0.6, 0.05, 200.0, 1.0, 1.0, 1.0, 100, ""],
+            ["tidar", "tb_mini_gsm", "tidar", "exact_match,strict-match", 0.6, 0.05, 520.0, 3.4, 3.6, 2.6, 100, 0],
+            ["bd", "tb_mini_gsm", "bd", "exact_match,strict-match", 0.48, 0.05, 610.0, 4.1, 4.1, 3.05, 100, ""]]
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    with (folder / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model"] + COLUMNS)
+        w.writerows(rows)
+    (folder / "suite.json").write_text(json.dumps({"command": "tidar-bench run", "runs": {"base": {}, "tidar": {}, "bd": {}},
+                                                   "environment": {"cpu": "Test CPU"}}))
+    tidar_given = {"tidar": {"given": {"max_blocks": 3}}, "tidar(block_size=4)": {"given": {"block_size": 4, "max_blocks": 3}}}
+    for sub, given in (("tidar", tidar_given), ("base", {}), ("bd", {})):
+        (folder / sub).mkdir()
+        (folder / sub / "run.json").write_text(json.dumps({"decoders": given}))
+    figs = _figures(monkeypatch)
+    assert main(["plot", str(folder), "--out", str(tmp_path / "fig")]) == 0
+    fig = figs["pareto_mini_gsm"]
+    assert not fig.legends
+    for ax in fig.axes:
+        assert ax.get_legend() is None
+        marks = {}  # label -> (colour, marker, filled) of the point drawn at the label's anchor
+        for line in ax.lines:
+            x, y = line.get_xdata(), line.get_ydata()
+            if len(x) == 1 and line.get_marker() not in (None, "None", ""):
+                marks[(float(x[0]), float(y[0]))] = (mc.to_hex(line.get_color()), line.get_marker(),
+                                                     line.get_markerfacecolor() not in ("white", "none"))
+        labels = [t for t in ax.texts if t.xycoords == "data" and tuple(map(float, t.xy)) in marks]
+        points = {t.get_text().split("  ")[0]: marks[tuple(map(float, t.xy))] for t in labels}
+        assert set(points) == {"ar", "eagle", "tidar(block_size=4,max_blocks=3) [tidar]", "tidar(max_blocks=3) [tidar]", "bd [bd]"}
+        t4, t3 = points["tidar(block_size=4,max_blocks=3) [tidar]"], points["tidar(max_blocks=3) [tidar]"]
+        assert t4[0] == t3[0] != points["eagle"][0] != points["bd [bd]"][0]  # colour = family
+        assert t4[1] != t3[1]  # marker = setting
+        assert t3[2] and points["eagle"][2] and not points["bd [bd]"][2]  # filled = lossless, hollow = lossy
+        hlines = {round(float(line.get_ydata()[0]), 3) for line in ax.lines
+                  if len(line.get_ydata()) == 2 and line.get_ydata()[0] == line.get_ydata()[1]}
+        assert {0.62, 0.6} <= hlines  # base ar's score and the TiDAR checkpoint's ar (tidar's lossless reference)
+        boxes = [t.get_window_extent() for t in labels]
+        assert len(boxes) == 5 and all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    speed_texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any(t.startswith("tidar(max_blocks=3) [tidar]  2.60×") for t in speed_texts)

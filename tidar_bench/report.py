@@ -82,7 +82,7 @@ def read_run(folder: Path) -> RunRows:
             # and --decoder-arg's) make the label, so both spellings of one setting label alike
             name = r["decoder"].split("(", 1)[0]
             label = name + (f"({opts})" if opts else "") + (f" [{sub}]" if sub and sub != "base" else "")
-            r["label"], r["run"] = label, folder.name
+            r["label"], r["run"], r["ckpt"] = label, folder.name, sub or model
             rows.append(r)
     meta = {"model": model, "device": device, "date": _date(info_file), "command": info.get("command", "")}
     return RunRows(folder, rows, meta)
@@ -109,59 +109,191 @@ def _savefig(fig, base: Path) -> list[Path]:
     return save_figure(fig, base)
 
 
+# Fixed colours, so a family looks the same in every figure; markers tell its settings apart.
+FAMILY_COLORS = {"ar": "#222222", "hf": "#8c564b", "eagle": "#1f77b4", "dflash": "#9467bd", "tidar": "#d62728",
+                 "bd": "#2ca02c"}
+MARKERS = "osD^vP*Xph<>"
+
+
+def _family(r: dict) -> str:
+    return r["decoder"].split("(", 1)[0]
+
+
+def _lossless(r: dict) -> bool:
+    """The harness compares a decoder's greedy outputs with ar's only when it is lossless."""
+    return r.get("mismatches_vs_ar") not in (None, "")
+
+
+def _overlap(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _place(ax, candidates: list[dict], obstacles: list, renderer, leader: bool = False):
+    """Annotate with the first candidate (ax.annotate keyword arguments) whose text box overlaps no
+    obstacle and stays inside the axes; else the least bad one. The chosen box joins `obstacles`.
+    With `leader`, a text placed away from its point gets a thin line to it."""
+    box = ax.get_window_extent(renderer)
+    best = None
+    for kw in candidates:
+        t = ax.annotate(**kw)
+        e = t.get_window_extent(renderer)
+        bb = (e.x0 - 1, e.y0 - 1, e.x1 + 1, e.y1 + 1)
+        outside = (max(0, box.x0 - bb[0]) + max(0, bb[2] - box.x1)) * (bb[3] - bb[1]) + \
+                  (max(0, box.y0 - bb[1]) + max(0, bb[3] - box.y1)) * (bb[2] - bb[0])
+        cost = sum(_overlap(bb, o) for o in obstacles) + 4 * outside
+        if best is None or cost < best[0]:
+            if best is not None:
+                best[1].remove()
+            best = (cost, t, bb, kw)
+        else:
+            t.remove()
+        if cost == 0:
+            break
+    _, t, bb, kw = best
+    dx, dy = kw.get("xytext", (0, 0))
+    if leader and (abs(dx) > 10 or abs(dy) > 10):
+        t.remove()
+        t = ax.annotate(**kw, arrowprops=dict(arrowstyle="-", lw=0.5, color=kw.get("color"), alpha=0.7))
+    obstacles.append(bb)
+    return t
+
+
+# label offsets around a point (points): beside it first, then above/below, then further out
+_OFFSETS = [(7, 4, "left", "bottom"), (7, -4, "left", "top"), (-7, 4, "right", "bottom"), (-7, -4, "right", "top"),
+            (0, 10, "center", "bottom"), (0, -10, "center", "top"), (12, 18, "left", "bottom"),
+            (12, -18, "left", "top"), (-12, 18, "right", "bottom"), (-12, -18, "right", "top"),
+            (0, 30, "center", "bottom"), (0, -30, "center", "top"), (26, 36, "left", "bottom"),
+            (26, -36, "left", "top"), (-26, 36, "right", "bottom"), (-26, -36, "right", "top")]
+
+
+def _place_labels(ax, points: list[tuple[float, float, str, str]], lines: list[tuple[float, str, str]],
+                  bars: list[tuple[float, float, float]]) -> None:
+    """Write every point's label next to it and every reference line's label on it, so that no label
+    covers another label, a point or an error bar (a greedy choice among a few positions each). Call
+    after the layout is final: positions are display pixels."""
+    renderer = ax.figure.canvas.get_renderer()
+    obstacles = []
+    for x, lo, hi in bars:
+        (px, py0), (_, py1) = ax.transData.transform((x, lo)), ax.transData.transform((x, hi))
+        obstacles.append((px - 6, min(py0, py1) - 6, px + 6, max(py0, py1) + 6))
+    for y, text, color in lines:
+        cands = [dict(text=text, xy=(fx, y), xycoords=("axes fraction", "data"), xytext=(dx, dy),
+                      textcoords="offset points", ha=ha, va=va, fontsize=7, color=color, style="italic")
+                 for fx, dx, ha in ((1, -3, "right"), (0, 3, "left"), (0.5, 0, "center"))
+                 for dy, va in ((2, "bottom"), (-2, "top"))]
+        _place(ax, cands, obstacles, renderer)
+    for x, y, text, color in points:
+        cands = [dict(text=text, xy=(x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                      fontsize=7.5, color=color) for dx, dy, ha, va in _OFFSETS]
+        _place(ax, cands, obstacles, renderer, leader=True)
+
+
 def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) -> list[Path]:
-    """Two panels for one task: score vs tokens/s and score vs T/NFE. The `ar` of a non-base
-    checkpoint (a speed reference for its own sub-run) is left out of the figure, kept in the table."""
+    """Two panels for one task: score vs tokens/s and score vs T/NFE. One colour per decoder family,
+    one marker per setting or checkpoint within it, filled when the decoder is lossless (its greedy
+    outputs were compared with ar's), hollow when lossy; every point labelled beside itself (no
+    legend). Each checkpoint's `ar` is a horizontal line at its score: a lossless decoder must sit on
+    the line of its own checkpoint, how far right is its speedup. The `ar` of a second checkpoint (a
+    reference for its own decoders) is only that line, not a point; it stays in the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if not (r["decoder"] == "ar" and r.get("model") not in (None, "", "base"))]
-    multi = len({r["run"] for r in rows}) > 1
+    ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
+    ar_rows = {}
+    for r in rows:
+        if r["decoder"] == "ar" and r["score"] is not None:
+            ar_rows.setdefault(r["ckpt"], r)
+    main = ckpts[0] if not ar_rows else next(iter(ar_rows))
+    several = len({r["run"] for r in rows}) > 1
 
-    def name(r):
-        sp = r.get("speedup_vs_ar")
-        return (f"{r['run']}: " if multi else "") + r["label"] + (f"  ({sp:.2f}× ar)" if sp is not None else "")
+    def label(r):
+        lab = r["label"]
+        if r["ckpt"] != main and "[" not in lab:  # plain run folders: name the checkpoint
+            lab += f" [{r['ckpt']}]"
+        return lab
 
-    labels = list(dict.fromkeys(name(r) for r in rows))
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4 + 0.22 * ((len(labels) + 1) // 2)))
-    ar = [r for r in rows if r["label"] == "ar"]
-    for ax, xkey, xlabel in ((axes[0], "tokens_per_s", "tokens / s (batch 1)"),
-                             (axes[1], "tokens_per_nfe", "tokens per forward pass (T/NFE)")):
-        pts = []
-        for r in rows:
-            if r[xkey] is None or r["score"] is None:
+    pts = [r for r in rows if r["score"] is not None and not (r["decoder"] == "ar" and r["ckpt"] != main)]
+    labels = [label(r) for r in pts]
+    if several:  # the same setting from several runs: say which run
+        dup = {lab for lab in labels if labels.count(lab) > 1}
+        labels = [f"{r['run']}: {lab}" if lab in dup else lab for r, lab in zip(pts, labels)]
+    families = list(dict.fromkeys(_family(r) for r in pts))
+    from matplotlib.colors import to_hex
+
+    spare = iter(c for c in map(to_hex, plt.get_cmap("tab10").colors) if c not in FAMILY_COLORS.values())
+    colors = {f: FAMILY_COLORS.get(f) or next(spare, "grey") for f in families}
+    marker = {}
+    for f in families:
+        for i, lab in enumerate(dict.fromkeys(lab for r, lab in zip(pts, labels) if _family(r) == f)):
+            marker[lab] = MARKERS[i % len(MARKERS)]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    panels = ((axes[0], "tokens_per_s", "tokens / s (batch 1)"), (axes[1], "tokens_per_nfe", "tokens per forward pass (T/NFE)"))
+    pending = []
+    for ax, xkey, xlabel in panels:
+        drawn, lines, bars = {}, [], []
+        for r, lab in zip(pts, labels):
+            if r[xkey] is None:
                 continue
-            pts.append((r[xkey], r["score"]))
-            ax.errorbar([r[xkey]], [r["score"]], yerr=[r["stderr"] or 0], fmt="o", ms=7, capsize=3,
-                        color=colors[name(r)], label=name(r))
-        front = pareto(pts)
+            c, lossless = colors[_family(r)], _lossless(r) or r["decoder"] == "ar"
+            ax.errorbar([r[xkey]], [r["score"]], yerr=[r["stderr"] or 0], fmt=marker[lab], ms=8, capsize=3, color=c,
+                        mfc=c if lossless else "white", mew=1.5, zorder=3)
+            bars.append((r[xkey], r["score"] - (r["stderr"] or 0), r["score"] + (r["stderr"] or 0)))
+            text = lab
+            if xkey == "tokens_per_s" and r["decoder"] != "ar" and r.get("speedup_vs_ar") is not None:
+                text += f"  {r['speedup_vs_ar']:.2f}×"
+            if _lossless(r) and int(float(r["mismatches_vs_ar"])) > 0:
+                text += f"  ≠ar: {int(float(r['mismatches_vs_ar']))}!"
+            key = (round(r[xkey], 6), round(r["score"], 6))  # points on top of each other share one label
+            if key in drawn:
+                drawn[key] = (drawn[key][0] + ", " + text, drawn[key][1])
+            else:
+                drawn[key] = (text, c)
+        front = pareto([k for k in drawn])
         if len(front) > 1:
             xs, ys = zip(*front)
-            ax.step(xs, ys, where="pre", ls="-", lw=1, color="grey", alpha=0.6, label="Pareto frontier")
-        for a in ar[:1]:
-            if a[xkey] is not None:
-                ax.axvline(a[xkey], ls="--", lw=0.8, color="black", alpha=0.6)
-            if a["score"] is not None:
-                ax.axhline(a["score"], ls="--", lw=0.8, color="black", alpha=0.6, label="ar: reference score and speed")
+            ax.step(xs, ys, where="pre", lw=3, color="grey", alpha=0.15, zorder=1)
+        for ck, a in ar_rows.items():
+            col = "black" if ck == main else colors.get(next((_family(r) for r in pts if r["ckpt"] == ck), ""), "grey")
+            ax.axhline(a["score"], ls="--" if ck == main else ":", lw=1, color=col, alpha=0.8, zorder=2)
+            name = "ar" if ck == main else f"ar [{ck}]"
+            same = next((i for i, ln in enumerate(lines) if abs(ln[0] - a["score"]) < 1e-9), None)
+            if same is None:
+                lines.append((a["score"], f"{name} score {a['score']:.3f}", col))
+            else:  # checkpoints with one score share one label
+                lines[same] = (a["score"], lines[same][1].replace(" score", f", {name} score"), lines[same][2])
+        if main in ar_rows and ar_rows[main][xkey] is not None:
+            ax.axvline(ar_rows[main][xkey], ls="--", lw=0.8, color="black", alpha=0.4, zorder=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{rows[0]['metric'].split(',')[0]} (higher is better)")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.1, y=0.1)
+        ax.grid(alpha=0.25)
+        ax.margins(x=0.18, y=0.16)
         if xkey == "tokens_per_nfe":
             ax.set_xlim(left=0)
-    handles, labs = axes[0].get_legend_handles_labels()
-    uniq = dict(zip(labs, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+        if bars and max(b[2] for b in bars) - min(b[1] for b in bars) < 0.02:  # equal scores: a readable range
+            mid = (max(b[2] for b in bars) + min(b[1] for b in bars)) / 2
+            ax.set_ylim(mid - 0.05, mid + 0.05)
+        pending.append((ax, [(x, y, t, c) for (x, y), (t, c) in drawn.items()], lines, bars))
     models = ", ".join(sorted({m["model"] for m in metas}))
     devices = ", ".join(sorted({m["device"] for m in metas}))
     dates = ", ".join(sorted({m["date"] for m in metas}))
-    fig.suptitle(f"{task.removeprefix('tb_')} — {models} — {devices} — {dates}", fontsize=10)
-    legend_h = (0.22 * ((len(uniq) + 1) // 2) + 0.3) / fig.get_figheight()
-    fig.tight_layout(rect=(0, legend_h, 1, 0.95))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    runs = ", ".join(runs) if len(runs) <= 3 else f"{len(runs)} runs (report.md lists them)"
+    fig.suptitle(f"{task.removeprefix('tb_')} — {models} — {runs} — {devices} — {dates}", fontsize=10)
+    compiled = {str(r.get("compiled")) for r in pts if r.get("compiled") not in (None, "")}
+    notes = ["filled: lossless (greedy outputs compared with ar's), hollow: lossy", "dashed: ar's score and speed",
+             "× = speedup over the ar of the same checkpoint", "bars: ±1 s.e.", "grey band: Pareto frontier"]
+    if compiled:
+        notes.append("compiled" if compiled == {"True"} else "eager" if compiled == {"False"} else "compiled and eager mixed")
+    fig.text(0.5, 0.01, " · ".join(notes), ha="center", va="bottom", fontsize=7.5, color="#444444")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    fig.canvas.draw()
+    for ax, *labels_lines_bars in pending:  # once the layout is final
+        _place_labels(ax, *labels_lines_bars)
     paths = _savefig(fig, out_base)
     plt.close(fig)
     return paths
@@ -305,8 +437,11 @@ def _speed_batch_table(rec: dict) -> str:
     return "\n".join(lines)
 
 
-def make_report(folders: list[Path], out: Path) -> list[Path]:
-    """Figures for every task of every run folder and every latency folder, plus report.md."""
+def make_report(folders: list[Path], out: Path, together: bool = False, command: str | None = None) -> list[Path]:
+    """Figures for every task of every run folder and every latency folder, plus report.md (with
+    `command`, the plot command itself, under Sources). One run per figure (pareto_<task>_<run>
+    when there are several) unless `together`: then every run's points share one figure per task
+    (e.g. a threshold sweep stored as one run per threshold)."""
     runs, latency, speeds = [], [], []
     for d in folders:
         d = Path(d)
@@ -324,11 +459,16 @@ def make_report(folders: list[Path], out: Path) -> list[Path]:
     md = ["# tidar-bench report", ""]
     rows = [r for run in runs for r in run.rows]
     multi = len(runs) > 1
+    groups = [runs] if together or len(runs) == 1 else [[run] for run in runs]
     for task in dict.fromkeys(r["task"] for r in rows):
-        task_rows = [r for r in rows if r["task"] == task]
-        base = out / f"pareto_{task.removeprefix('tb_')}"
-        written += plot_task(task, task_rows, [run.meta for run in runs], base)
-        md += [f"## {task.removeprefix('tb_')}", "", f"![{task}]({base.name}.png)", ""]
+        md += [f"## {task.removeprefix('tb_')}", ""]
+        for group in groups:
+            task_rows = [r for run in group for r in run.rows if r["task"] == task]
+            if not task_rows:
+                continue
+            base = out / (f"pareto_{task.removeprefix('tb_')}" + ("" if len(groups) == 1 else f"_{group[0].folder.name}"))
+            written += plot_task(task, task_rows, [run.meta for run in group], base)
+            md += [f"![{task}]({base.name}.png)", ""]
     for i, d in enumerate(latency):
         base = out / f"latency_{d.name or i}"
         written += plot_latency(d, base)
@@ -344,6 +484,8 @@ def make_report(folders: list[Path], out: Path) -> list[Path]:
         md += ["## Summary", "", _md_table(rows, multi), "", "Speedup: tokens/s over the reference `ar` on the same task. "
                "Lossless mismatches: greedy outputs of a lossless decoder that differ from its checkpoint's `ar`.", ""]
         md += ["## Sources", ""] + [f"- `{run.folder}`: `{run.meta['command']}`" for run in runs] + [""]
+    if command:
+        md += [f"Figures and this report: `{command}`", ""]
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(md))
     tmp.replace(out / "report.md")

@@ -18,13 +18,20 @@ def plot_cmd(
                                                    "(speed --batch-size ... --out FILE.json)"),
     out: Path = typer.Option(..., "--out", help="output folder: pareto_<task>.png/.svg, latency_*.png/.svg, "
                                                 "speed_batch_*.png/.svg, report.md"),
+    together: bool = typer.Option(False, "--together", help="all run folders in one figure per task (e.g. a "
+                                                            "sweep stored as one run per setting); default: one "
+                                                            "figure per run, pareto_<task>_<run> when several"),
 ) -> None:
-    """Pareto figures per task (quality vs tokens/s and vs T/NFE, AR as reference, speedups annotated),
+    """Pareto figures per task (quality vs tokens/s and vs T/NFE; one colour per decoder family, a marker per
+    setting, labels on the points, AR's score as the line lossless decoders sit on, speedups annotated),
     latency curves (and latency vs batch size), speedup vs batch size per decoder, and a report.md with
     the figures and the summary tables."""
+    import shlex
+
     from ..report import make_report
 
-    written = make_report(folders, out)
+    command = shlex.join(["tidar-bench", "plot", *map(str, folders), "--out", str(out)] + ["--together"] * together)
+    written = make_report(folders, out, together, command=command)
     print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 

@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# SmolLM2-135M-Instruct (dequantized Q4_1, scripts/smollm2.py) end to end on a CPU: distilled data, an
+# EAGLE-3 head, a DFlash drafter, TiDAR and block diffusion trained here, every decoder measured on real
+# GSM8K and HumanEval, latency profile, figures. One command, staged and resumable:
+#
+#   bash scripts/smollm2_pipeline.sh                      # every stage not finished yet, in order
+#   bash scripts/smollm2_pipeline.sh --from tidar         # that stage and the ones after it
+#   bash scripts/smollm2_pipeline.sh --stage eagle        # one stage
+#   nohup bash scripts/smollm2_pipeline.sh > smollm2.log 2>&1 &       # in the background
+#   bash scripts/smollm2_pipeline.sh --smoke              # tiny steps and few items, to prove it works
+#
+# Resume: a stage whose output is complete is skipped; a killed training stage is continued from its
+# newest --save-every checkpoint with `--resume` (same weights, optimizer, schedule, RNG, data position);
+# distill works in chunks of prompts and skips the chunks already written; `tidar-bench run` skips the
+# samples already in its folder. So the same command, re-run after any interruption, finishes the job.
+# Outputs outside git: $TIDAR_BENCH_CACHE/smollm2-pipeline (default ~/.cache/tidar-bench/...):
+# checkpoints, distilled data, full run folders. Into git: results/smollm2/ (the run tables, samples,
+# figures, latency, training logs and stages.jsonl: each stage's exact command, start, end, wall time).
+#
+# Budget (full mode): about 4 hours of wall time on 2 CPU cores. Estimated from the --smoke run
+# (results/smollm2/smoke/stages.jsonl, README there), which ran at 1 thread on a machine shared by 5
+# engineers (load average 7-11 on 2 cores): per recipe, CPU seconds per training token = (tokens/s of its
+# train_log) / (cpu_s / wall_s of its stage); the estimates below are those costs x tokens at 1 thread,
+# idle (`python scripts/smollm2_budget.py` prints them); 2 threads should be faster (not measured),
+# so they are upper bounds. The distill and run estimates are guesses, the weakest numbers here (the smoke
+# distilled at batch 2 and decoded 16 tokens an item, eager): check stages.jsonl after the first chunk/run.
+#   stage     what                                        steps x seqs x seq_len = tokens seen       est.
+#   distill   greedy ar answers to 150 GSM8K + 50 MBPP     200 prompts, <= 256 new tokens each        ~30 min
+#             train prompts, chat template, batch 8
+#   eagle     EAGLE-3 head, draft vocab 8192, TTT 3        50 x 8 x 256 = 102,400 tokens (~21 ms)     ~35 min
+#   dflash    DFlash drafter, 2 layers, block 8            50 x 8 x 256 = 102,400 tokens (~17 ms)     ~29 min
+#   tidar     TiDAR continued pretraining, k = 8           32 x 4 x 256 = 32,768 tokens, each read    ~32 min
+#             (whole model, lr 1e-4)                       twice: clean + masked (~59 ms)
+#   bd        block-diffusion continued pretraining, 8     32 x 4 x 256 = 32,768 tokens (~47 ms)      ~25 min
+#   run       gsm8k (5-shot chat, 50 items), humaneval     ar x4, hf, eagle, dflash, tidar, bd        ~90 min
+#             (40 items, code executed), compiled
+#   profile   profile-latency, plot                                                                    ~5 min
+# Each trainer also evaluates 4 held-out prompts (48 tokens) every 10 steps (--eval-every) and saves a
+# resumable checkpoint every 10 steps. Tokens seen = optimizer steps x sequences per step x sequence
+# length; the distilled set (about 200 x 130 tokens, a guess) is smaller, so the trainers read it for several epochs.
+set -euo pipefail
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
+TB=${TB:-.venv/bin/tidar-bench}
+PY=${PY:-.venv/bin/python}
+STAGES="model prompts mask distill eagle dflash tidar bd run profile plot"
+MODE=full ONLY="" FROM=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) MODE=smoke ;;
+    --stage) ONLY=$2; shift ;;
+    --from) FROM=$2; shift ;;
+    -h|--help) sed -n '2,19p' "$SELF"; exit 0 ;;
+    *) echo "error: unknown option $1 (--smoke, --stage NAME, --from NAME; stages: $STAGES)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for s in $ONLY $FROM; do
+  case " $STAGES " in *" $s "*) ;; *) echo "error: unknown stage $s (stages: $STAGES)" >&2; exit 2 ;; esac
+done
+
+CACHE=${TIDAR_BENCH_CACHE:-$HOME/.cache/tidar-bench}
+if [ $MODE = full ]; then
+  WORK=$CACHE/smollm2-pipeline RES=results/smollm2
+  N_GSM=150 N_MBPP=50 DISTILL_TOKENS=256 DISTILL_BATCH=8 CHUNK=40
+  SEQ=256 SAVE=10 EVAL_EVERY=10 EVAL_LIMIT=4 EVAL_TOKENS=48
+  E_STEPS=50 E_BATCH=8 D_STEPS=50 D_BATCH=8 T_STEPS=32 T_BATCH=4 B_STEPS=32 B_BATCH=4
+  GSM_LIMIT=50 HE_LIMIT=40 CONTEXTS=256,1024 REPEATS=10
+  RUN_ARGS=() PROFILE_ARGS=(--slots 1,2,4,8,16,32,64,128)
+else  # every stage on a few items and 2 steps at the full run's seq_len (smaller batches): proves the commands
+  # and the resume logic, and times each recipe per training token (cpu_s in stages.jsonl) for the budget
+  # above; measures no score
+  WORK=$CACHE/smollm2-smoke RES=results/smollm2/smoke
+  N_GSM=3 N_MBPP=1 DISTILL_TOKENS=64 DISTILL_BATCH=2 CHUNK=2
+  SEQ=256 SAVE=1 EVAL_EVERY=2 EVAL_LIMIT=1 EVAL_TOKENS=16
+  E_STEPS=2 E_BATCH=2 D_STEPS=2 D_BATCH=2 T_STEPS=2 T_BATCH=1 B_STEPS=2 B_BATCH=1
+  GSM_LIMIT=1 HE_LIMIT=1 CONTEXTS=256 REPEATS=2
+  RUN_ARGS=(--gen-kwargs max_gen_toks=16 --compile off)  # 16 tokens an item, no compilation wait
+  PROFILE_ARGS=(--slots 1,8 --compile off)
+fi
+MODEL=$CACHE/smollm2/SmolLM2-135M-Instruct-Q4_1
+mkdir -p "$WORK" "$RES"
+LOG=$RES/stages.jsonl
+
+# log_run STAGE CMD...: run a command, append {stage, command, start, end, wall_s, cpu_s, threads, rc} to
+# stages.jsonl. cpu_s is what to budget from on a shared machine: wall time there depends on the others.
+log_run() {
+  local stage=$1; shift
+  local t0 t1 rc=0
+  t0=$(date +%s.%N)
+  times > "$WORK/.times0"  # the shell's own `times` (no subshell): user and sys of its finished children
+  echo "[$stage] $*" >&2
+  "$@" || rc=$?
+  t1=$(date +%s.%N)
+  times > "$WORK/.times1"
+  $PY - "$LOG" "$stage" "$t0" "$t1" "$WORK/.times0" "$WORK/.times1" "$rc" "$MODE" "$@" <<'EOF'
+import json, os, re, shlex, sys, time
+log, stage, t0, t1, f0, f1, rc, mode, *cmd = sys.argv[1:]
+
+def children_cpu(f):  # second line of bash `times`: "XmY.YYYs XmY.YYYs" (user, sys of children)
+    return sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", open(f).read().splitlines()[1]))
+
+c0, c1 = children_cpu(f0), children_cpu(f1)
+iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+rec = {"stage": stage, "mode": mode, "command": shlex.join(cmd), "start": iso(t0), "end": iso(t1),
+       "wall_s": round(float(t1) - float(t0), 1), "cpu_s": round(float(c1) - float(c0), 1),
+       "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1min_at_end": os.getloadavg()[0], "rc": int(rc)}
+with open(log, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+EOF
+  return $rc
+}
+
+# train STAGE OUT CMD...: skip when OUT holds the final model; else resume from OUT/checkpoints or start
+train() {
+  local stage=$1 out=$2; shift 2
+  if [ -f "$out/train_log.jsonl" ] && [ -f "$out/config.json" ]; then echo "[$stage] done: $out" >&2; return; fi
+  local resume=()
+  if compgen -G "$out/checkpoints/step-*" > /dev/null; then resume=(--resume); fi
+  log_run "$stage" "$@" --out "$out" --save-every $SAVE --eval-every $EVAL_EVERY --eval-prompts "$WORK/eval_prompts.jsonl" \
+    --eval-limit $EVAL_LIMIT --eval-max-new-tokens $EVAL_TOKENS "${resume[@]}"
+  mkdir -p "$RES/training/$stage"
+  cp "$out"/train_log.jsonl "$out"/loss.png "$RES/training/$stage/" 2>/dev/null || true
+  cp "$out"/eval_log.jsonl "$RES/training/$stage/" 2>/dev/null || true
+}
+
+stage_model() {
+  log_run model $PY scripts/smollm2.py --check --record "$RES/conversion.json"
+}
+
+stage_prompts() {  # chat prompts from the shipped GSM8K and MBPP train splits; held-out eval prompts
+  [ -f "$WORK/prompts.jsonl" ] && [ -f "$WORK/eval_prompts.jsonl" ] && { echo "[prompts] done" >&2; return; }
+  log_run prompts $PY - "$MODEL" "$WORK" $N_GSM $N_MBPP $EVAL_LIMIT <<'EOF'
+"""prompts.jsonl: the first N GSM8K train questions and MBPP's train split (task_id 601-974), as the text of a
+user turn (distill --chat wraps them); eval_prompts.jsonl: the next GSM8K train questions, chat-templated,
+with their answers (for --eval-every). No test item is used for training."""
+import json, os, sys
+from transformers import AutoTokenizer
+model, work, n_gsm, n_mbpp, n_eval = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+gsm = [json.loads(l) for l in open("tasks/data/gsm8k/train.jsonl")]
+mbpp = [r for r in map(json.loads, open("tasks/data/mbpp/mbpp.jsonl")) if 601 <= r["task_id"] <= 974][:n_mbpp]
+rows = [{"prompt": r["question"], "source": "gsm8k-train"} for r in gsm[:n_gsm]]
+rows += [{"prompt": r["text"] + " Your code should pass these tests:\n\n" + "\n".join(r["test_list"]),
+          "source": f"mbpp-train-{r['task_id']}"} for r in mbpp]
+tok = AutoTokenizer.from_pretrained(model)
+ev = [{"prompt": tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                         add_generation_prompt=True),
+       "answer": r["answer"].rsplit("####", 1)[1].strip()} for r in gsm[n_gsm:n_gsm + n_eval]]
+for name, recs in (("prompts.jsonl", rows), ("eval_prompts.jsonl", ev)):
+    tmp = os.path.join(work, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    os.replace(tmp, os.path.join(work, name))
+print(f"{len(rows)} training prompts, {len(ev)} eval prompts")
+EOF
+}
+
+stage_mask() {  # DFlash's blocks need a mask token; SmolLM2 has none: the same model with [MASK] added
+  [ -f "$WORK/base-mask/config.json" ] && { echo "[mask] done" >&2; return; }
+  log_run mask $PY - "$MODEL" "$WORK/base-mask" <<'EOF'
+"""The converted model + a [MASK] token (training.data.add_mask_token: a new embedding row, the mean of the
+others; the tied head gets the same row). Its `ar` is measured beside `dflash` in its own run, so dflash is
+checked against the greedy outputs of exactly the model it drafts for."""
+import os, shutil, sys
+from tidar_bench.model import load_model, save_model
+from tidar_bench.registry import load_tokenizer
+from tidar_bench.training.data import add_mask_token
+src, out = sys.argv[1:3]
+model, tok = load_model(src, dtype="float32", device="cpu"), load_tokenizer(src)
+mid = add_mask_token(model, tok)
+tmp = out + ".tmp"
+shutil.rmtree(tmp, ignore_errors=True)
+save_model(model, tmp)
+tok.save_pretrained(tmp)
+shutil.copy(os.path.join(src, "generation_config.json"), tmp)
+os.replace(tmp, out)
+print(f"{out}: [MASK] = {mid}, vocab {model.config.vocab_size}")
+EOF
+}
+
+stage_distill() {  # in chunks, so a killed distill loses one chunk at most
+  local d=$WORK/distill
+  [ -f "$WORK/distilled.jsonl" ] && { echo "[distill] done" >&2; return; }
+  mkdir -p "$d"
+  split -d -a 4 -l $CHUNK --additional-suffix=.jsonl "$WORK/prompts.jsonl" "$d/prompts-"
+  for p in "$d"/prompts-[0-9]*.jsonl; do
+    local o=$d/out-${p##*-}
+    [ -f "$o" ] || log_run distill $TB distill --model "$MODEL" --prompts "$p" --chat --out "$o" \
+      --max-new-tokens $DISTILL_TOKENS --batch-size $DISTILL_BATCH --device cpu --dtype float32
+  done
+  cat "$d"/out-*.jsonl > "$WORK/.distilled.tmp" && mv "$WORK/.distilled.tmp" "$WORK/distilled.jsonl"
+}
+
+stage_eagle() {
+  train eagle "$WORK/eagle" $TB train eagle --target "$MODEL" --data "$WORK/distilled.jsonl" --form eagle3 \
+    --draft-vocab-size 8192 --ttt-steps 3 --seq-len $SEQ --batch-size $E_BATCH --steps $E_STEPS --lr 3e-4 --device cpu
+}
+
+stage_dflash() {
+  train dflash "$WORK/dflash" $TB train dflash --target "$WORK/base-mask" --data "$WORK/distilled.jsonl" --block-size 8 \
+    --num-layers 2 --seq-len $SEQ --batch-size $D_BATCH --steps $D_STEPS --lr 3e-4 --device cpu --dtype float32
+}
+
+stage_tidar() {
+  train tidar "$WORK/tidar" $TB train tidar --base "$MODEL" --data "$WORK/distilled.jsonl" --block-size 8 --alpha 1 \
+    --seq-len $SEQ --batch-size $T_BATCH --steps $T_STEPS --lr 1e-4 --device cpu --dtype float32
+}
+
+stage_bd() {
+  train bd "$WORK/bd" $TB train block-diffusion --base "$MODEL" --data "$WORK/distilled.jsonl" --block-size 8 \
+    --seq-len $SEQ --batch-size $B_BATCH --steps $B_STEPS --lr 1e-4 --device cpu --dtype float32
+}
+
+# measure NAME LIMIT TASK [OPTION...]: one `tidar-bench run` per checkpoint (each against its own ar)
+measure() {
+  local name=$1 limit=$2 task=$3; shift 3
+  local common=(--tasks "$task" --limit "$limit" --device cpu --dtype float32 --seed 0 "${RUN_ARGS[@]}" "$@")
+  log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle" "${common[@]}" \
+    --out "$WORK/runs/${name}_base"
+  log_run run $TB run --model "$WORK/base-mask" --draft "$WORK/dflash" --decoders "ar,dflash" "${common[@]}" \
+    --out "$WORK/runs/${name}_dflash"
+  log_run run $TB run --model "$WORK/tidar" --decoders "ar,tidar(max_blocks=3)" "${common[@]}" --out "$WORK/runs/${name}_tidar"
+  log_run run $TB run --model "$WORK/bd" --decoders "ar,bd" "${common[@]}" --out "$WORK/runs/${name}_bd"
+}
+
+stage_run() {
+  # gsm8k: 5-shot, as a multi-turn chat (the instruct model's template); humaneval: plain completion of the
+  # function (humaneval_instruct's chat made this 135M model stop after a token or two in the smoke run).
+  # The smoke leaves gsm8k out: its 5-shot chat prefills take minutes per decoder eager on a shared CPU.
+  if [ $MODE = full ]; then measure gsm8k $GSM_LIMIT gsm8k --apply-chat-template; fi
+  measure humaneval $HE_LIMIT humaneval --allow-code-exec
+  for d in "$WORK"/runs/*/; do  # keep tables, provenance and per-item samples (the lossless check per item)
+    local n; n=$(basename "$d"); mkdir -p "$RES/runs/$n"
+    cp "$d"/summary.csv "$d"/run.json "$d"/results_*.json "$d"/samples_*.jsonl "$RES/runs/$n/" 2>/dev/null || true
+  done
+}
+
+stage_profile() {
+  local tnfe
+  tnfe=$($PY -c "import csv,sys; r=[x for x in csv.DictReader(open(sys.argv[1])) if x['decoder'].startswith('tidar') and x['tokens_per_nfe']]; print(f\"8={float(r[0]['tokens_per_nfe']):.3f}\" if r else '')" \
+    "$(ls -d "$WORK"/runs/{gsm8k,humaneval}_tidar 2>/dev/null | head -1)/summary.csv")
+  rm -rf "$RES/latency"
+  log_run profile $TB profile-latency --model "$MODEL" --context $CONTEXTS --mask tidar --block-size 8 \
+    --repeats $REPEATS --device cpu --dtype float32 "${PROFILE_ARGS[@]}" ${tnfe:+--tnfe $tnfe} --out "$RES/latency"
+}
+
+stage_plot() {
+  rm -rf "$RES/figures"
+  local lat=("$RES/latency")
+  for t in gsm8k humaneval; do
+    compgen -G "$RES/runs/${t}_*" > /dev/null || continue
+    log_run plot $TB plot "$RES"/runs/${t}_* "${lat[@]}" --together --out "$RES/figures/$t"
+    lat=()  # the latency figure once
+  done
+}
+
+started=""
+for s in $STAGES; do
+  if [ -n "$ONLY" ] && [ "$s" != "$ONLY" ]; then continue; fi
+  if [ -n "$FROM" ] && [ -z "$started" ] && [ "$s" != "$FROM" ]; then continue; fi
+  started=1
+  "stage_$s"
+done
+echo "done: $MODE stages in $WORK, results in $RES" >&2
