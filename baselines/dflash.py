@@ -114,7 +114,7 @@ class DFlashConfig:
         self.sliding_layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
         self.sliding_window = int(window) if self.sliding_layers else None
         bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
-        if bad or (self.sliding_layers and not spec):
+        if bad or ("sliding_attention" in types and not spec):  # z-lab: such a layer is causal, window or not
             raise UserError(f"DFlash drafter layer types {bad or ['sliding_attention']} are not supported "
                             "(sliding-window layers: speculators checkpoints only)")
 
