@@ -132,6 +132,13 @@ class EagleConfig:
         """speculators: the residual stream starts from hidden_norm(h) instead of h."""
         return bool(self.raw.get("norm_before_residual", False))
 
+    @property
+    def n_features(self) -> int:
+        """How many target layers feed fc (speculators and SGLang heads may name more than three)."""
+        ids = self.raw.get("eagle_aux_hidden_state_layer_ids") if self.format == "speculators-eagle3" else \
+            (self.raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        return len(ids) if ids else 3
+
     def aux_layers(self, n_target_layers: int) -> list[int] | None:
         """The checkpoint's feature layers in model-core indices, or None (the default three)."""
         if self.format == "speculators-eagle3":
@@ -191,7 +198,7 @@ class EagleHead(nn.Module):
         self.embed_tokens = nn.Embedding(V, H)  # the target's, frozen; not stored in head checkpoints
         self.embed_tokens.weight.requires_grad_(False)
         if config.form == "eagle3":
-            self.fc = nn.Linear(3 * config.target_hidden_size, H, bias=False)
+            self.fc = nn.Linear(config.n_features * config.target_hidden_size, H, bias=False)
             self.midlayer = Eagle3Layer(lc, config.norm_before_residual)
             self.norm = RMSNorm(H, lc.rms_norm_eps)
         else:

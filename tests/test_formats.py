@@ -134,6 +134,10 @@ def test_speculators_eagle3_replica(target, tmp_path):
         _save(tmp_path / "bad", dict(raw, **top), sd)
         with pytest.raises(UserError, match=match):
             load_eagle_head(tmp_path / "bad", model)
+    two = dict(raw, eagle_aux_hidden_state_layer_ids=[1, 3])  # fc reads as many layers as the config names
+    head = load_eagle_head(_save(tmp_path / "two", two, dict(sd, **{"fc.weight": sd["fc.weight"][:, :128]})), model)
+    assert head.fc.in_features == 128 and head.feature_layers(4) == (0, 2)
+    _lossless(EagleDecoder(model, head, tree=False, chain_length=3), model, n=2)
     _save(tmp_path / "bad", {k: v for k, v in raw.items() if k != "norm_before_residual"}, sd)
     with pytest.raises(UserError, match="norm_before_residual"):
         load_eagle_head(tmp_path / "bad", model)
