@@ -30,6 +30,20 @@ drafter has absorbed, the rest of the committed features arrive with the next st
   4. crop the target cache to P+j+1 (x + the j accepted drafts); their features (rows 0..j)
      are the next step's pending context; commit d_1..d_j + the target's token.
 Stats: nfe (target forwards), draft_forwards (one per step), accepted lengths = accepted + 1.
+
+vLLM speculators checkpoints (`speculators_model_type` dflash / dspark, `tidar_bench.formats`) load
+into the same drafter; what differs from z-lab's layout, and how it is followed:
+- aux layer id k = the input of target layer k: our target_layer_ids = k - 1;
+- a reduced draft vocabulary: the checkpoint's own `lm_head [Vd, H]`, draft id -> target id
+  + `d2t[id]` (the embedding is always the target's; a full-vocabulary lm_head is the target's);
+- sliding-window drafter layers (`layer_types`): a block row sees the context of the `sliding_window`
+  positions before the block and the block causally (`sliding_window_non_causal`: bidirectionally),
+  speculators' training mask; z-lab's own sliding-window rule differs and is refused;
+- `sample_from_anchor` (DSpark's default): block row k predicts position P+k+1, so B drafts, not B-1;
+- DSpark's Markov head (`markov_rank`, vanilla): row k's logits + `markov_w2(markov_w1[prev])`, prev =
+  the token before the one row k predicts (the anchor, then the drafts just chosen), so drafts are
+  chosen left to right; sampled drafts keep their exact proposal rows, so speculative sampling stays
+  exact. The confidence head only estimates acceptance and is not loaded.
 """
 
 from __future__ import annotations
@@ -47,6 +61,7 @@ from tidar_bench.compiled import steps_for
 from tidar_bench.decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token,
                                   sample, speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
+from tidar_bench.formats import DFLASH_FORMATS, aux_to_model_core, flat_config
 from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict, read_config,
                                rope_cos_sin, rope_inv_freq, save_checkpoint)
 from tidar_bench.registry import DecoderContext, register_decoder
@@ -65,28 +80,55 @@ def default_target_layers(n_target_layers: int, n_draft_layers: int) -> list[int
 
 
 class DFlashConfig:
-    """The drafter's config.json (official fields: a Qwen3 config + block_size, num_target_layers,
-    dflash_config {mask_token_id, target_layer_ids}; a top-level mask_token_id / target_layer_ids
-    is accepted as well)."""
+    """The drafter's config.json, flattened by `formats.flat_config`. z-lab: a Qwen3 config +
+    block_size, num_target_layers, dflash_config {mask_token_id, target_layer_ids, block_size (newer)};
+    a top-level mask_token_id / target_layer_ids is accepted as well. speculators: + draft_vocab_size,
+    aux_hidden_state_layer_ids (inputs of those layers), sliding_window_non_causal,
+    sample_from_anchor, and for DSpark markov_rank / markov_head_type."""
 
-    def __init__(self, raw: dict):
-        self.raw = raw
+    def __init__(self, raw: dict, format: str = "zlab-dflash"):
+        self.raw, self.format = raw, format
         d = raw.get("dflash_config") or {}
-        self.block_size = int(raw.get("block_size", 16))
+        spec = format.startswith("speculators-")
+        self.block_size = int(d.get("block_size", raw.get("block_size", 16)))
         self.mask_token_id = d.get("mask_token_id", raw.get("mask_token_id"))
-        layers = d.get("target_layer_ids", raw.get("target_layer_ids"))
-        if layers is None:
-            layers = default_target_layers(raw["num_target_layers"], raw["num_hidden_layers"])
+        if spec:
+            if raw.get("aux_hidden_state_layer_ids") is None:
+                raise UserError("a speculators DFlash config without aux_hidden_state_layer_ids")
+            layers = aux_to_model_core(raw["aux_hidden_state_layer_ids"], raw.get("num_target_layers", 1 << 30))
+        else:
+            layers = d.get("target_layer_ids", raw.get("target_layer_ids"))
+            if layers is None:
+                layers = default_target_layers(raw["num_target_layers"], raw["num_hidden_layers"])
         self.target_layer_ids = [int(i) for i in layers]
+        # speculators' config-class defaults where a key is absent (DSpark: anchor-first, rank 256)
+        self.sample_from_anchor = bool(raw.get("sample_from_anchor", format == "speculators-dspark")) if spec else False
+        self.sliding_window_non_causal = bool(raw.get("sliding_window_non_causal", False))
+        self.draft_vocab_size = int(raw.get("draft_vocab_size") or raw["vocab_size"]) if spec else raw["vocab_size"]
+        self.markov_rank = int(raw.get("markov_rank", 256)) if format == "speculators-dspark" else 0
+        if self.markov_rank and raw.get("markov_head_type", "vanilla") != "vanilla":
+            raise UserError(f"DSpark markov_head_type {raw['markov_head_type']!r} is not supported (vanilla only)")
+        types = raw.get("layer_types") or []
+        # as transformers' Qwen3Config: the window exists only with use_sliding_window
+        window = raw.get("sliding_window") if raw.get("use_sliding_window", False) else None
+        self.sliding_layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
+        self.sliding_window = int(window) if self.sliding_layers else None
+        bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+        if bad or ("sliding_attention" in types and not spec):  # z-lab: such a layer is causal, window or not
+            raise UserError(f"DFlash drafter layer types {bad or ['sliding_attention']} are not supported "
+                            "(sliding-window layers: speculators checkpoints only)")
+
+    @property
+    def own_lm_head(self) -> bool:
+        """A reduced draft vocabulary comes with the checkpoint's own LM head (and d2t)."""
+        return self.draft_vocab_size != self.raw["vocab_size"]
 
     @property
     def hidden_size(self) -> int:
         return self.raw["hidden_size"]
 
     def layer_config(self) -> ModelConfig:
-        if any(t != "full_attention" for t in self.raw.get("layer_types") or []):
-            raise UserError("DFlash drafters with sliding-window layers are not supported")
-        cfg = ModelConfig.from_dict(dict(self.raw, model_type="qwen3"))
+        cfg = ModelConfig.from_dict(dict(self.raw, model_type="qwen3", use_sliding_window=False))
         cfg.o_bias = cfg.attention_bias  # the reference puts attention_bias on o_proj as well
         return cfg
 
@@ -114,8 +156,21 @@ class DFlashLayer(Block):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MarkovHead(nn.Module):
+    """DSpark's vanilla sequential head: a low-rank logit bias from the previous token."""
+
+    def __init__(self, vocab: int, draft_vocab: int, rank: int):
+        super().__init__()
+        self.markov_w1 = nn.Embedding(vocab, rank)
+        self.markov_w2 = nn.Linear(rank, draft_vocab, bias=False)
+
+    def forward(self, prev: torch.Tensor) -> torch.Tensor:
+        return self.markov_w2(self.markov_w1(prev)).float()
+
+
 class DFlashDrafter(nn.Module):
-    """Parameter names = the official checkpoint's: layers.N.*, fc, hidden_norm, norm."""
+    """Parameter names = the official checkpoints': layers.N.*, fc, hidden_norm, norm; speculators
+    adds lm_head + d2t (reduced vocabulary) and DSpark markov_head.*."""
 
     def __init__(self, config: DFlashConfig):
         super().__init__()
@@ -126,6 +181,11 @@ class DFlashDrafter(nn.Module):
         self.fc = nn.Linear(len(config.target_layer_ids) * H, H, bias=False)
         self.hidden_norm = RMSNorm(H, lc.rms_norm_eps)
         self.norm = RMSNorm(H, lc.rms_norm_eps)
+        self.lm_head = nn.Linear(H, config.draft_vocab_size, bias=False) if config.own_lm_head else None
+        if config.own_lm_head:
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.markov_head = (MarkovHead(lc.vocab_size, config.draft_vocab_size, config.markov_rank)
+                            if config.markov_rank else None)
         self.register_buffer("inv_freq", rope_inv_freq(lc), persistent=False)
         self.attn = select_backend("auto")
 
@@ -133,6 +193,26 @@ class DFlashDrafter(nn.Module):
         super()._apply(fn, recurse)  # like Transformer: RoPE frequencies stay fp32 after any cast or move
         self.inv_freq = rope_inv_freq(self.layer_config).to(self.inv_freq.device)
         return self
+
+    def draft_logits(self, states: torch.Tensor, target) -> torch.Tensor:
+        """float32 logits over the draft vocabulary: the checkpoint's LM head, else the target's."""
+        return (self.lm_head if self.lm_head is not None else target.lm_head)(states).float()
+
+    def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids] if self.lm_head is not None else draft_ids
+
+    def window_mask(self, position_ids: torch.Tensor, start: int, q: int, n: int) -> torch.Tensor:
+        """[1, 1, q, start + n] keys a block row of a sliding-window layer sees (speculators' mask):
+        the context of the `sliding_window` positions before the block's first position, and the
+        block causally (all of it with sliding_window_non_causal). Cached context entries sit at
+        their positions 0..start-1, as the decoder keeps them."""
+        pos = position_ids[0]
+        kpos = torch.cat([torch.arange(start, device=pos.device), pos[: n - q]])
+        ctx = (kpos >= pos[n - q] - self.config.sliding_window)[None].expand(q, -1)
+        blk = torch.ones(q, q, dtype=torch.bool, device=pos.device)
+        if not self.config.sliding_window_non_causal:
+            blk = blk.tril()
+        return torch.cat([ctx, blk], dim=1)[None, None]
 
     @property
     def block_size(self) -> int:
@@ -185,9 +265,15 @@ class DFlashDrafter(nn.Module):
             mask = mask[None, None] if mask.dim() == 2 else mask
             mask = mask[..., -q:, :]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, noise_emb.dtype)
+        swa = mask
+        if self.config.sliding_layers:
+            if static:
+                raise UserError("compiled steps of sliding-window DFlash drafters are not supported")
+            swa = self.window_mask(position_ids, start, q, n)
+            swa = swa if mask is None else swa & mask
         x = noise_emb
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, cos, sin, mask, i, cache, start, self.attn)
+            x = layer(x, ctx, cos, sin, swa if i in self.config.sliding_layers else mask, i, cache, start, self.attn)
         if cache is not None and not static:
             cache.advance(n)
         return self.norm(x)
@@ -274,15 +360,19 @@ def target_context(hidden: dict[int, torch.Tensor], layer_ids: Sequence[int]) ->
 
 
 def load_dflash_drafter(path: str | Path, target) -> DFlashDrafter:
-    """Load a drafter directory (official DFlash layout: config.json + model.safetensors or
-    pytorch_model.bin) onto the target's device/dtype."""
-    raw = read_config(path)
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "block_size",
-                "vocab_size"):
+    """Load a drafter directory (z-lab DFlash or speculators DFlash / DSpark layout: config.json +
+    model.safetensors or pytorch_model.bin) onto the target's device/dtype. Tensors the decode does
+    not use (speculators' copy of the embedding, t2d, DSpark's confidence head) are not loaded."""
+    fmt, raw = flat_config(read_config(path), path)
+    if fmt not in DFLASH_FORMATS:
+        raise UserError(f"{path} is a {fmt} checkpoint, not a DFlash drafter; use the eagle decoder")
+    if "block_size" not in raw and "block_size" not in (raw.get("dflash_config") or {}):
+        raise UserError(f"{path}/config.json lacks 'block_size'; is this a DFlash drafter?")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if key not in raw:
             raise UserError(f"{path}/config.json lacks {key!r}; is this a DFlash drafter?")
     try:
-        config = DFlashConfig(raw)
+        config = DFlashConfig(raw, fmt)
     except KeyError as e:
         raise UserError(f"{path}/config.json lacks {e.args[0]!r} (and dflash_config.target_layer_ids)")
     with torch.device("meta"):
@@ -299,7 +389,7 @@ def load_dflash_drafter(path: str | Path, target) -> DFlashDrafter:
                 raise UserError(f"DFlash drafter {path}: {name} has shape {tuple(sd[name].shape)}, "
                                 f"config implies {tuple(p.shape)}")
             p.copy_(sd[name].to(p.dtype))
-    drafter.to(dtype=target.dtype)
+    drafter.to(dtype=target.dtype)  # floating tensors only: d2t stays long
     drafter.check_target(target)
     drafter.eval().requires_grad_(False)
     return drafter
@@ -325,15 +415,58 @@ class DFlashDecoder(CachedDecoder):
         # compiled mode: two fixed shapes, the verification (block_size tokens) and the drafter step
         # (block_size context rows, padded, + the block); the first drafter step (the prompt's
         # context) stays eager like a prefill. See tidar_bench/compiled.py.
+        # Sliding-window drafters run their (small) drafter steps eager.
         self.target_steps = steps_for(model, model, compile)
-        self.draft_steps = steps_for(model, drafter, compile)
+        self.draft_steps = steps_for(model, drafter, "off" if drafter.config.sliding_layers else compile)
+        # anchor-first drafters (sample_from_anchor) draft from every block row, others from rows 1..B-1
+        self.first_row = 0 if drafter.config.sample_from_anchor else 1
         # tests observe every step: on_step(target cache, prompt + committed tokens)
         self.on_step: Callable | None = None
 
     def options(self) -> dict:
-        return {"block_size": self.block_size, "draft_layers": len(self.drafter.layers),
-                "target_layers": self.layers, "draft_sample": self.draft_sample,
-                "compile": self.target_steps.compiled}
+        c = self.drafter.config
+        o = {"block_size": self.block_size, "draft_layers": len(self.drafter.layers),
+             "target_layers": self.layers, "draft_sample": self.draft_sample,
+             "compile": self.target_steps.compiled}
+        if c.format != "zlab-dflash":
+            o.update(format=c.format, draft_vocab_size=c.draft_vocab_size, sample_from_anchor=c.sample_from_anchor,
+                     markov_rank=c.markov_rank, sliding_layers=c.sliding_layers)
+        return o
+
+    def _choose(self, logits: torch.Tensor, anchor: torch.Tensor, sp, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(drafts as target ids, their proposal rows over the target vocabulary or None when greedy)
+        from the block rows' draft logits. With a Markov head row k's logits are biased by the token
+        before the one it predicts, so the drafts are chosen left to right; a sampled draft's row is
+        the exact distribution it was drawn from (what speculative_verify needs)."""
+        d = self.drafter
+        sampled = not sp.greedy and self.draft_sample
+        rows: list[torch.Tensor] = []
+        if d.markov_head is None:
+            q = warp_probs(logits, sp) if sampled else None
+            ids = sample(q, gen) if sampled else logits.argmax(-1)
+        else:
+            prev, picked = anchor[0], []
+            for k in range(logits.shape[0]):
+                lg = logits[k] + d.markov_head(prev)
+                if sampled:
+                    rows.append(warp_probs(lg, sp))
+                    picked.append(sample(rows[-1], gen))
+                else:
+                    picked.append(lg.argmax(-1))
+                prev = d.to_target(picked[-1])
+            ids = torch.stack(picked)
+            q = torch.stack(rows) if sampled else None
+        drafts = d.to_target(ids)
+        if sp.greedy:
+            return drafts, None
+        V = self.model.config.vocab_size
+        if q is None:  # argmax drafts: a point-mass proposal (the reference's rule)
+            return drafts, torch.nn.functional.one_hot(drafts, V).float()
+        if d.lm_head is not None:  # draft vocabulary -> target vocabulary
+            full = torch.zeros(q.shape[0], V, device=q.device)
+            full[:, d.to_target(torch.arange(q.shape[1], device=q.device))] = q
+            q = full
+        return drafts, q
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
@@ -348,7 +481,7 @@ class DFlashDecoder(CachedDecoder):
         cache = self.cache_for(cap)
         dcache = self._dcache = drafter.new_cache(cap, reuse=self._dcache)
         masks_ = torch.full((B - 1,), drafter.mask_token_id, device=dev)
-        offsets = torch.arange(B, device=dev)
+        offsets = torch.arange(B + 1 - self.first_row, device=dev)  # verification: [x, drafts]
 
         out = model(torch.tensor([prompt], device=dev), cache=cache, hidden_layers=self.layers,
                     logits_index=slice(-1, None))
@@ -362,18 +495,12 @@ class DFlashDecoder(CachedDecoder):
             P = cache.length  # position of the newest committed token, tok
             states = self._draft(dcache, model.model.embed_tokens(torch.cat([tok, masks_]))[None], ctx, P)
             stats.draft_forwards += 1
-            logits = model.lm_head(states[0, 1:]).float()
-            if sp.greedy or not self.draft_sample:
-                drafts = logits.argmax(-1)
-                q = None if sp.greedy else torch.nn.functional.one_hot(drafts, logits.shape[-1]).float()
-            else:
-                q = warp_probs(logits, sp)
-                drafts = sample(q, gen)
+            drafts, q = self._choose(drafter.draft_logits(states[0, self.first_row:], model), tok, sp, gen)
 
             out = self.target_steps(torch.cat([tok, drafts])[None], P + offsets, cache=cache,
                                     hidden_layers=self.layers)
             stats.nfe += 1
-            stats.tokens_fed.append(B)
+            stats.tokens_fed.append(len(offsets))
             if q is None:
                 n, t = greedy_verify(drafts, out.logits[0])
             else:

@@ -15,6 +15,14 @@ The draft head (`EagleHead`, our own code on the model core's building blocks) c
   the target (EAGLE-1 regresses the next feature and reads it with the target's head). Stored in
   the same file layout plus `"eagle_form": "eagle1"` in config.json (our own checkpoints only).
 
+Third-party EAGLE-3 heads load through the same class (`load_eagle_head`, `tidar_bench.formats`):
+SafeAILab, AngelSlim (`Eagle3LlamaForCausalLM`: same tensors, no `head_dim` / `target_hidden_size`,
+attention without bias whatever the config says), SGLang/SpecForge (`eagle_config.
+eagle_aux_hidden_state_layer_ids` = outputs of those target layers), and vLLM speculators (nested
+`transformer_layer_config`, `layers.0.` prefix, aux ids = inputs of those layers, `norm_before_residual`
+(residual = hidden_norm(h)), q/k norm when the layer is Qwen3, a saved embedding that replaces the
+target's, as in vLLM). Flags that change the arithmetic and are not implemented are refused by name.
+
 Indices: "pair" i of the head = (feature of target position i, token i+1); it predicts token i+2
 and outputs a hidden state standing in for the feature at i+1. The head keeps its own KV cache of
 committed pairs; tree nodes are appended while drafting and cropped afterwards. Invariants after
@@ -56,6 +64,7 @@ from tidar_bench.compiled import steps_for
 from tidar_bench.decoding import (CachedDecoder, DecodeRun, DecodeStats, Generation, GenerationConfig, next_token, sample,
                                   speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
+from tidar_bench.formats import EAGLE_FORMATS, aux_to_model_core, flat_config
 from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
                                read_config, rope_cos_sin, rope_inv_freq, save_checkpoint)
 from tidar_bench.registry import DecoderContext, register_decoder
@@ -65,27 +74,38 @@ FORMS = ("eagle3", "eagle1")
 # ----------------------------------------------------------------------------- the draft head
 
 
-def feature_layers(form: str, n_layers: int) -> tuple[int, ...]:
+def feature_layers(form: str, n_layers: int, aux: Sequence[int] | None = None) -> tuple[int, ...]:
     """Target layers (model-core indices, output of layer i) whose hidden states feed the head.
-    EAGLE-3 taps the states *entering* layers 2, L//2, L-3 (clamped to layer 0 for tiny models)."""
+    EAGLE-3 taps the states *entering* layers 2, L//2, L-3 (clamped to layer 0 for tiny models),
+    unless the checkpoint names its layers (`aux`, already in model-core indices)."""
     if form == "eagle1":
         return (n_layers - 1,)
+    if aux is not None:
+        return tuple(aux)
     return tuple(max(0, i - 1) for i in (2, n_layers // 2, n_layers - 3))
 
 
-def target_features(target, hidden: dict[int, torch.Tensor], form: str) -> torch.Tensor:
-    """[B, q, F] head input features from a target forward run with hidden_layers=feature_layers."""
-    layers = feature_layers(form, target.config.num_hidden_layers)
+def target_features(target, hidden: dict[int, torch.Tensor], form: str,
+                    layers: Sequence[int] | None = None) -> torch.Tensor:
+    """[B, q, F] head input features from a target forward run with hidden_layers=layers
+    (default: feature_layers of the form)."""
+    layers = layers or feature_layers(form, target.config.num_hidden_layers)
     if form == "eagle1":
         return target.model.norm(hidden[layers[0]])
     return torch.cat([hidden[i] for i in layers], dim=-1)
 
 
+# speculators flags that change the head's arithmetic and are not implemented here: refused by name
+UNSUPPORTED_FLAGS = ("norm_before_fc", "fc_norm", "norm_output")
+
+
 @dataclass
 class EagleConfig:
-    """The head's config.json (official EAGLE-3 fields + our optional `eagle_form`)."""
+    """The head's config.json, flattened by `formats.flat_config` (official EAGLE-3 fields + our
+    optional `eagle_form`; `format` says whose layout it came in)."""
 
     raw: dict
+    format: str = "safeailab-eagle3"
 
     @property
     def form(self) -> str:
@@ -107,17 +127,50 @@ class EagleConfig:
     def target_hidden_size(self) -> int:
         return self.raw.get("target_hidden_size") or self.raw["hidden_size"]
 
+    @property
+    def norm_before_residual(self) -> bool:
+        """speculators: the residual stream starts from hidden_norm(h) instead of h."""
+        return bool(self.raw.get("norm_before_residual", False))
+
+    @property
+    def n_features(self) -> int:
+        """How many target layers feed fc (speculators and SGLang heads may name more than three)."""
+        ids = self.raw.get("eagle_aux_hidden_state_layer_ids") if self.format == "speculators-eagle3" else \
+            (self.raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        return len(ids) if ids else 3
+
+    def aux_layers(self, n_target_layers: int) -> list[int] | None:
+        """The checkpoint's feature layers in model-core indices, or None (the default three)."""
+        if self.format == "speculators-eagle3":
+            ids = self.raw.get("eagle_aux_hidden_state_layer_ids")
+            return None if ids is None else aux_to_model_core(ids, n_target_layers)
+        if self.format == "specforge-eagle3":  # SGLang: id k = output of layer k = our index k
+            ids = [int(i) for i in self.raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+            bad = [i for i in ids if not 0 <= i < n_target_layers]
+            if bad:
+                raise UserError(f"eagle_aux_hidden_state_layer_ids {bad} outside the target's layers 0..{n_target_layers - 1}")
+            return ids
+        return None
+
     def layer_config(self) -> ModelConfig:
-        d = dict(self.raw, model_type="llama", num_hidden_layers=1, attention_bias=bool(self.raw.get("bias", False)))
-        return ModelConfig.from_dict(d)
+        family = self.raw.get("model_type") if self.format == "speculators-eagle3" else "llama"
+        if family not in ("llama", "qwen3"):
+            raise UserError(f"EAGLE-3 draft layers of model_type {family!r} are not supported; supported: llama, qwen3")
+        bias = {"speculators-eagle3": self.raw.get("attention_bias", False),
+                "angelslim-eagle3": False}.get(self.format, self.raw.get("bias", False))  # AngelSlim: never
+        d = dict(self.raw, model_type=family, num_hidden_layers=1, attention_bias=bool(bias))
+        cfg = ModelConfig.from_dict(d)
+        cfg.o_bias = cfg.attention_bias  # HF's Llama and Qwen3 layers put attention_bias on o_proj too
+        return cfg
 
 
 class Eagle3Layer(nn.Module):
     """EAGLE-3's decoder layer: attention over concat(norm(emb), norm(h)), residual on h."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_before_residual: bool = False):
         super().__init__()
         H = cfg.hidden_size
+        self.norm_before_residual = norm_before_residual
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
@@ -128,8 +181,9 @@ class Eagle3Layer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, emb, h, cos, sin, mask, cache, start, attn):
-        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1)
-        h = h + self.self_attn(x, cos, sin, mask, 0, cache, start, attn)
+        hn = self.hidden_norm(h)
+        x = torch.cat([self.input_layernorm(emb), hn], dim=-1)
+        h = (hn if self.norm_before_residual else h) + self.self_attn(x, cos, sin, mask, 0, cache, start, attn)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -144,8 +198,8 @@ class EagleHead(nn.Module):
         self.embed_tokens = nn.Embedding(V, H)  # the target's, frozen; not stored in head checkpoints
         self.embed_tokens.weight.requires_grad_(False)
         if config.form == "eagle3":
-            self.fc = nn.Linear(3 * config.target_hidden_size, H, bias=False)
-            self.midlayer = Eagle3Layer(lc)
+            self.fc = nn.Linear(config.n_features * config.target_hidden_size, H, bias=False)
+            self.midlayer = Eagle3Layer(lc, config.norm_before_residual)
             self.norm = RMSNorm(H, lc.rms_norm_eps)
         else:
             self.fc = nn.Linear(2 * H, H, bias=True)
@@ -165,6 +219,10 @@ class EagleHead(nn.Module):
     @property
     def form(self) -> str:
         return self.config.form
+
+    def feature_layers(self, n_target_layers: int) -> tuple[int, ...]:
+        """The target layers (model-core indices) this head reads: its checkpoint's, or the default."""
+        return feature_layers(self.form, n_target_layers, self.config.aux_layers(n_target_layers))
 
     def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
         """Reduced vocabulary = these target ids (sorted): fills d2t and t2d."""
@@ -264,21 +322,41 @@ class EagleHead(nn.Module):
 
 
 def load_eagle_head(path: str | Path, target) -> EagleHead:
-    """Load a draft head directory (official EAGLE-3 layout: config.json + model.safetensors or
-    pytorch_model.bin) onto the target's device/dtype, with the target's embedding."""
-    raw = read_config(path)
+    """Load a draft head directory (config.json + model.safetensors or pytorch_model.bin) in any
+    layout `formats.detect` names (SafeAILab, AngelSlim, SGLang/SpecForge, speculators) onto the
+    target's device/dtype, with the target's embedding (or the checkpoint's own, when it has one:
+    speculators saves it and vLLM then uses it)."""
+    fmt, raw = flat_config(read_config(path), path)
+    if fmt not in EAGLE_FORMATS:
+        raise UserError(f"{path} is a {fmt} checkpoint, not an EAGLE head; use the dflash decoder")
     if raw.get("num_hidden_layers", 1) != 1:
-        raise UserError(f"{path}: EAGLE heads have one decoder layer, config says {raw['num_hidden_layers']}")
+        raise UserError(f"{path}: EAGLE heads with {raw['num_hidden_layers']} decoder layers are not supported (one)")
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
         if key not in raw:
             raise UserError(f"{path}/config.json lacks {key!r}; is this an EAGLE draft head?")
+    if fmt == "speculators-eagle3":
+        flags = [f for f in UNSUPPORTED_FLAGS if raw.get(f)]
+        if flags:
+            raise UserError(f"{path}: speculators EAGLE-3 option {flags[0]}=true is not supported")
+        if "norm_before_residual" not in raw:  # speculators' default is False, vLLM's True: do not guess
+            raise UserError(f"{path}: speculators EAGLE-3 config lacks norm_before_residual "
+                            "(speculators reads a missing key as false, vLLM as true); add it")
+    elif "eagle_aux_hidden_state_layer_ids" in raw:
+        raise UserError(f"{path}: top-level eagle_aux_hidden_state_layer_ids outside a speculators config is ambiguous "
+                        "(vLLM: inputs of those layers, SGLang: outputs); put it in speculators' or SGLang's layout")
+    config = EagleConfig(raw, fmt)
     with torch.device("meta"):
-        head = EagleHead(EagleConfig(raw))
+        head = EagleHead(config)
     head = head.to_empty(device=target.device)
     sd = load_state_dict(path)
+    if fmt == "speculators-eagle3":
+        sd = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in sd.items()}
     Vd, V = head.config.draft_vocab_size, head.config.vocab_size
     if "d2t" not in sd and Vd == V:  # the official code drops the maps for a full draft vocab
         sd["d2t"], sd["t2d"] = torch.zeros(Vd, dtype=torch.long), torch.ones(V, dtype=torch.bool)
+    if "fc.weight" in sd and sd["fc.weight"].shape[0] != config.hidden_size:
+        raise UserError(f"draft head {path}: fc.weight has {sd['fc.weight'].shape[0]} outputs, not hidden_size "
+                        f"{config.hidden_size} (AngelSlim's early-stop heads are not supported)")
     expected = {k: v for k, v in head.state_dict().items() if not k.startswith("embed_tokens")}
     missing = sorted(set(expected) - set(sd))
     if missing:
@@ -291,6 +369,12 @@ def load_eagle_head(path: str | Path, target) -> EagleHead:
             p.copy_(sd[name].to(p.dtype))
     head.to(dtype=target.dtype)  # floating tensors only: d2t/t2d keep long/bool
     head.attach(target)
+    if "embed_tokens.weight" in sd:
+        if tuple(sd["embed_tokens.weight"].shape) != tuple(head.embed_tokens.weight.shape):
+            raise UserError(f"draft head {path}: embed_tokens.weight has shape {tuple(sd['embed_tokens.weight'].shape)}")
+        with torch.no_grad():
+            head.embed_tokens.weight.copy_(sd["embed_tokens.weight"])
+    head.feature_layers(target.config.num_hidden_layers)  # checks the aux ids against the target now
     head.eval().requires_grad_(False)
     return head
 
@@ -355,7 +439,7 @@ class EagleDecoder(CachedDecoder):
             self.depth, self.top_k, self.total_tokens = depth, min(top_k, head.lm_head.out_features), total_tokens
         else:
             self.depth, self.top_k, self.total_tokens = chain_length, 1, chain_length + 1
-        self.layers = feature_layers(head.form, model.config.num_hidden_layers)
+        self.layers = head.feature_layers(model.config.num_hidden_layers)
         self._hcache: KVCache | None = None
         # compiled mode: three fixed shapes (absorb depth+1 pairs, expand top_k nodes, verify
         # total_tokens), padded where a step has fewer; see tidar_bench/compiled.py
@@ -365,7 +449,8 @@ class EagleDecoder(CachedDecoder):
         self.on_step: Callable | None = None
 
     def options(self) -> dict:
-        o = {"form": self.head.form, "draft_vocab_size": self.head.lm_head.out_features, "tree": self.tree,
+        o = {"form": self.head.form, "format": self.head.config.format, "target_layers": list(self.layers),
+             "draft_vocab_size": self.head.lm_head.out_features, "tree": self.tree,
              "depth": self.depth, "compile": self.target_steps.compiled}
         if self.tree:
             o.update(top_k=self.top_k, total_tokens=self.total_tokens)
@@ -391,7 +476,7 @@ class EagleDecoder(CachedDecoder):
         stats.nfe, stats.tokens_fed = 1, [len(prompt)]
         tok = int(next_token(out.logits[0, -1], sp, gen))
         run.prefill_done()
-        feats = target_features(model, out.hidden_states, self.head.form)  # pairs (feature i, token i+1)
+        feats = target_features(model, out.hidden_states, self.head.form, self.layers)  # pairs (feature i, token i+1)
         pair_ids = prompt[1:] + [tok]
         history = prompt + [tok]
         done = run.stop.extend([tok])
@@ -421,7 +506,7 @@ class EagleDecoder(CachedDecoder):
 
             accepted = [fed_tokens[i] for i in path[1:]] + [tok]
             stats.accepted_lengths.append(len(accepted))
-            feats = target_features(model, out.hidden_states, self.head.form)[:, path]
+            feats = target_features(model, out.hidden_states, self.head.form, self.layers)[:, path]
             pair_ids = accepted
             history += accepted
             done = run.stop.extend(accepted)

@@ -257,7 +257,8 @@ def test_official_eagle3_layout_loads_and_decodes(targets, tmp_path):
         # through the registry: the draft dir is ctx.draft_path; greedy stays lossless
         dec = build_decoder("eagle", DecoderContext(path, "cpu", "float32", draft_path=d),
                             {"depth": "3", "top_k": "2", "total_tokens": "6"})
-        assert dec.options() == {"form": "eagle3", "draft_vocab_size": 32, "tree": True, "depth": 3, "top_k": 2,
+        assert dec.options() == {"form": "eagle3", "format": "safeailab-eagle3", "target_layers": [1, 1, 0],
+                                 "draft_vocab_size": 32, "tree": True, "depth": 3, "top_k": 2,
                                  "total_tokens": 6, "compile": False}  # tests: compile=auto means off
         cfg_g = GenerationConfig(max_new_tokens=10)
         assert dec.generate([5, 6, 7], cfg_g).tokens == ARDecoder(model).generate([5, 6, 7], cfg_g).tokens

@@ -353,7 +353,7 @@ class _BatchedEagle(_Batched):
                          logits_index=slice(-1, None))
         row.stats.tokens_fed = [L]
         row.last = int(out.logits[0, -1].argmax(-1))
-        feats = target_features(self.model, out.hidden_states, head.form)[0]  # [L, F]: pair i = (feat i, token i+1)
+        feats = target_features(self.model, out.hidden_states, head.form, dec.layers)[0]  # [L, F]: pair i = (feat i, token i+1)
         pair_ids = prompt[1:] + [row.last]
         if L > 1:
             head(torch.tensor([pair_ids[:-1]], device=self.dev), target_feats=feats[None, :-1], cache=self.hscratch)
@@ -403,7 +403,7 @@ class _BatchedEagle(_Batched):
                          hidden_layers=self.dec.layers)
         best = out.logits.argmax(-1).tolist()
         drafts = fed[:, 1:].tolist()
-        feats = target_features(self.model, out.hidden_states, head.form)
+        feats = target_features(self.model, out.hidden_states, head.form, self.dec.layers)
         for s in active:
             row = self.rows[s]
             acc = 0

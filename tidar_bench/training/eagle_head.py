@@ -61,8 +61,6 @@ class EagleHeadObjective:
 
     def __init__(self, target, head, *, ttt_steps: int = 1, reg_weight: float | None = None,
                  ce_weight: float | None = None):
-        from tidar_bench.baselines.eagle import feature_layers
-
         if ttt_steps < 1:
             raise UserError(f"ttt_steps must be >= 1, got {ttt_steps}")
         self.target = target.eval().requires_grad_(False)
@@ -73,7 +71,7 @@ class EagleHeadObjective:
         self.ce_weight = ce_weight if ce_weight is not None else (0.1 if eagle1 else 1.0)
         if self.reg_weight and not eagle1:
             raise UserError("feature regression needs the eagle1 form (EAGLE-3 states are not target features)")
-        self.layers = feature_layers(head.form, target.config.num_hidden_layers)
+        self.layers = head.feature_layers(target.config.num_hidden_layers)
         self.draft_ids = torch.nonzero(head.t2d).flatten()
         self._masks: dict[tuple, torch.Tensor] = {}
 
@@ -106,7 +104,7 @@ class EagleHeadObjective:
                 out = self.target(batch, hidden_layers=self.layers)
             else:
                 out = self.target(batch, tpos, dense(ar_mod(doc), B, S, S, batch.device), hidden_layers=self.layers)
-            feats = target_features(self.target, out.hidden_states, self.head.form).detach()
+            feats = target_features(self.target, out.hidden_states, self.head.form, self.layers).detach()
             probs = out.logits[:, 1:].float().softmax(-1)  # target distribution of token i+2, pair i
             target_top = probs.argmax(-1)
             draft_ids = self.draft_ids.to(batch.device)
