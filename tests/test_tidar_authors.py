@@ -1,0 +1,150 @@
+"""The TiDAR authors' decoding rules as options of `tidar` (issue 22): they compose back to the exact
+rule, the unverified first token is the prefill block's offset-0 argmax, the ratio test accepts with
+frequency min(1, p/q) (and the check fails a wrong rule), the draft repetition penalty is transformers'
+RepetitionPenaltyLogitsProcessor, and the lossy settings are labelled so and repeatable by seed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tidar_bench.baselines.ar import ARDecoder
+from tidar_bench.decoding import GenerationConfig, SamplingParams, ratio_verify, repetition_penalty
+from tidar_bench.errors import UserError
+from tidar_bench.masks import tidar_first_step, tidar_step
+from tidar_bench.model import load_model
+from tidar_bench.testing import make_hf_model
+from tidar_bench.tidar import TidarDecoder
+
+V = 96
+MASK = V - 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    torch.set_num_threads(1)  # tiny models: a second thread only waits on the shared 2-core machine
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("authors")
+    make_hf_model("qwen3", d, seed=1)
+    return load_model(d, "float32", "cpu")
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, MASK, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_options_compose_back_to_the_exact_rule(model):
+    """AR ratio 1, first token from AR, argmax-match (or ratio test at temperature 0, which is the
+    same test), with either prefill: token for token the exact rule, i.e. AR greedy."""
+    ar = ARDecoder(model)
+    exact = TidarDecoder(model, mask_token_id=MASK, block_size=4)
+    composed = [dict(rule="authors-greedy", first_token="ar"),
+                dict(rule="authors", first_token="ar", ar_ratio=1.0, t0_as_t1=False),
+                dict(prefill="two"), dict(accept="match", ar_ratio=1.0, draft_penalty=1.0)]
+    decs = [TidarDecoder(model, mask_token_id=MASK, block_size=4, **o) for o in composed]
+    assert decs[2].lossless and not decs[0].lossless  # prefill=two is timing only; the others are flagged
+    for p in _prompts(3):
+        cfg = GenerationConfig(max_new_tokens=13)
+        ref = ar.generate(p, cfg).tokens
+        assert exact.generate(p, cfg).tokens == ref
+        for o, d in zip(composed, decs):
+            g = d.generate(p, cfg)
+            assert g.tokens == ref, o
+            two = d.prefill == "two"
+            assert g.stats.prefill_forwards == g.stats.nfe - len(g.stats.accepted_lengths) == (2 if two else 1)
+            assert g.stats.accept_length == pytest.approx(13 / (g.stats.nfe - (2 if two else 1)))
+    assert max(a for p in _prompts(3) for a in exact.generate(p, GenerationConfig(max_new_tokens=13)).stats.accepted_lengths) > 1
+
+
+def _block_offset0_argmax(model, prompt: list[int], k: int) -> int:
+    """Independent of the decoder: prompt + k masks under the prefill mask, block row offset 0."""
+    lay = tidar_first_step(len(prompt), k)
+    ids = torch.tensor([prompt + [MASK] * k])
+    out = model(ids, lay.positions(), tidar_step(lay))
+    return int(out.logits[0, len(prompt)].argmax())
+
+
+def test_first_token_from_diffusion_is_the_prefill_block_offset0(model):
+    ar = ARDecoder(model)
+    differ = 0
+    for p in _prompts(4, seed=1):
+        want = _block_offset0_argmax(model, p, 4)
+        for opts in (dict(first_token="diffusion"), dict(rule="authors-greedy"), dict(rule="authors", seed=3)):
+            d = TidarDecoder(model, mask_token_id=MASK, block_size=4, **opts)
+            g = d.generate(p, GenerationConfig(max_new_tokens=6))
+            assert g.tokens[0] == want, opts
+            assert not d.lossless and d.options()["lossless"] is False
+        differ += want != ar.generate(p, GenerationConfig(max_new_tokens=1)).tokens[0]
+    assert differ > 0  # on a random model the unverified first token is visibly not AR's
+
+
+def test_authors_rule_is_seeded_and_reports_its_options(model, tmp_path):
+    make_hf_model("llama", tmp_path, seed=3, vocab_size=8)  # flat distributions: the ratio test rejects often
+    tiny = load_model(tmp_path, "float32", "cpu")
+    cfg = GenerationConfig(max_new_tokens=16)
+    def run(seed):
+        # ar_ratio=1: the AR rows at temperature 1 against the diffusion q (r = 0 accepts everything here)
+        g = TidarDecoder(tiny, mask_token_id=6, block_size=3, rule="authors", ar_ratio=1.0, seed=seed).generate([1, 2], cfg)
+        return tuple(g.tokens), tuple(g.stats.accepted_lengths)
+
+    runs = {s: run(s) for s in (0, 1, 2)}
+    assert run(1) == runs[1]
+    assert len(set(runs.values())) > 1  # temperature 0 runs as temperature 1: the ratio test depends on the seed
+    o = TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="authors", draft_penalty=1.2).options()
+    assert (o["rule"], o["first_token"], o["prefill"], o["ar_ratio"], o["accept"], o["draft_penalty"],
+            o["t0_as_t1"], o["lossless"]) == ("authors", "diffusion", "two", 0.0, "ratio", 1.2, True, False)
+    with pytest.raises(UserError):
+        TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="authors", max_blocks=2)
+    with pytest.raises(UserError):
+        TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="sglang")
+    with pytest.raises(UserError):
+        TidarDecoder(model, mask_token_id=MASK, block_size=4, ar_ratio=0.5, beta=0.5)
+
+
+def _binomial_ok(hits: int, n: int, prob: float) -> bool:
+    """Within 4.5 standard deviations (a correct rule fails with probability < 1e-5)."""
+    return abs(hits - n * prob) <= 4.5 * math.sqrt(n * prob * (1 - prob)) + 1e-9
+
+
+def test_ratio_test_accepts_with_min_1_p_over_q():
+    """Two drafts: d_1 with p/q = 0.2/0.5, d_2 with p/q = 0.9/0.6 (always accepted once reached):
+    P(n >= 1) = 0.4, P(n = 2) = 0.4. A rule accepting with probability p (no division) fails."""
+    drafts = torch.tensor([1, 2])
+    q = torch.tensor([0.5, 0.6])
+    p = torch.zeros(3, 4)
+    p[0, 1], p[1, 2] = 0.2, 0.9
+    g = torch.Generator().manual_seed(0)
+    N = 6000
+    ns = [ratio_verify(drafts, q, p, g) for _ in range(N)]
+    assert _binomial_ok(sum(n >= 1 for n in ns), N, 0.4)
+    assert sum(n == 2 for n in ns) == sum(n >= 1 for n in ns)  # p/q >= 1: accepted whenever reached
+    assert ratio_verify(drafts[:0], q[:0], p, g) == 0
+    wrong = [int(torch.rand(1, generator=g) < 0.2) for _ in range(N)]  # accept iff u < p
+    assert not _binomial_ok(sum(wrong), N, 0.4)
+
+
+def test_repetition_penalty_equals_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=g) * 3
+    proc = RepetitionPenaltyLogitsProcessor(1.2)
+    for ctx in ([3], [3, 3, 17], [0, 49, 5, 5, 12]):
+        ids = torch.tensor(ctx)
+        assert torch.equal(repetition_penalty(logits[0], ids, 1.2), proc(ids[None], logits[:1].clone())[0])
+    # the block-sequential use (variant C): row o penalised for the offset-0 token + earlier picks
+    d = TidarDecoder.__new__(TidarDecoder)
+    d.draft_penalty = 1.2
+    got = d._penalised(logits, first=9)
+    ctx = [9]
+    for o in range(logits.shape[0]):
+        want = proc(torch.tensor([ctx]), logits[o : o + 1].clone())[0]
+        assert torch.equal(got[o], want)
+        ctx.append(int(want.argmax()))
