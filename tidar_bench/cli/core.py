@@ -267,8 +267,8 @@ def speed_cmd(
             return _speed_batched(dict(zip(labels, decs)), batch, cfg, batch_sizes, rounds, source, max_new_tokens,
                                   out, model, config, seed, ctx)
         longest = max(batch, key=len)
-        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0}
-                for n in labels}
+        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0,
+                    "decode_fwd": 0, "steps": [], "e2e": [], "tpot": []} for n in labels}
         for n, d in zip(labels, decs):
             g = d.generate(longest, cfg)  # warm-up: kernels, allocator, caches, compilation
             rows[n]["compile_s"] += g.stats.compile_s
@@ -281,12 +281,16 @@ def speed_cmd(
                 r["time"] += g.stats.wall_time_s
                 r["nfe"] += g.stats.nfe
                 r["compile_s"] += g.stats.compile_s
+                r["decode_fwd"] += g.stats.nfe - g.stats.prefill_forwards
+                r["steps"] += g.stats.accepted_lengths
+                r["e2e"].append(g.stats.wall_time_s)
+                # the authors' TPOT: (latency - time to first token) / output tokens
+                r["tpot"].append((g.stats.wall_time_s - g.stats.prefill_time_s) / max(1, g.stats.new_tokens))
                 if ref is None:
                     ref = g
                 else:
                     r["ratios"].append(g.stats.tokens_per_s / ref.stats.tokens_per_s)
-                    if d.lossless and g.tokens != ref.tokens:
-                        r["mismatch"] += 1
+                    r["mismatch"] += g.tokens != ref.tokens  # a failure for lossless decoders, reported for lossy
         wbytes = weight_bytes(ctx.model)
     dev = ctx.model.device
     peak = peak_bandwidth
@@ -298,8 +302,8 @@ def speed_cmd(
     t = Table(title=f"speed: {source}, up to {max_new_tokens} new tokens, "
                     f"{'random ' + config if config else path}, {dev_name or dev}, {ctx.model.dtype}, "
                     f"{torch.get_num_threads()} threads")
-    cols = ["decoder", "compiled", "tokens/s", "T/NFE", f"vs {labels[0]} (total)", "paired ratio median [min-max]",
-            "compile s", "lossless mismatches"]
+    cols = ["decoder", "compiled", "tokens/s", "T/NFE", "τ", "acc.len", "e2e s / TPOT ms (median)",
+            f"vs {labels[0]} (total)", "paired ratio median [min-max]", "compile s", f"≠{labels[0]}"]
     if dev.type == "cuda":
         cols.insert(3, "weight GB/s" + (" (% of peak)" if peak else ""))
     for col in cols:
@@ -310,18 +314,26 @@ def speed_cmd(
         tps = r["tokens"] / r["time"]
         rs = r["ratios"]
         spread = f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]" if rs else "-"
-        mm = str(r["mismatch"]) if (d.lossless and n != labels[0]) else "-"
+        mm = "-" if n == labels[0] else (str(r["mismatch"]) if d.lossless else f"{r['mismatch']} lossy")
+        tau = statistics.fmean(r["steps"]) if r["steps"] else None
+        acc = r["tokens"] / r["decode_fwd"] if r["decode_fwd"] else None
+        e2e, tpot = statistics.median(r["e2e"]), statistics.median(r["tpot"])
         # a decode step reads every weight once per forward: bytes x forwards/s
         gbs = wbytes * (r["nfe"] / r["time"]) / 1e9
         cells = [n, "yes" if compiled[n] else "no", f"{tps:.1f}", f"{r['tokens'] / r['nfe']:.2f}",
-                 f"{tps / ref_tps:.3f}x", spread, f"{r['compile_s']:.1f}", mm]
+                 "-" if tau is None else f"{tau:.2f}", "-" if acc is None else f"{acc:.2f}",
+                 f"{e2e:.3f} / {1000 * tpot:.2f}", f"{tps / ref_tps:.3f}x", spread, f"{r['compile_s']:.1f}", mm]
         if dev.type == "cuda":
             cells.insert(3, f"{gbs:.0f}" + (f" ({100 * gbs / peak:.0f}%)" if peak else ""))
         t.add_row(*cells)
         record_decs[n] = {"decoder": d.name, "options": d.options(), "compiled": compiled[n],
                           "tokens": r["tokens"], "decode_s": r["time"], "nfe": r["nfe"], "tokens_per_s": tps,
                           "speedup_vs_first": tps / ref_tps, "paired_ratios": rs, "compile_s": r["compile_s"],
-                          "lossless_mismatches": r["mismatch"],
+                          "lossless": d.lossless, "tokens_per_nfe": r["tokens"] / r["nfe"], "tau": tau,
+                          "accept_length": acc, "decode_forwards": r["decode_fwd"],
+                          "e2e_latency_s": r["e2e"], "tpot_s": r["tpot"],
+                          "lossless_mismatches": r["mismatch"] if d.lossless else None,
+                          "lossy_mismatches": None if d.lossless else r["mismatch"],
                           "weight_bandwidth_GBs": gbs if dev.type == "cuda" else None}
     console = Console()
     if not console.is_terminal:
@@ -329,7 +341,11 @@ def speed_cmd(
     console.print(t)
     console.print(f"reference: {labels[0]} ({'compiled' if compiled[labels[0]] else 'eager'}) at {ref_tps:.1f} tokens/s; "
                   f"paired ratio = a setting's tokens/s over the reference's on the same prompt ({len(batch)} prompts); "
-                  "compile s = first-use compilation, excluded from tokens/s", style="dim")
+                  "compile s = first-use compilation, excluded from tokens/s; T/NFE = tokens per forward (prefill "
+                  "counted), τ = EAGLE's tokens per decoding step, acc.len = the TiDAR authors' tokens per decode forward "
+                  "(prefill forwards excluded); e2e = per-request decode time, TPOT = (e2e - prefill) / new tokens; "
+                  f"≠{labels[0]}: prompts whose tokens differ from the reference's (lossless: must be 0; "
+                  "`lossy`: reported)", style="dim")
     if out is not None:
         import sys
 
@@ -342,7 +358,7 @@ def speed_cmd(
                   "compile": compile, "reference": labels[0], "reference_tokens_per_s": ref_tps,
                   "weight_bytes": wbytes, "peak_bandwidth_GBs": peak, "decoders": record_decs}
         write_atomic(out, json.dumps(record, indent=2) + "\n")
-    if any(rows[n]["mismatch"] for n in labels):
+    if any(rows[n]["mismatch"] for n, d in zip(labels, decs) if d.lossless):
         raise UserError("a lossless decoder's greedy tokens differ from the reference decoder's")
 
 

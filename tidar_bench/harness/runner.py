@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..provenance import environment
-from .results import (SampleCache, lossless_mismatches, speed_stats, summary_rows, write_csv, write_json,
+from .results import (SampleCache, lossless_mismatches, lossy_mismatches, speed_stats, summary_rows, write_csv, write_json,
                       write_jsonl)
 
 SPEC_FILE = "run_spec.json"
@@ -464,6 +464,9 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
                          "lossless": bool(all_recs[d] and all(r.get("lossless") for r in all_recs[d])),
                          "decoded_this_invocation": decoded.get(d, 0), **speed[d]} for d in decoders},
         "mismatches_vs_ar": mismatches,
+        # lossy decoders' greedy outputs that differ from ar's: reported, not a failure
+        "lossy_mismatches_vs_ar": {d: (lossy_mismatches(all_recs[d], ar) if ar and d != "ar" else None)
+                                   for d in decoders},
         # per-request bookkeeping outside decoder.generate (tokenising, hashing, cache fsync, progress)
         "harness_s": harness_s,
         "decode_s": decode_s,
