@@ -5,12 +5,16 @@ RepetitionPenaltyLogitsProcessor, and the lossy settings are labelled so and rep
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from tidar_bench.baselines.ar import ARDecoder
+from tidar_bench.checkpoint import TidarConfig
+from tidar_bench.cli import main
+from tidar_bench.harness.results import lossless_mismatches, lossy_mismatches, speed_stats
 from tidar_bench.decoding import GenerationConfig, SamplingParams, ratio_verify, repetition_penalty
 from tidar_bench.errors import UserError
 from tidar_bench.masks import tidar_first_step, tidar_step
@@ -28,10 +32,16 @@ def _one_thread(_threads):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("authors")
     make_hf_model("qwen3", d, seed=1)
-    return load_model(d, "float32", "cpu")
+    TidarConfig(mask_token_id=MASK, block_size=4).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, "float32", "cpu")
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -148,3 +158,53 @@ def test_repetition_penalty_equals_transformers():
         want = proc(torch.tensor([ctx]), logits[o : o + 1].clone())[0]
         assert torch.equal(got[o], want)
         ctx.append(int(want.argmax()))
+
+
+def test_speed_reports_conventions_and_lossy_mismatches(ckpt, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--model", str(ckpt), "--decoders", "ar,tidar,tidar(rule=authors-greedy)", "--prompts", "3",
+                 "--prompt-len", "5", "--max-new-tokens", "10", "--device", "cpu", "--compile", "off",
+                 "--out", str(out)]) == 0  # a lossy decoder's mismatches are no failure
+    text = capsys.readouterr().out
+    assert "acc.len" in text and "τ" in text and "lossy" in text
+    decs = json.loads(out.read_text())["decoders"]
+    exact, authors = decs["tidar"], decs["tidar(rule=authors-greedy)"]
+    assert exact["lossless"] and exact["lossless_mismatches"] == 0 and exact["lossy_mismatches"] is None
+    assert not authors["lossless"] and authors["lossless_mismatches"] is None and authors["lossy_mismatches"] >= 1
+    assert authors["options"]["first_token"] == "diffusion" and authors["options"]["prefill"] == "two"
+    for d in (exact, authors):
+        assert d["tokens_per_nfe"] == pytest.approx(d["tokens"] / d["nfe"])
+        assert d["accept_length"] == pytest.approx(d["tokens"] / d["decode_forwards"])
+        assert d["decode_forwards"] == d["nfe"] - 3 * d["options"]["prefill"].count("two") - 3  # 1 or 2 per prompt
+        assert len(d["e2e_latency_s"]) == len(d["tpot_s"]) == 3
+
+
+def test_run_records_count_the_conventions_and_lossy_mismatches():
+    def rec(item, tokens, lossless, prefill=1, acc=(3, 2)):
+        return {"item": item, "tokens": tokens, "greedy": True, "lossless": lossless, "new_tokens": len(tokens),
+                "nfe": prefill + len(acc), "accepted_lengths": list(acc), "latency_s": 1.0, "prefill_forwards": prefill}
+
+    ar = [rec("a", [1, 2, 3, 4, 5, 6], True), rec("b", [1, 2, 3, 4, 5, 6], True)]
+    lossy = [rec("a", [1, 2, 3, 4, 5, 6], False, 2), rec("b", [1, 2, 3, 4, 5, 9], False, 2)]
+    assert lossy_mismatches(lossy, ar) == 1 and lossless_mismatches(lossy, ar) is None
+    assert lossy_mismatches(ar, ar) is None and lossless_mismatches(ar, ar) == 0
+    st = speed_stats(lossy)
+    # 12 tokens; 8 forwards of which 4 prefill; 4 decoding steps committing 3, 2, 3, 2
+    assert (st["tokens_per_nfe"], st["accept_length"], st["mean_accepted_length"]) == (1.5, 3.0, 2.5)
+
+
+def test_generate_ignore_eos(ckpt, capsys):
+    """The checkpoint's EOS (generation_config.json eos_token_id) set to the first token AR emits: it stops at once,
+    unless --ignore-eos."""
+    import shutil
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    first = ARDecoder(load_model(ckpt, "float32", "cpu")).generate([1, 2, 3], GenerationConfig(max_new_tokens=1)).tokens[0]
+    d = ckpt.parent / "eos"
+    shutil.copytree(ckpt, d, dirs_exist_ok=True)
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": first}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": first}))
+    for extra, n in (([], 0), (["--ignore-eos"], 6)):
+        assert main(["generate", "--model", str(d), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--device", "cpu",
+                     "--json", *extra]) == 0
+        assert len(json.loads(capsys.readouterr().out)["tokens"]) == n

@@ -78,6 +78,8 @@ def generate_cmd(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="print the generation and stats as JSON"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at the checkpoint's EOS ids: exactly "
+                                    "--max-new-tokens tokens (the TiDAR authors' benchmark setting)"),
 ) -> None:
     """Decode one prompt with one decoder and print the output and its stats."""
     from ..decoding import GenerationConfig, SamplingParams
@@ -111,7 +113,7 @@ def generate_cmd(
         sampling = SamplingParams(temperature, top_k, top_p, seed)
     except ValueError as e:
         raise UserError(str(e))
-    cfg = GenerationConfig(max_new_tokens, tuple(stop or ()), ctx.stop_token_ids, sampling)
+    cfg = GenerationConfig(max_new_tokens, tuple(stop or ()), () if ignore_eos else ctx.stop_token_ids, sampling)
     g = dec.generate(ids, cfg)
     if as_json:
         print(json.dumps({"tokens": g.tokens, "text": g.text, "finish_reason": g.finish_reason,
@@ -222,6 +224,8 @@ def speed_cmd(
                                    "with that many in flight (tidar_bench/batched.py); tokens/s over the batch, "
                                    "per-sequence latency, speedup vs the first decoder at the same batch size"),
     rounds: int = typer.Option(2, min=1, help="batched mode: paired rounds per batch size (ABBA order)"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="--prompts-file: never stop at EOS, every prompt gets "
+                                    "exactly --max-new-tokens (the TiDAR authors' benchmark setting)"),
 ) -> None:
     """Paired speed benchmark: each prompt is decoded greedily by every decoder setting in turn
     (after a warm-up of each on the longest prompt, which also compiles: compile time is printed
@@ -255,8 +259,8 @@ def speed_cmd(
         if prompts_file is not None:
             texts = read_prompts(prompts_file, prompts)
             batch = [ctx.tokenizer.encode(t) for t in texts]
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=ctx.stop_token_ids)
-            source = f"{len(batch)} prompts of {prompts_file}"
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=() if ignore_eos else ctx.stop_token_ids)
+            source = f"{len(batch)} prompts of {prompts_file}" + (", EOS ignored" if ignore_eos else "")
         else:
             vocab = ctx.model.config.vocab_size
             rng = torch.Generator().manual_seed(seed)
