@@ -208,3 +208,36 @@ def test_generate_ignore_eos(ckpt, capsys):
         assert main(["generate", "--model", str(d), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--device", "cpu",
                      "--json", *extra]) == 0
         assert len(json.loads(capsys.readouterr().out)["tokens"]) == n
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    from tidar_bench.testing import make_tidar_lm_replica
+
+    return make_tidar_lm_replica(tmp_path_factory.mktemp("tidar_lm"), tied=False)
+
+
+def test_tidar_lm_replica_loads_with_the_preset_and_decodes_exactly(replica, capsys):
+    from tidar_bench.registry import DecoderContext, build_decoder
+    from tidar_bench.training.tidar import TidarObjective
+
+    assert not (replica / "tidar_config.json").exists()
+    ctx = DecoderContext(replica, device="cpu", dtype="float32")
+    td = build_decoder("tidar", ctx, {"block_size": "3"})  # k = 16 is the preset's; 3 keeps 151936-wide rows cheap
+    o = td.options()
+    assert (o["mask_token_id"], o["block_size"], o["lossless"]) == (151662, 3, True)
+    assert o["config_source"] == "preset tidar-lm (recognised from architectures TiDARForCausalLM)"
+    assert o["convention_check"]["prompts"] == 4 and o["convention_check"]["verdict"] in ("unshifted",
+                                                                                        "looks shifted by one position")
+    assert "from preset tidar-lm" in capsys.readouterr().err
+    ar = build_decoder("ar", ctx, {})
+    for p in ([1, 2, 3], [500, 151000, 7]):
+        cfg = GenerationConfig(max_new_tokens=8)
+        assert td.generate(p, cfg).tokens == ar.generate(p, cfg).tokens
+    chosen = build_decoder("tidar", ctx, {"preset": "tidar-lm", "block_size": "2"}).options()["config_source"]
+    assert chosen == "preset tidar-lm (chosen explicitly)"
+    with pytest.raises(UserError):
+        build_decoder("tidar", ctx, {"preset": "nope"})
+    # `train tidar --base` on it continues in the preset: its mask token (no new one) and k = 16
+    obj = TidarObjective.from_checkpoint(replica, None, "cpu")
+    assert (obj.mask_id, obj.block_size, obj.module().config.vocab_size) == (151662, 16, 151936)

@@ -142,9 +142,13 @@ class TidarDecoder(CachedDecoder):
     def lossless(self) -> bool:
         return self.mode == "tidar" and self.beta == 1.0 and self._plain
 
+    config_source: str | None = None  # where mask_token_id and block_size came from (set by the factory)
+    convention_check: dict | None = None  # `convention_check` of a preset checkpoint
+
     def options(self) -> dict:
         opts = {"mode": self.mode, "block_size": self.k, "mask_token_id": self.mask_id, "lossless": self.lossless,
-                "compile": self.runner.compiled}
+                "compile": self.runner.compiled, "config_source": self.config_source,
+                "convention_check": self.convention_check}
         if self.mode == "tidar":
             opts.update(beta=self.beta, max_blocks=self.max_blocks, drafts_per_step=self.k - 1, rule=self.rule,
                         first_token=self.first_token, prefill=self.prefill, ar_ratio=self.ar_ratio,
@@ -454,18 +458,66 @@ class TidarDecoder(CachedDecoder):
         masked[idx] = False
 
 
+CHECK_TEXTS = ("The capital of France is", "def fibonacci(n):\n    ", "Question: Tom has 3 apples and buys 5 more. "
+               "How many apples does he have?\nAnswer:", "In 1905, Albert Einstein published")
+
+
+@torch.inference_mode()
+def convention_check(model, mask_id: int, k: int, prompts: list[list[int]]) -> dict:
+    """Do the checkpoint's mask tokens predict their own position (our convention and, by their
+    inference code, the authors') or the next one? Per prompt: the prefill block's offset-0 argmax
+    (position L) against the AR argmax for position L (prompt's last row) and for L+1 (after feeding
+    that AR token). Two forwards per prompt, no cache."""
+    same = nxt = 0
+    dev = model.device
+    for p in prompts:
+        lay = tidar_first_step(len(p), k, dev)
+        ids = torch.tensor([p + [mask_id] * k], device=dev)
+        logits = model(ids, lay.positions(dev), tidar_step(lay, dev)).logits[0]
+        a_l, d0 = int(logits[len(p) - 1].argmax()), int(logits[len(p)].argmax())
+        a_next = int(model(torch.tensor([p + [a_l]], device=dev)).logits[0, -1].argmax())
+        same += d0 == a_l
+        nxt += d0 == a_next
+    n = len(prompts)
+    verdict = "looks shifted by one position" if nxt > same else "unshifted"
+    return {"prompts": n, "offset0_agrees_with_ar_same_position": same / n,
+            "offset0_agrees_with_ar_next_position": nxt / n, "verdict": verdict}
+
+
+def _check_prompts(tokenizer, vocab: int, mask_id: int) -> list[list[int]]:
+    if tokenizer is not None:
+        return [tokenizer.encode(t, add_special_tokens=False) for t in CHECK_TEXTS]
+    g = torch.Generator().manual_seed(0)
+    return [[int(x) % mask_id for x in torch.randint(0, vocab, (12,), generator=g)] for _ in CHECK_TEXTS]
+
+
 @register_decoder("tidar", help="TiDAR: diffusion drafts + AR verification in one forward per step "
                   "(options: block_size, beta, max_blocks, mode=tidar|diffusion, steps, compile; the authors' "
                   "lossy rules: rule=exact|authors|authors-greedy, first_token=ar|diffusion, prefill=one|two, "
-                  "ar_ratio, accept=auto|match|ratio, draft_penalty, t0_as_t1, seed)")
+                  "ar_ratio, accept=auto|match|ratio, draft_penalty, t0_as_t1, seed; preset=tidar-lm for the "
+                  "authors' released checkpoints, recognised from their architectures)")
 def build(ctx: DecoderContext, *, block_size: int | None = None, beta: float = 1.0,
           max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None,
           compile: str = "auto", rule: str = "exact", first_token: str | None = None, prefill: str | None = None,
           ar_ratio: float | None = None, accept: str | None = None, draft_penalty: float | None = None,
-          t0_as_t1: bool | None = None, seed: int = 0) -> TidarDecoder:
-    cfg = TidarConfig.load(ctx.model_path)
-    return TidarDecoder(ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
+          t0_as_t1: bool | None = None, seed: int = 0, preset: str | None = None) -> TidarDecoder:
+    import sys
+
+    cfg, source = TidarConfig.resolve(ctx.model_path, preset)
+    print(f"tidar: mask_token_id {cfg.mask_token_id}, block_size {cfg.block_size} from {source}", file=sys.stderr)
+    check = None
+    if source.startswith("preset"):  # someone else's checkpoint: is its diffusion convention ours?
+        check = convention_check(ctx.model, cfg.mask_token_id, cfg.block_size,
+                                 _check_prompts(ctx.tokenizer, ctx.model.config.vocab_size, cfg.mask_token_id))
+        if check["verdict"] != "unshifted":
+            print(f"warning: {ctx.model_path}: the prefill block's offset-0 argmax agrees with the AR argmax one position "
+                  f"later ({check['offset0_agrees_with_ar_next_position']:.0%}) more than at its own position "
+                  f"({check['offset0_agrees_with_ar_same_position']:.0%}): the checkpoint looks shifted by one",
+                  file=sys.stderr)
+    dec = TidarDecoder(ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
                         block_size=block_size if block_size is not None else cfg.block_size,
                         beta=beta, max_blocks=max_blocks, mode=mode, steps=steps, compile=compile, rule=rule,
                         first_token=first_token, prefill=prefill, ar_ratio=ar_ratio, accept=accept,
                         draft_penalty=draft_penalty, t0_as_t1=t0_as_t1, seed=seed)
+    dec.config_source, dec.convention_check = source, check
+    return dec
