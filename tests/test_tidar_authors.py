@@ -112,6 +112,10 @@ def test_authors_rule_is_seeded_and_reports_its_options(model, tmp_path):
             o["t0_as_t1"], o["lossless"]) == ("authors", "diffusion", "two", 0.0, "ratio", 1.2, True, False)
     with pytest.raises(UserError):
         TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="authors", max_blocks=2)
+    from tidar_bench.batched import supports_batch
+
+    assert supports_batch("tidar", {"rule": "authors"}) and supports_batch("tidar", {"first_token": "diffusion"})
+    assert supports_batch("tidar", {"rule": "exact"}) is None
     with pytest.raises(UserError):
         TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="sglang")
     with pytest.raises(UserError):
@@ -241,3 +245,45 @@ def test_tidar_lm_replica_loads_with_the_preset_and_decodes_exactly(replica, cap
     # `train tidar --base` on it continues in the preset: its mask token (no new one) and k = 16
     obj = TidarObjective.from_checkpoint(replica, None, "cpu")
     assert (obj.mask_id, obj.block_size, obj.module().config.vocab_size) == (151662, 16, 151936)
+
+
+def _naive_authors_greedy(model, prompt: list[int], k: int, max_new: int) -> list[int]:
+    """Variant A (tidar-official.md 4.2) written from the reading of the authors' worker, with no
+    cache and a hand-built mask: every step re-reads the whole sequence + their fed layout
+    [d_0..d_{k-1} | k blocks of k masks, block j at P+j.. seeing d_0..d_{j-1}]."""
+    L = len(prompt)
+    n = L + k
+    m = torch.zeros(n, n, dtype=torch.bool)
+    m[:L, :L] = torch.ones(L, L).tril().bool()
+    m[L:, :] = True  # the prefill block sees the whole prompt and itself
+    pos = torch.cat([torch.arange(L), torch.arange(L, L + k)])
+    d = model(torch.tensor([prompt + [MASK] * k]), pos, m).logits[0, L:].argmax(-1).tolist()
+    seq, out = list(prompt), []
+    while len(out) < max_new:
+        P = len(seq)
+        n = P + k + k * k
+        m = torch.zeros(n, n, dtype=torch.bool)
+        m[: P + k, : P + k] = torch.ones(P + k, P + k).tril().bool()
+        pos = list(range(P + k))
+        for j in range(1, k + 1):
+            s = P + k + (j - 1) * k
+            m[s : s + k, :P + j] = True
+            m[s : s + k, s : s + k] = True
+            pos += range(P + j, P + j + k)
+        logits = model(torch.tensor([seq + d + [MASK] * (k * k)]), torch.tensor(pos), m).logits[0]
+        ar = logits[P : P + k].argmax(-1).tolist()
+        a = 1
+        while a < k and ar[a - 1] == d[a]:
+            a += 1
+        seq += d[:a]
+        out += d[:a]
+        s = P + k + (a - 1) * k
+        d = logits[s : s + k].argmax(-1).tolist()
+    return out[:max_new]
+
+
+def test_authors_greedy_equals_a_naive_reading_of_their_worker(model):
+    for k in (2, 4):
+        td = TidarDecoder(model, mask_token_id=MASK, block_size=k, rule="authors-greedy")
+        for p in _prompts(3, seed=4):
+            assert td.generate(p, GenerationConfig(max_new_tokens=12)).tokens == _naive_authors_greedy(model, p, k, 12)
