@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 $TB run --model tidar_bench/embedded/tidar --tasks mini_gsm --decoders "$DECODERS" --out "$WORK/run" | tee "$OUT/run_table.txt"
 cp "$WORK/run/summary.csv" "$WORK/run/run.json" "$OUT/"
 echo "after run: $(uptime)" >> "$OUT/uptime.txt"
-# paired per-prompt tokens/s (same prompts, decoders back to back; stop at EOS, <= 256 tokens)
+# paired per-prompt tokens/s (same prompts, decoders back to back; stop at EOS, <= 256 tokens); SPEED_PROMPTS=0 skips
+[ "${SPEED_PROMPTS:-40}" = 0 ] && exit 0
 $TB speed --model tidar_bench/embedded/tidar --decoders "$DECODERS" --prompts-file tasks/data/mini/gsm.jsonl \
   --prompts ${SPEED_PROMPTS:-40} --max-new-tokens 256 --device cpu --out "$OUT/speed.json" | tee "$OUT/speed_table.txt"
 echo "after speed: $(uptime)" >> "$OUT/uptime.txt"

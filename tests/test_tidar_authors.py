@@ -287,3 +287,50 @@ def test_authors_greedy_equals_a_naive_reading_of_their_worker(model):
         td = TidarDecoder(model, mask_token_id=MASK, block_size=k, rule="authors-greedy")
         for p in _prompts(3, seed=4):
             assert td.generate(p, GenerationConfig(max_new_tokens=12)).tokens == _naive_authors_greedy(model, p, k, 12)
+
+
+def test_tidar_lm_check_script_replica_mode(tmp_path):
+    """scripts/tidar_lm_check.sh must never rot: its REPLICA=1 mode runs every step on a tiny random
+    checkpoint in the exact TiDAR-LM layout (vocab 151936, TiDARForCausalLM, no side file)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "tidar-lm"
+    env = {**os.environ, "PYTHON": sys.executable, "REPLICA": "1", "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["bash", "scripts/tidar_lm_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=1500)
+    log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:] + log[-3000:]
+    replica = json.loads((out / "TiDAR-replica" / "config.json").read_text())
+    assert replica["architectures"] == ["TiDARForCausalLM"] and replica["vocab_size"] == 151936
+    assert not (out / "TiDAR-replica" / "tidar_config.json").exists()
+    opts = json.loads((out / "tidar_options.json").read_text())
+    assert (opts["mask_token_id"], opts["block_size"]) == (151662, 16) and opts["convention_check"]["prompts"] == 4
+    speed = json.loads((out / "speed_authors_workload.json").read_text())
+    assert speed["ignore_eos"] and speed["n_prompts"] == 4
+    assert set(speed["decoders"]) == {"ar", "tidar", "tidar(rule=authors)", "tidar(rule=authors-greedy)"}
+    assert speed["decoders"]["tidar"]["lossless_mismatches"] == 0
+    assert all(d["tokens"] == 4 * 6 for d in speed["decoders"].values())  # EOS ignored: exactly 6 tokens each
+    run = json.loads((out / "run" / "run.json").read_text())
+    assert run["mismatches_vs_ar"]["tidar"] == 0
+    assert run["decoders"]["tidar(rule=authors)"]["resolved"]["config_source"].startswith("preset tidar-lm")
+    assert len((out / "commands.txt").read_text().splitlines()) == 3
+
+
+def test_authors_workload_draws_as_the_authors_do():
+    """HumanEval 0-shot: the context is the document's prompt; the whole file is shuffled with
+    random.seed(227) and the first N taken (bench_serving's sharegpt sampling)."""
+    import random
+
+    from tidar_bench.harness.tasks import load_splits
+    from tidar_bench.harness.workload import authors_prompts
+
+    got = authors_prompts(per_task=3, tasks=("tb_humaneval",))["tb_humaneval"]
+    docs = load_splits("humaneval")["test"]
+    idx = list(range(len(docs)))
+    random.seed(227)
+    random.shuffle(idx)
+    assert got == [docs[i]["prompt"] for i in idx[:3]]

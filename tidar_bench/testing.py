@@ -75,7 +75,8 @@ class CharTok:
 TIDAR_LM_VOCAB = 151936  # Qwen2.5/Qwen3's padded vocabulary, as the released TiDAR-LM checkpoints have it
 
 
-def make_tidar_lm_replica(path: str | Path, tied: bool = True, seed: int = 0, hidden: int = 32) -> Path:
+def make_tidar_lm_replica(path: str | Path, tied: bool = True, seed: int = 0, hidden: int = 32,
+                          tokenizer_from: str | Path | None = None) -> Path:
     """A tiny random checkpoint in the exact layout of the TiDAR authors' released checkpoints: a
     Qwen3 config (vocabulary 151936) whose `architectures` their converter renamed to
     TiDARForCausalLM, tied or untied head, safetensors, no tidar_config.json, no TiDAR key. Built at
@@ -89,4 +90,10 @@ def make_tidar_lm_replica(path: str | Path, tied: bool = True, seed: int = 0, hi
     cfg = json.loads(cfg_path.read_text())
     cfg["architectures"] = ["TiDARForCausalLM"]
     cfg_path.write_text(json.dumps(cfg, indent=2))
+    if tokenizer_from is not None:  # a stand-in tokenizer (ids < its vocabulary) where Qwen's is not at hand
+        import shutil
+
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(tokenizer_from) / f).is_file():
+                shutil.copy(Path(tokenizer_from) / f, Path(path) / f)
     return Path(path)

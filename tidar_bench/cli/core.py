@@ -203,12 +203,17 @@ def speed_cmd(
         "ar,hf", "--decoders", help="comma-separated decoder settings, the first is the reference: "
                                     "e.g. ar,ar(compile=false),hf(compile=true),tidar(block_size=4)"),
     draft: Optional[Path] = typer.Option(None),
-    prompts: int = typer.Option(8, min=1, help="number of prompts (random token ids, seeded; or the first N of --prompts-file)"),
+    prompts: Optional[int] = typer.Option(None, min=1, help="number of prompts (default 8: random token ids, seeded; or "
+                                          "the first N of --prompts-file; --workload authors: N per task, default 128)"),
+    workload: Optional[str] = typer.Option(
+        None, "--workload", help="authors: the TiDAR authors' benchmark (lm-eval few-shot contexts of HumanEval 0-shot, "
+                                 "MBPP 3-shot, GSM8K-CoT 8-shot, Minerva math 4-shot, raw text, shuffled with seed 227, "
+                                 "EOS ignored, 512 new tokens unless --max-new-tokens)"),
     prompts_file: Optional[Path] = typer.Option(
         None, "--prompts-file", help="JSONL with a `prompt` field (e.g. tasks/data/mini/gsm.jsonl): real prompts, "
                                      "decoding stops at EOS; default: random token ids, no stop"),
     prompt_len: int = typer.Option(64, min=1),
-    max_new_tokens: int = typer.Option(128, min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default 128 (512 with --workload authors)"),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option decoder.key=value (repeatable)"),
     compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
     seed: int = typer.Option(0),
@@ -243,6 +248,11 @@ def speed_cmd(
         torch.set_num_threads(threads)
     if (model is None) == (config is None):
         raise UserError("give exactly one of --model or --config")
+    if workload not in (None, "authors"):
+        raise UserError(f"--workload must be authors, got {workload!r}")
+    if workload and prompts_file is not None:
+        raise UserError("give --workload or --prompts-file, not both")
+    max_new_tokens = max_new_tokens or (512 if workload else 128)
     settings = decoder_settings(decoders_, decoder_arg, compile)
     labels = [st.label for st, _ in settings]
     batch_sizes = _batch_sizes(batch_size) if batch_size is not None else None
@@ -256,17 +266,28 @@ def speed_cmd(
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
         ctx = DecoderContext(resolve_model(path), device, dtype, draft)
         decs = [build_decoder(st.name, ctx, opts) for st, opts in settings]
-        if prompts_file is not None:
-            texts = read_prompts(prompts_file, prompts)
+        per_task = None
+        if workload:
+            from ..harness.workload import authors_prompts
+
+            if ctx.tokenizer is None:
+                raise UserError("--workload authors needs the checkpoint's tokenizer")
+            per_task = authors_prompts(prompts or 128)
+            batch = [ctx.tokenizer.encode(t) for texts in per_task.values() for t in texts]  # raw text, no template
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # EOS ignored, no stop strings
+            source = (f"the TiDAR authors' workload ({', '.join(f'{len(v)} {k}' for k, v in per_task.items())}), "
+                      "EOS ignored")
+        elif prompts_file is not None:
+            texts = read_prompts(prompts_file, prompts or 8)
             batch = [ctx.tokenizer.encode(t) for t in texts]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=() if ignore_eos else ctx.stop_token_ids)
             source = f"{len(batch)} prompts of {prompts_file}" + (", EOS ignored" if ignore_eos else "")
         else:
             vocab = ctx.model.config.vocab_size
             rng = torch.Generator().manual_seed(seed)
-            batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
+            batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts or 8)]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
-            source = f"{prompts} random prompts of {prompt_len} tokens"
+            source = f"{prompts or 8} random prompts of {prompt_len} tokens"
         if batch_sizes is not None:
             return _speed_batched(dict(zip(labels, decs)), batch, cfg, batch_sizes, rounds, source, max_new_tokens,
                                   out, model, config, seed, ctx)
@@ -358,6 +379,7 @@ def speed_cmd(
         record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
                   "model": str(model) if model else f"random weights, config {config}", "seed": seed,
                   "prompts": source, "n_prompts": len(batch), "max_new_tokens": max_new_tokens,
+                  "workload": workload, "ignore_eos": bool(ignore_eos or workload),
                   "dtype": str(ctx.model.dtype), "device": str(dev), "device_name": dev_name,
                   "compile": compile, "reference": labels[0], "reference_tokens_per_s": ref_tps,
                   "weight_bytes": wbytes, "peak_bandwidth_GBs": peak, "decoders": record_decs}
