@@ -49,6 +49,9 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
             return None
         o = options  # the factories' defaults where an option is absent
         lossless = o.get("mode", "tidar") == "tidar" and float(o.get("beta", 1.0)) == 1.0
+        # the TiDAR authors' rule options (tidar.py): any of them set is not the exact rule
+        lossless = lossless and o.get("rule", "exact") == "exact" and all(
+            o.get(k) is None for k in ("first_token", "prefill", "ar_ratio", "accept", "draft_penalty", "t0_as_t1"))
         block_cache, tree = bool(o.get("block_cache", True)), bool(o.get("tree", True))
         separate = str(o.get("separate_commit", False)).lower() in ("1", "true", "yes", "on")
     else:
@@ -56,7 +59,7 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
         tree = getattr(decoder, "tree", False)
         separate = getattr(decoder, "separate_commit", False)
     if name == "tidar" and not lossless:
-        return "batched tidar supports the lossless setting only (mode=tidar, beta=1)"
+        return "batched tidar supports the lossless setting only (mode=tidar, beta=1, rule=exact, no authors' options)"
     if name == "bd" and not block_cache:
         return "batched bd needs the block cache (block_cache=True)"
     if name == "bd" and separate:

@@ -70,6 +70,7 @@ class DecodeStats:
     accepted_lengths: list[int] = field(default_factory=list)
     tokens_fed: list[int] = field(default_factory=list)  # tokens per forward (slots spent)
     draft_forwards: int = 0  # forwards of a separate draft model (EAGLE head), not counted in nfe
+    prefill_forwards: int = 1  # target forwards before the first decode step (TiDAR's authors' rule: 2)
     compile_s: float = 0.0  # torch.compile time spent inside this call (first use of a step shape), not in wall_time_s
 
     @property
@@ -79,6 +80,13 @@ class DecodeStats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def accept_length(self) -> float:
+        """TiDAR's authors' accept length: every new token over the decode forwards (prefill
+        forwards excluded), as their server divides its accepted-token sum by its forward count."""
+        decode = self.nfe - self.prefill_forwards
+        return self.new_tokens / decode if decode > 0 else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -94,6 +102,8 @@ class DecodeStats:
             "tokens_per_nfe": self.tokens_per_nfe,
             "tokens_per_s": self.tokens_per_s,
             "mean_accepted_length": self.mean_accepted_length,
+            "accept_length": self.accept_length,
+            "prefill_forwards": self.prefill_forwards,
             "accepted_lengths": list(self.accepted_lengths),
             "tokens_fed": list(self.tokens_fed),
             "draft_forwards": self.draft_forwards,
@@ -224,6 +234,30 @@ def speculative_verify(
     else:
         tok = int(sample(target_probs[k], generator))
     return n, tok
+
+
+def ratio_verify(drafts: torch.Tensor, draft_q: torch.Tensor, target_probs: torch.Tensor,
+                 generator: torch.Generator | None) -> int:
+    """The ratio test of TiDAR's release worker (LOSSY): draft i is accepted iff p(d_i)/q(d_i) >= u_i,
+    u_i ~ U(0,1), stopping at the first rejection; nothing is resampled (no residual), so unlike
+    `speculative_verify` the output does not follow the target distribution. drafts [m];
+    draft_q [m] the probability each draft had under its draft row; target_probs [>=m, V].
+    Returns the number accepted."""
+    m = drafts.shape[0]
+    if m == 0:
+        return 0
+    p = target_probs[torch.arange(m, device=drafts.device), drafts]
+    u = torch.rand(m, generator=generator, device=drafts.device)
+    return int((u * draft_q <= p).int().cumprod(0).sum())
+
+
+def repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty as transformers' RepetitionPenaltyLogitsProcessor applies it: the
+    logit of every token in `context` is divided by `penalty` if positive, multiplied if negative.
+    logits [V] (a new tensor is returned), context: token ids [n]."""
+    score = logits.gather(-1, context)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(-1, context, score)
 
 
 # ----------------------------------------------------------------------------- stopping

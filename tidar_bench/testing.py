@@ -89,3 +89,30 @@ class CharTok:
 
     def decode(self, ids):
         return "".join(chr(0x21 + i) for i in ids)
+
+
+TIDAR_LM_VOCAB = 151936  # Qwen2.5/Qwen3's padded vocabulary, as the released TiDAR-LM checkpoints have it
+
+
+def make_tidar_lm_replica(path: str | Path, tied: bool = True, seed: int = 0, hidden: int = 32,
+                          tokenizer_from: str | Path | None = None) -> Path:
+    """A tiny random checkpoint in the exact layout of the TiDAR authors' released checkpoints: a
+    Qwen3 config (vocabulary 151936) whose `architectures` their converter renamed to
+    TiDARForCausalLM, tied or untied head, safetensors, no tidar_config.json, no TiDAR key. Built at
+    test time (about 20-40 MB), never committed."""
+    import json
+
+    make_hf_model("qwen3", path, seed=seed, vocab_size=TIDAR_LM_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=2, head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+                  tie_word_embeddings=tied, eos_token_id=151645)
+    cfg_path = Path(path) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architectures"] = ["TiDARForCausalLM"]
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    if tokenizer_from is not None:  # a stand-in tokenizer (ids < its vocabulary) where Qwen's is not at hand
+        import shutil
+
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(tokenizer_from) / f).is_file():
+                shutil.copy(Path(tokenizer_from) / f, Path(path) / f)
+    return Path(path)

@@ -18,25 +18,47 @@ Options (see docs/tidar.md): `block_size` k, `beta` (verification target = beta*
 (1-beta)*q_diffusion at the draft positions; beta < 1 is lossy), `max_blocks` (fewer pre-draft
 blocks for large k, spent on the likeliest outcomes), `mode="diffusion"` (pure block diffusion of
 the same checkpoint, `steps` denoising forwards per block, no AR verification; lossy).
+
+The TiDAR authors' own decoding rules (their SGLang worker, ../shared/reference/tidar-official.md
+sections 3-4 and 6) are options of this decoder, each off by default and each LOSSY when on, so their
+released checkpoints can be decoded both exactly and the way their authors do:
+`first_token=diffusion` (commit block n's offset-0 argmax unverified, also at prefill), `prefill=two`
+(a causal prefill, then the block alone; timing only), `ar_ratio=r` (verify against
+r*AR + (1-r)*diffusion logits, the diffusion row being the current step's block offset 0),
+`accept=match|ratio` (argmax match whatever the temperature, or p/q >= u without residual, drafts
+argmax with q at temperature 1), `draft_penalty` (repetition penalty within a block's drafts) and
+`t0_as_t1` (temperature 0 run as temperature 1, as SGLang does). `rule=authors` / `authors-greedy`
+set them as the release worker (B) / the older greedy worker (A) does; options given explicitly win.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
 from .checkpoint import TidarConfig
 from .compiled import steps_for
-from .decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token, sample,
-                       speculative_verify, warp_probs)
+from .decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token,
+                       ratio_verify, repetition_penalty, sample, speculative_verify, warp_probs)
 from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
 from .registry import DecoderContext, register_decoder
 
 MODES = ("tidar", "diffusion")
+
+# The authors' rules as option values (tidar-official.md: A = python/.../tidar_worker.py @ 1870a84,
+# B = tidar_sglang/.../tidar_worker.py @ 8f861c6; C = B + draft_penalty=1.2 @ 198bc1a). "exact" is ours.
+RULES = {
+    "exact": dict(first_token="ar", prefill="one", ar_ratio=1.0, accept="auto", draft_penalty=1.0, t0_as_t1=False),
+    "authors": dict(first_token="diffusion", prefill="two", ar_ratio=0.0, accept="ratio", draft_penalty=1.0,
+                    t0_as_t1=True),
+    "authors-greedy": dict(first_token="diffusion", prefill="two", ar_ratio=1.0, accept="match", draft_penalty=1.0,
+                           t0_as_t1=False),
+}
+CHOICES = {"first_token": ("ar", "diffusion"), "prefill": ("one", "two"), "accept": ("auto", "match", "ratio")}
 
 
 @dataclass
@@ -56,7 +78,9 @@ class TidarDecoder(CachedDecoder):
 
     def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 8, beta: float = 1.0,
                  max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None,
-                 compile: str = "off"):
+                 compile: str = "off", rule: str = "exact", first_token: str | None = None,
+                 prefill: str | None = None, ar_ratio: float | None = None, accept: str | None = None,
+                 draft_penalty: float | None = None, t0_as_t1: bool | None = None, seed: int = 0):
         vocab = model.config.vocab_size
         if not 0 <= mask_token_id < vocab:
             raise UserError(f"mask_token_id {mask_token_id} outside the vocabulary [0, {vocab})")
@@ -70,6 +94,34 @@ class TidarDecoder(CachedDecoder):
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if steps is not None and not 1 <= steps <= block_size:
             raise UserError(f"steps must be in [1, block_size={block_size}], got {steps}")
+        if rule not in RULES:
+            raise UserError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        given = dict(first_token=first_token, prefill=prefill, ar_ratio=ar_ratio, accept=accept,
+                     draft_penalty=draft_penalty, t0_as_t1=t0_as_t1)
+        rv = {k: (RULES[rule][k] if v is None else v) for k, v in given.items()}
+        for k, ok in CHOICES.items():
+            if rv[k] not in ok:
+                raise UserError(f"{k} must be one of {', '.join(ok)}, got {rv[k]!r}")
+        if not 0.0 <= rv["ar_ratio"] <= 1.0:
+            raise UserError(f"ar_ratio must be in [0, 1], got {rv['ar_ratio']}")
+        if rv["draft_penalty"] <= 0:
+            raise UserError(f"draft_penalty must be > 0, got {rv['draft_penalty']}")
+        self.rule = rule
+        self.first_token, self.prefill, self.ar_ratio = rv["first_token"], rv["prefill"], rv["ar_ratio"]
+        self.accept, self.draft_penalty, self.t0_as_t1 = rv["accept"], rv["draft_penalty"], rv["t0_as_t1"]
+        self.seed = seed
+        # exact: the original step, untouched; else `_verify_options` (offset-0 rows needed when the
+        # first token or the verification target comes from the blocks)
+        self._plain = rv == RULES["exact"] | {"prefill": rv["prefill"]}
+        self._offset0 = int(self.first_token == "diffusion" or self.ar_ratio < 1.0)
+        if self._offset0 and max_blocks is not None:
+            raise UserError("first_token=diffusion and ar_ratio < 1 read every outcome's block (the authors' "
+                            "layout): drop max_blocks")
+        if self.ar_ratio < 1.0 and beta < 1.0:
+            raise UserError("ar_ratio (logit-space mix with the current block) and beta (probability-space mix with "
+                            "the drafting row) are two different mixes: set one")
+        if mode == "diffusion" and (rv != RULES["exact"]):
+            raise UserError("the authors' rule options apply to mode=tidar only")
         self.model = model
         self.tokenizer = tokenizer
         self.mask_id = mask_token_id
@@ -88,13 +140,20 @@ class TidarDecoder(CachedDecoder):
 
     @property
     def lossless(self) -> bool:
-        return self.mode == "tidar" and self.beta == 1.0
+        return self.mode == "tidar" and self.beta == 1.0 and self._plain
+
+    config_source: str | None = None  # where mask_token_id and block_size came from (set by the factory)
+    convention_check: dict | None = None  # `convention_check` of a preset checkpoint
 
     def options(self) -> dict:
         opts = {"mode": self.mode, "block_size": self.k, "mask_token_id": self.mask_id, "lossless": self.lossless,
-                "compile": self.runner.compiled}
+                "compile": self.runner.compiled, "config_source": self.config_source,
+                "convention_check": self.convention_check}
         if self.mode == "tidar":
-            opts.update(beta=self.beta, max_blocks=self.max_blocks, drafts_per_step=self.k - 1)
+            opts.update(beta=self.beta, max_blocks=self.max_blocks, drafts_per_step=self.k - 1, rule=self.rule,
+                        first_token=self.first_token, prefill=self.prefill, ar_ratio=self.ar_ratio,
+                        accept=self.accept, draft_penalty=self.draft_penalty, t0_as_t1=self.t0_as_t1,
+                        seed=self.seed)
         else:
             opts.update(steps=self.steps)
         return opts
@@ -114,7 +173,8 @@ class TidarDecoder(CachedDecoder):
 
     def _make_shape(self, layout: TidarStepLayout, diffusion: bool, prefill: bool = False) -> _StepShape:
         """Logits rows. TiDAR: the causal rows (verification; only the last one at prefill) and
-        block offsets 1..k-1 (next drafts). Diffusion: every row of the (single) block."""
+        block offsets 1..k-1 (next drafts; from offset 0 when the authors' options read it).
+        Diffusion: every row of the (single) block."""
         dev = self.model.device
         k = self.k
         if diffusion:
@@ -122,7 +182,7 @@ class TidarDecoder(CachedDecoder):
         else:
             rows = [layout.n_causal - 1] if prefill else list(range(layout.n_causal))
             for b in range(len(layout.outcomes)):
-                rows += range(layout.block_start(b) + 1, layout.block_start(b) + k)
+                rows += range(layout.block_start(b) + 1 - self._offset0, layout.block_start(b) + k)
         return _StepShape(layout.n_fed, tidar_step(layout, dev), layout.positions(dev),
                           torch.tensor(rows, dtype=torch.long, device=dev), 1 if prefill else layout.n_causal)
 
@@ -144,7 +204,7 @@ class TidarDecoder(CachedDecoder):
             local[s : s + k, : j + 1] = True  # x and the first j drafts
             local[s : s + k, s : s + k] = True  # own block, bidirectional
             pos[s : s + k] = torch.arange(j + 1, j + 1 + k, device=dev)
-            rows += range(s + 1, s + k)
+            rows += range(s + 1 - self._offset0, s + k)
         return _StepShape(n, local, pos, torch.tensor(rows, dtype=torch.long, device=dev), k)
 
     def _forward(self, cache, ids: torch.Tensor, shape: _StepShape) -> torch.Tensor:
@@ -170,9 +230,15 @@ class TidarDecoder(CachedDecoder):
         return self._generate_tidar(list(prompt_ids), config)
 
     def _generate_tidar(self, prompt: list[int], config: GenerationConfig) -> Generation:
-        k, dev = self.k, self.model.device
+        k, dev, o0 = self.k, self.model.device, self._offset0
         run = DecodeRun(dev, config, self.tokenizer, self.runner)
         stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
+        if self.t0_as_t1 and sp.greedy:  # SGLang: temperature 0 -> 1 (its top_k = 1 is ignored by the worker)
+            sp = replace(sp, temperature=1.0)
+        if gen is None and (not sp.greedy or self.accept == "ratio"):  # our seeded generator, repeatable
+            gen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else self.seed)
+        if self.draft_penalty != 1.0 and not sp.greedy and self.accept == "auto":
+            raise UserError("draft_penalty needs argmax drafts: greedy decoding, accept=match or accept=ratio")
         L = len(prompt)
         step_rows = k * (k + 1)  # at most x + k-1 drafts + k blocks of k
         cache = self.cache_for(L + config.max_new_tokens + step_rows + 1)
@@ -180,11 +246,16 @@ class TidarDecoder(CachedDecoder):
 
         # prefill: prompt causal + one pre-draft block at position L (where the first token goes)
         first = tidar_first_step(L, k, dev)
-        logits = self._prefill(cache, prompt, self._make_shape(first, diffusion=False, prefill=True))
-        stats.nfe, stats.tokens_fed = 1, [first.n_fed]
-        t = int(next_token(logits[0], sp, gen))
+        if self.prefill == "two":
+            logits = self._prefill_two(cache, prompt)
+            stats.nfe, stats.prefill_forwards, stats.tokens_fed = 2, 2, [L, k]
+        else:
+            logits = self._prefill(cache, prompt, self._make_shape(first, diffusion=False, prefill=True))
+            stats.nfe, stats.tokens_fed = 1, [first.n_fed]
+        # the authors commit the block's offset 0 (unverified); we commit the AR token
+        t = int(logits[1].argmax()) if self.first_token == "diffusion" else int(next_token(logits[0], sp, gen))
         cache.crop(L)
-        drafts, draft_logits, draft_probs, conf = self._draft(logits[1:], sp, gen)
+        drafts, draft_logits, draft_probs, conf = self._draft(logits[1 + o0 :], sp, gen, t)
         run.prefill_done()
         done = stop.extend([t])
         committed = [t]
@@ -201,12 +272,17 @@ class TidarDecoder(CachedDecoder):
             ids_buf[0, 1 : 1 + m] = drafts
             ids_buf[0, 1 + m : shape.n] = self.mask_id
             logits = self._forward(cache, ids_buf[:, : shape.n], shape)
+            n_blocks = self.n_blocks if self.runner.compiled else len(outcomes)
+            blocks = logits[shape.causal_rows :].view(n_blocks, k - 1 + o0, logits.shape[-1])
             ar = logits[: m + 1]
-            target = self._mixed_target(ar, draft_logits) if self.beta < 1.0 and m else ar
-            if sp.greedy:
-                n, t = greedy_verify(drafts, target)
+            if self._plain:
+                target = self._mixed_target(ar, draft_logits) if self.beta < 1.0 and m else ar
+                if sp.greedy:
+                    n, t = greedy_verify(drafts, target)
+                else:
+                    n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
             else:
-                n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
+                n, t = self._verify_options(ar, blocks, drafts, draft_logits, draft_probs, sp, gen)
             committed = drafts[:n].tolist() + [t]
             stats.nfe += 1
             stats.tokens_fed.append(shape.n)
@@ -215,21 +291,65 @@ class TidarDecoder(CachedDecoder):
             done = stop.extend(committed)
             if not done:
                 if n in outcomes:  # block n starts at t's position: offsets 1..k-1 are the next drafts
-                    b = outcomes.index(n)
-                    n_blocks = self.n_blocks if self.runner.compiled else len(outcomes)
-                    blocks = logits[shape.causal_rows :].view(n_blocks, k - 1, logits.shape[-1])
-                    drafts, draft_logits, draft_probs, conf = self._draft(blocks[b], sp, gen)
+                    drafts, draft_logits, draft_probs, conf = self._draft(blocks[outcomes.index(n), o0:], sp, gen, t)
                 else:  # no block for this outcome (max_blocks): the next step verifies nothing
                     drafts, draft_logits, draft_probs, conf = self._draft(logits[:0], sp, gen)
         return run.finish()
 
-    def _draft(self, block_logits: torch.Tensor, sp, gen):
+    def _prefill_two(self, cache, prompt: list[int]) -> torch.Tensor:
+        """The authors' prefill (tidar-official.md section 3): a causal forward of the prompt (its
+        last AR row kept), then the k masks alone at positions L..L+k-1, each seeing the whole prompt
+        and the whole block; their KV is dropped by the caller's crop. Same rows as `_prefill`."""
+        dev, k, L = self.model.device, self.k, len(prompt)
+        ar = self.model(torch.tensor([prompt], device=dev), cache=cache, logits_index=torch.tensor([L - 1], device=dev))
+        ids = torch.full((1, k), self.mask_id, device=dev)
+        mask = torch.ones(k, L + k, dtype=torch.bool, device=dev)
+        blk = self.model(ids, torch.arange(L, L + k, device=dev), mask, cache,
+                         logits_index=torch.arange(1 - self._offset0, k, device=dev))
+        return torch.cat([ar.logits[0], blk.logits[0]])
+
+    def _verify_options(self, ar, blocks, drafts, draft_logits, draft_probs, sp, gen) -> tuple[int, int]:
+        """Verification under the authors' options (lossy unless they compose back to the exact
+        rule). Target: r*AR + (1-r)*(block j offset 0) logits, row j <-> the block of outcome j (both
+        predict position P+j+1, the block sees one more committed token than the row that drafted
+        d_{j+1}). accept=ratio: p/q >= u, no residual; match: argmax match. The token kept after the
+        n accepted drafts: the AR target's (argmax, or a sample from the target: no residual) or,
+        with first_token=diffusion, block n's offset-0 argmax, never verified."""
+        m = drafts.shape[0]
+        target = ar
+        if self.ar_ratio < 1.0:
+            target = self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[: m + 1, 0]
+        elif self.beta < 1.0 and m:
+            target = self._mixed_target(ar, draft_logits)
+        if self.accept == "ratio":
+            p = warp_probs(target, sp)
+            n = ratio_verify(drafts, draft_probs, p, gen)
+            t = None if self.first_token == "diffusion" else int(sample(p[n], gen))
+        elif self.accept == "match" or sp.greedy:
+            n, t = greedy_verify(drafts, target)
+        else:
+            n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
+        if self.first_token == "diffusion":
+            t = int(blocks[n, 0].argmax())
+        return n, t
+
+    def _draft(self, block_logits: torch.Tensor, sp, gen, first: int | None = None):
         """Drafts from a pre-draft block's logits at offsets 1..k-1 [k-1, V]: argmax (greedy) or
         samples from the warped diffusion distribution (kept for verification). `conf` is the
-        diffusion probability of each draft, used only to rank outcomes under max_blocks."""
+        diffusion probability of each draft, used only to rank outcomes under max_blocks.
+        accept=ratio (the authors'): argmax drafts, each with its probability q at temperature 1.
+        draft_penalty != 1: the drafts are picked one offset at a time, each row's logits penalised
+        for the tokens before it in the block (`first`, the committed token at offset 0, then the
+        earlier picks), as the authors' variant C does."""
         if block_logits.shape[0] == 0:
             return block_logits.argmax(-1), block_logits, block_logits, None
-        if sp.greedy:
+        if self.draft_penalty != 1.0:
+            block_logits = self._penalised(block_logits, first)
+        if self.accept == "ratio":
+            drafts = block_logits.argmax(-1)
+            q = block_logits.softmax(-1).gather(-1, drafts[:, None]).squeeze(-1)
+            return drafts, block_logits, q, q
+        if sp.greedy or self.accept == "match":
             probs = None
             drafts = block_logits.argmax(-1)
             conf = block_logits.softmax(-1).amax(-1) if self.max_blocks is not None else None
@@ -238,6 +358,16 @@ class TidarDecoder(CachedDecoder):
             drafts = sample(probs, gen)
             conf = probs.gather(-1, drafts[:, None]).squeeze(-1)
         return drafts, block_logits, probs, conf
+
+    def _penalised(self, block_logits: torch.Tensor, first: int) -> torch.Tensor:
+        """Rows of `block_logits` with the repetition penalty applied sequentially: row o is penalised
+        for the offset-0 token and the argmax picks of the rows before it (penalised themselves)."""
+        rows, ctx = [], torch.tensor([first], device=block_logits.device)
+        for row in block_logits:
+            row = repetition_penalty(row, ctx, self.draft_penalty)
+            rows.append(row)
+            ctx = torch.cat([ctx, row.argmax()[None]])
+        return torch.stack(rows)
 
     def _mixed_target(self, ar_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
         """Verification logits: log(beta*p_AR + (1-beta)*q_diff) at the m draft positions (raw
@@ -328,12 +458,66 @@ class TidarDecoder(CachedDecoder):
         masked[idx] = False
 
 
+CHECK_TEXTS = ("The capital of France is", "def fibonacci(n):\n    ", "Question: Tom has 3 apples and buys 5 more. "
+               "How many apples does he have?\nAnswer:", "In 1905, Albert Einstein published")
+
+
+@torch.inference_mode()
+def convention_check(model, mask_id: int, k: int, prompts: list[list[int]]) -> dict:
+    """Do the checkpoint's mask tokens predict their own position (our convention and, by their
+    inference code, the authors') or the next one? Per prompt: the prefill block's offset-0 argmax
+    (position L) against the AR argmax for position L (prompt's last row) and for L+1 (after feeding
+    that AR token). Two forwards per prompt, no cache."""
+    same = nxt = 0
+    dev = model.device
+    for p in prompts:
+        lay = tidar_first_step(len(p), k, dev)
+        ids = torch.tensor([p + [mask_id] * k], device=dev)
+        logits = model(ids, lay.positions(dev), tidar_step(lay, dev)).logits[0]
+        a_l, d0 = int(logits[len(p) - 1].argmax()), int(logits[len(p)].argmax())
+        a_next = int(model(torch.tensor([p + [a_l]], device=dev)).logits[0, -1].argmax())
+        same += d0 == a_l
+        nxt += d0 == a_next
+    n = len(prompts)
+    verdict = "looks shifted by one position" if nxt > same else "unshifted"
+    return {"prompts": n, "offset0_agrees_with_ar_same_position": same / n,
+            "offset0_agrees_with_ar_next_position": nxt / n, "verdict": verdict}
+
+
+def _check_prompts(tokenizer, vocab: int, mask_id: int) -> list[list[int]]:
+    if tokenizer is not None:
+        return [tokenizer.encode(t, add_special_tokens=False) for t in CHECK_TEXTS]
+    g = torch.Generator().manual_seed(0)
+    return [[int(x) % mask_id for x in torch.randint(0, vocab, (12,), generator=g)] for _ in CHECK_TEXTS]
+
+
 @register_decoder("tidar", help="TiDAR: diffusion drafts + AR verification in one forward per step "
-                  "(options: block_size, beta, max_blocks, mode=tidar|diffusion, steps, compile)")
+                  "(options: block_size, beta, max_blocks, mode=tidar|diffusion, steps, compile; the authors' "
+                  "lossy rules: rule=exact|authors|authors-greedy, first_token=ar|diffusion, prefill=one|two, "
+                  "ar_ratio, accept=auto|match|ratio, draft_penalty, t0_as_t1, seed; preset=tidar-lm for the "
+                  "authors' released checkpoints, recognised from their architectures)")
 def build(ctx: DecoderContext, *, block_size: int | None = None, beta: float = 1.0,
           max_blocks: int | None = None, mode: str = "tidar", steps: int | None = None,
-          compile: str = "auto") -> TidarDecoder:
-    cfg = TidarConfig.load(ctx.model_path)
-    return TidarDecoder(ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
+          compile: str = "auto", rule: str = "exact", first_token: str | None = None, prefill: str | None = None,
+          ar_ratio: float | None = None, accept: str | None = None, draft_penalty: float | None = None,
+          t0_as_t1: bool | None = None, seed: int = 0, preset: str | None = None) -> TidarDecoder:
+    import sys
+
+    cfg, source = TidarConfig.resolve(ctx.model_path, preset)
+    print(f"tidar: mask_token_id {cfg.mask_token_id}, block_size {cfg.block_size} from {source}", file=sys.stderr)
+    check = None
+    if source.startswith("preset"):  # someone else's checkpoint: is its diffusion convention ours?
+        check = convention_check(ctx.model, cfg.mask_token_id, cfg.block_size,
+                                 _check_prompts(ctx.tokenizer, ctx.model.config.vocab_size, cfg.mask_token_id))
+        if check["verdict"] != "unshifted":
+            print(f"warning: {ctx.model_path}: the prefill block's offset-0 argmax agrees with the AR argmax one position "
+                  f"later ({check['offset0_agrees_with_ar_next_position']:.0%}) more than at its own position "
+                  f"({check['offset0_agrees_with_ar_same_position']:.0%}): the checkpoint looks shifted by one",
+                  file=sys.stderr)
+    dec = TidarDecoder(ctx.model, ctx.tokenizer, mask_token_id=cfg.mask_token_id,
                         block_size=block_size if block_size is not None else cfg.block_size,
-                        beta=beta, max_blocks=max_blocks, mode=mode, steps=steps, compile=compile)
+                        beta=beta, max_blocks=max_blocks, mode=mode, steps=steps, compile=compile, rule=rule,
+                        first_token=first_token, prefill=prefill, ar_ratio=ar_ratio, accept=accept,
+                        draft_penalty=draft_penalty, t0_as_t1=t0_as_t1, seed=seed)
+    dec.config_source, dec.convention_check = source, check
+    return dec

@@ -78,6 +78,8 @@ def generate_cmd(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="print the generation and stats as JSON"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at the checkpoint's EOS ids: exactly "
+                                    "--max-new-tokens tokens (the TiDAR authors' benchmark setting)"),
 ) -> None:
     """Decode one prompt with one decoder and print the output and its stats."""
     from ..decoding import GenerationConfig, SamplingParams
@@ -111,7 +113,7 @@ def generate_cmd(
         sampling = SamplingParams(temperature, top_k, top_p, seed)
     except ValueError as e:
         raise UserError(str(e))
-    cfg = GenerationConfig(max_new_tokens, tuple(stop or ()), ctx.stop_token_ids, sampling)
+    cfg = GenerationConfig(max_new_tokens, tuple(stop or ()), () if ignore_eos else ctx.stop_token_ids, sampling)
     g = dec.generate(ids, cfg)
     if as_json:
         print(json.dumps({"tokens": g.tokens, "text": g.text, "finish_reason": g.finish_reason,
@@ -201,12 +203,17 @@ def speed_cmd(
         "ar,hf", "--decoders", help="comma-separated decoder settings, the first is the reference: "
                                     "e.g. ar,ar(compile=false),hf(compile=true),tidar(block_size=4)"),
     draft: Optional[Path] = typer.Option(None),
-    prompts: int = typer.Option(8, min=1, help="number of prompts (random token ids, seeded; or the first N of --prompts-file)"),
+    prompts: Optional[int] = typer.Option(None, min=1, help="number of prompts (default 8: random token ids, seeded; or "
+                                          "the first N of --prompts-file; --workload authors: N per task, default 128)"),
+    workload: Optional[str] = typer.Option(
+        None, "--workload", help="authors: the TiDAR authors' benchmark (lm-eval few-shot contexts of HumanEval 0-shot, "
+                                 "MBPP 3-shot, GSM8K-CoT 8-shot, Minerva math 4-shot, raw text, shuffled with seed 227, "
+                                 "EOS ignored, 512 new tokens unless --max-new-tokens)"),
     prompts_file: Optional[Path] = typer.Option(
         None, "--prompts-file", help="JSONL with a `prompt` field (e.g. tasks/data/mini/gsm.jsonl): real prompts, "
                                      "decoding stops at EOS; default: random token ids, no stop"),
     prompt_len: int = typer.Option(64, min=1),
-    max_new_tokens: int = typer.Option(128, min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default 128 (512 with --workload authors)"),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option decoder.key=value (repeatable)"),
     compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
     seed: int = typer.Option(0),
@@ -222,6 +229,8 @@ def speed_cmd(
                                    "with that many in flight (tidar_bench/batched.py); tokens/s over the batch, "
                                    "per-sequence latency, speedup vs the first decoder at the same batch size"),
     rounds: int = typer.Option(2, min=1, help="batched mode: paired rounds per batch size (ABBA order)"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="--prompts-file: never stop at EOS, every prompt gets "
+                                    "exactly --max-new-tokens (the TiDAR authors' benchmark setting)"),
 ) -> None:
     """Paired speed benchmark: each prompt is decoded greedily by every decoder setting in turn
     (after a warm-up of each on the longest prompt, which also compiles: compile time is printed
@@ -239,6 +248,11 @@ def speed_cmd(
         torch.set_num_threads(threads)
     if (model is None) == (config is None):
         raise UserError("give exactly one of --model or --config")
+    if workload not in (None, "authors"):
+        raise UserError(f"--workload must be authors, got {workload!r}")
+    if workload and prompts_file is not None:
+        raise UserError("give --workload or --prompts-file, not both")
+    max_new_tokens = max_new_tokens or (512 if workload else 128)
     settings = decoder_settings(decoders_, decoder_arg, compile)
     labels = [st.label for st, _ in settings]
     batch_sizes = _batch_sizes(batch_size) if batch_size is not None else None
@@ -252,23 +266,34 @@ def speed_cmd(
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
         ctx = DecoderContext(resolve_model(path), device, dtype, draft)
         decs = [build_decoder(st.name, ctx, opts) for st, opts in settings]
-        if prompts_file is not None:
-            texts = read_prompts(prompts_file, prompts)
+        per_task = None
+        if workload:
+            from ..harness.workload import authors_prompts
+
+            if ctx.tokenizer is None:
+                raise UserError("--workload authors needs the checkpoint's tokenizer")
+            per_task = authors_prompts(prompts or 128)
+            batch = [ctx.tokenizer.encode(t) for texts in per_task.values() for t in texts]  # raw text, no template
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # EOS ignored, no stop strings
+            source = (f"the TiDAR authors' workload ({', '.join(f'{len(v)} {k}' for k, v in per_task.items())}), "
+                      "EOS ignored")
+        elif prompts_file is not None:
+            texts = read_prompts(prompts_file, prompts or 8)
             batch = [ctx.tokenizer.encode(t) for t in texts]
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=ctx.stop_token_ids)
-            source = f"{len(batch)} prompts of {prompts_file}"
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=() if ignore_eos else ctx.stop_token_ids)
+            source = f"{len(batch)} prompts of {prompts_file}" + (", EOS ignored" if ignore_eos else "")
         else:
             vocab = ctx.model.config.vocab_size
             rng = torch.Generator().manual_seed(seed)
-            batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts)]
+            batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts or 8)]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
-            source = f"{prompts} random prompts of {prompt_len} tokens"
+            source = f"{prompts or 8} random prompts of {prompt_len} tokens"
         if batch_sizes is not None:
             return _speed_batched(dict(zip(labels, decs)), batch, cfg, batch_sizes, rounds, source, max_new_tokens,
                                   out, model, config, seed, ctx)
         longest = max(batch, key=len)
-        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0}
-                for n in labels}
+        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0,
+                    "decode_fwd": 0, "steps": [], "e2e": [], "tpot": []} for n in labels}
         for n, d in zip(labels, decs):
             g = d.generate(longest, cfg)  # warm-up: kernels, allocator, caches, compilation
             rows[n]["compile_s"] += g.stats.compile_s
@@ -281,12 +306,16 @@ def speed_cmd(
                 r["time"] += g.stats.wall_time_s
                 r["nfe"] += g.stats.nfe
                 r["compile_s"] += g.stats.compile_s
+                r["decode_fwd"] += g.stats.nfe - g.stats.prefill_forwards
+                r["steps"] += g.stats.accepted_lengths
+                r["e2e"].append(g.stats.wall_time_s)
+                # the authors' TPOT: (latency - time to first token) / output tokens
+                r["tpot"].append((g.stats.wall_time_s - g.stats.prefill_time_s) / max(1, g.stats.new_tokens))
                 if ref is None:
                     ref = g
                 else:
                     r["ratios"].append(g.stats.tokens_per_s / ref.stats.tokens_per_s)
-                    if d.lossless and g.tokens != ref.tokens:
-                        r["mismatch"] += 1
+                    r["mismatch"] += g.tokens != ref.tokens  # a failure for lossless decoders, reported for lossy
         wbytes = weight_bytes(ctx.model)
     dev = ctx.model.device
     peak = peak_bandwidth
@@ -298,8 +327,8 @@ def speed_cmd(
     t = Table(title=f"speed: {source}, up to {max_new_tokens} new tokens, "
                     f"{'random ' + config if config else path}, {dev_name or dev}, {ctx.model.dtype}, "
                     f"{torch.get_num_threads()} threads")
-    cols = ["decoder", "compiled", "tokens/s", "T/NFE", f"vs {labels[0]} (total)", "paired ratio median [min-max]",
-            "compile s", "lossless mismatches"]
+    cols = ["decoder", "compiled", "tokens/s", "T/NFE", "τ", "acc.len", "e2e s / TPOT ms (median)",
+            f"vs {labels[0]} (total)", "paired ratio median [min-max]", "compile s", f"≠{labels[0]}"]
     if dev.type == "cuda":
         cols.insert(3, "weight GB/s" + (" (% of peak)" if peak else ""))
     for col in cols:
@@ -310,18 +339,26 @@ def speed_cmd(
         tps = r["tokens"] / r["time"]
         rs = r["ratios"]
         spread = f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]" if rs else "-"
-        mm = str(r["mismatch"]) if (d.lossless and n != labels[0]) else "-"
+        mm = "-" if n == labels[0] else (str(r["mismatch"]) if d.lossless else f"{r['mismatch']} lossy")
+        tau = statistics.fmean(r["steps"]) if r["steps"] else None
+        acc = r["tokens"] / r["decode_fwd"] if r["decode_fwd"] else None
+        e2e, tpot = statistics.median(r["e2e"]), statistics.median(r["tpot"])
         # a decode step reads every weight once per forward: bytes x forwards/s
         gbs = wbytes * (r["nfe"] / r["time"]) / 1e9
         cells = [n, "yes" if compiled[n] else "no", f"{tps:.1f}", f"{r['tokens'] / r['nfe']:.2f}",
-                 f"{tps / ref_tps:.3f}x", spread, f"{r['compile_s']:.1f}", mm]
+                 "-" if tau is None else f"{tau:.2f}", "-" if acc is None else f"{acc:.2f}",
+                 f"{e2e:.3f} / {1000 * tpot:.2f}", f"{tps / ref_tps:.3f}x", spread, f"{r['compile_s']:.1f}", mm]
         if dev.type == "cuda":
             cells.insert(3, f"{gbs:.0f}" + (f" ({100 * gbs / peak:.0f}%)" if peak else ""))
         t.add_row(*cells)
         record_decs[n] = {"decoder": d.name, "options": d.options(), "compiled": compiled[n],
                           "tokens": r["tokens"], "decode_s": r["time"], "nfe": r["nfe"], "tokens_per_s": tps,
                           "speedup_vs_first": tps / ref_tps, "paired_ratios": rs, "compile_s": r["compile_s"],
-                          "lossless_mismatches": r["mismatch"],
+                          "lossless": d.lossless, "tokens_per_nfe": r["tokens"] / r["nfe"], "tau": tau,
+                          "accept_length": acc, "decode_forwards": r["decode_fwd"],
+                          "e2e_latency_s": r["e2e"], "tpot_s": r["tpot"],
+                          "lossless_mismatches": r["mismatch"] if d.lossless else None,
+                          "lossy_mismatches": None if d.lossless else r["mismatch"],
                           "weight_bandwidth_GBs": gbs if dev.type == "cuda" else None}
     console = Console()
     if not console.is_terminal:
@@ -329,7 +366,11 @@ def speed_cmd(
     console.print(t)
     console.print(f"reference: {labels[0]} ({'compiled' if compiled[labels[0]] else 'eager'}) at {ref_tps:.1f} tokens/s; "
                   f"paired ratio = a setting's tokens/s over the reference's on the same prompt ({len(batch)} prompts); "
-                  "compile s = first-use compilation, excluded from tokens/s", style="dim")
+                  "compile s = first-use compilation, excluded from tokens/s; T/NFE = tokens per forward (prefill "
+                  "counted), τ = EAGLE's tokens per decoding step, acc.len = the TiDAR authors' tokens per decode forward "
+                  "(prefill forwards excluded); e2e = per-request decode time, TPOT = (e2e - prefill) / new tokens; "
+                  f"≠{labels[0]}: prompts whose tokens differ from the reference's (lossless: must be 0; "
+                  "`lossy`: reported)", style="dim")
     if out is not None:
         import sys
 
@@ -338,11 +379,12 @@ def speed_cmd(
         record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
                   "model": str(model) if model else f"random weights, config {config}", "seed": seed,
                   "prompts": source, "n_prompts": len(batch), "max_new_tokens": max_new_tokens,
+                  "workload": workload, "ignore_eos": bool(ignore_eos or workload),
                   "dtype": str(ctx.model.dtype), "device": str(dev), "device_name": dev_name,
                   "compile": compile, "reference": labels[0], "reference_tokens_per_s": ref_tps,
                   "weight_bytes": wbytes, "peak_bandwidth_GBs": peak, "decoders": record_decs}
         write_atomic(out, json.dumps(record, indent=2) + "\n")
-    if any(rows[n]["mismatch"] for n in labels):
+    if any(rows[n]["mismatch"] for n, d in zip(labels, decs) if d.lossless):
         raise UserError("a lossless decoder's greedy tokens differ from the reference decoder's")
 
 

@@ -114,6 +114,14 @@ def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
+def _mismatch_cell(r: dict) -> str:
+    """≠ar: a lossless decoder's count (must be 0), or a lossy one's marked `lossy` (reported only)."""
+    if r.get("mismatches_vs_ar") not in (None, ""):
+        return str(r["mismatches_vs_ar"])
+    lossy = r.get("lossy_mismatches_vs_ar")
+    return "-" if lossy in (None, "") else f"{lossy} lossy"
+
+
 def _print_table(rows: list[dict], title: str, batch_size: int = 1):
     """One compact row per (task, checkpoint, decoder, metric and filter); every other column is in
     summary.csv. A batch column when batch_size > 1 (the title says the batch size either way). Piped
@@ -129,7 +137,7 @@ def _print_table(rows: list[dict], title: str, batch_size: int = 1):
     with_model = any("model" in r for r in rows)
     with_batch = batch_size > 1
     cols = ["task"] + ["model"] * with_model + ["decoder"] + ["batch"] * with_batch + [
-        "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE", "acc.len", "vs ar", "n", "≠ar"]
+        "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE", "τ", "acc.len", "vs ar", "n", "≠ar"]
     for col in cols:
         t.add_column(col, no_wrap=True, justify="left" if col in ("task", "model", "decoder") else "right")
     for r in rows:
@@ -137,22 +145,24 @@ def _print_table(rows: list[dict], title: str, batch_size: int = 1):
         t.add_row(r["task"].removeprefix("tb_"), *([r["model"]] if with_model else []), r["decoder"],
                   *([str(r.get("batch_size") or batch_size)] if with_batch else []), metric_label(r["metric"]), score,
                   _fmt(r["tokens_per_s"], ".1f"), _yes(r.get("compiled")), _fmt(r["tokens_per_nfe"], ".2f"),
-                  _fmt(r["mean_accepted_length"], ".2f"),
+                  _fmt(r["mean_accepted_length"], ".2f"), _fmt(r.get("accept_length"), ".2f"),
                   _fmt(r["speedup_vs_ar"], ".2f") + ("x" if r["speedup_vs_ar"] is not None else ""), str(r["n"]),
-                  "-" if r["mismatches_vs_ar"] is None else str(r["mismatches_vs_ar"]))
+                  _mismatch_cell(r))
     console.print(t)
     if batch_size > 1:
         speed = (f"tok/s: throughput over the batch, all new tokens / wall time of the batched calls ({batch_size} "
                  "sequences in flight, continuous refill; not per sequence); T/NFE: new tokens per target forward "
-                 "a sequence took part in; acc.len: tokens committed per decoding step; vs ar: that throughput over "
+                 "a sequence took part in; τ: tokens committed per decoding step; acc.len: new tokens per decode forward; vs ar: that throughput over "
                  "ar's batched throughput on the same task (and checkpoint) at the same batch size; compiled: no, "
                  "batched steps run the static-shape forward eagerly")
     else:
-        speed = ("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward; acc.len: "
-                 "tokens committed per decoding step; vs ar: tokens/s over the tok/s of the ar row of the same task "
+        speed = ("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward (prefill "
+                 "included); τ: EAGLE's, tokens committed per decoding step; acc.len: the TiDAR authors' accept length, "
+                 "new tokens per decode forward (prefill forwards excluded); vs ar: tokens/s over the tok/s of the ar row of the same task "
                  "(and checkpoint), whose compiled column gives the baseline's compile mode; compiled: static-shape "
                  "steps under torch.compile (compile time excluded from tok/s)")
-    console.print(f"{speed}; ≠ar: greedy outputs of a lossless decoder that differ from ar's (must be 0)", style="dim")
+    console.print(f"{speed}; ≠ar: greedy outputs of a lossless decoder that differ from ar's (must be 0), or of a "
+                  "lossy one (`N lossy`: reported, not a failure)", style="dim")
     return console
 
 

@@ -10,7 +10,7 @@ import os
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import typer
 
@@ -228,7 +228,8 @@ def train_tidar(
     base: Path = typer.Option(..., help="AR checkpoint to continue from (config.json, safetensors, tokenizer)"),
     data: list[Path] = typer.Option(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="output checkpoint directory (must not exist or be empty)"),
-    block_size: int = typer.Option(8, help="diffusion block size k"),
+    block_size: Optional[int] = typer.Option(None, help="diffusion block size k (default 8; a TiDAR base keeps its own: "
+                                             "tidar_config.json, or 16 for the authors' TiDAR-LM checkpoints)"),
     alpha: float = typer.Option(1.0, help="AR loss weight: loss = (alpha*L_AR + L_Diff)/(1+alpha)"),
     field: str = typer.Option("text", "--text-field", "--field", help=FIELD_HELP),
     seq_len: int = typer.Option(256),
@@ -247,7 +248,7 @@ def train_tidar(
     """TiDAR dual-mode training ("full mask"): [clean | mask copy], AR + diffusion loss in one forward."""
     from ..training.tidar import TidarObjective
 
-    if block_size < 1:
+    if block_size is not None and block_size < 1:
         raise UserError(f"--block-size must be >= 1, got {block_size}")
     if alpha < 0:
         raise UserError(f"--alpha must be >= 0, got {alpha}")

@@ -298,7 +298,7 @@ class TidarBenchLM(LM):
             "key": it.key, "item": it.item, "task": it.task, "doc_id": getattr(it.req, "doc_id", None),
             "prompt_hash": prompt_hash(it.context), "prompt_tokens": len(it.ids), "truncated": it.truncated,
             "output": text, "tokens": list(gen.tokens), "new_tokens": s.new_tokens, "nfe": s.nfe,
-            "accepted_lengths": list(s.accepted_lengths), "latency_s": latency,
+            "accepted_lengths": list(s.accepted_lengths), "prefill_forwards": s.prefill_forwards, "latency_s": latency,
             "decoder_wall_s": s.wall_time_s, "prefill_time_s": s.prefill_time_s,
             "tokens_per_s": s.new_tokens / latency if latency > 0 else 0.0,
             "tokens_per_nfe": s.tokens_per_nfe, "draft_forwards": s.draft_forwards, "compile_s": s.compile_s,

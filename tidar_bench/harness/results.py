@@ -123,8 +123,11 @@ def _safe(name: str) -> str:
 
 
 def speed_stats(records: list[dict]) -> dict:
-    """Totals over decoded requests: tokens/s = total new tokens / total decode wall time,
-    T/NFE = total tokens / total NFE, mean accepted length averaged over all decoding steps.
+    """Totals over decoded requests: tokens/s = total new tokens / total decode wall time, and the
+    three counting conventions (README "Counting conventions"): T/NFE = total tokens / total NFE
+    (prefill forwards counted), mean accepted length = EAGLE's tau (tokens committed per decoding
+    step, averaged over all steps), accept length = TiDAR's authors' (total tokens / decode forwards,
+    prefill forwards excluded; records without `prefill_forwards` had one).
     Batched records (batch_size > 1): the decode wall time is that of the batched calls (the sum of
     the records' batch_share_s), so tokens/s is the throughput over the batch, not per sequence."""
     tokens = sum(r["new_tokens"] for r in records)
@@ -132,6 +135,7 @@ def speed_stats(records: list[dict]) -> dict:
     time_s = sum(r["batch_share_s"] if batched else r["latency_s"] for r in records)
     nfe = sum(r["nfe"] for r in records)
     steps = [a for r in records for a in r["accepted_lengths"]]
+    decode_fwd = nfe - sum(r.get("prefill_forwards", 1) for r in records)
     return {
         "n": len(records),
         "new_tokens": tokens,
@@ -140,6 +144,7 @@ def speed_stats(records: list[dict]) -> dict:
         "tokens_per_s": tokens / time_s if time_s > 0 else 0.0,
         "tokens_per_nfe": tokens / nfe if nfe else 0.0,
         "mean_accepted_length": sum(steps) / len(steps) if steps else 0.0,
+        "accept_length": tokens / decode_fwd if decode_fwd > 0 else 0.0,
         "harness_s": sum(r.get("harness_s", 0.0) for r in records),
         "compile_s": sum(r.get("compile_s", 0.0) for r in records),  # first uses of step shapes, not in decode_s
         "compiled": bool(records) and all(r.get("compiled", False) for r in records),
@@ -156,9 +161,19 @@ def lossless_mismatches(records: list[dict], ar_records: list[dict]) -> int | No
     return sum(r["tokens"] != tokens for r, tokens in pairs)
 
 
+def lossy_mismatches(records: list[dict], ar_records: list[dict]) -> int | None:
+    """The same count for a LOSSY decoder (the authors' TiDAR rules, beta < 1, ...): how many of its
+    greedy-request outputs differ from `ar`'s. Reported, never a failure (None for lossless ones)."""
+    ref = {r["item"]: r["tokens"] for r in ar_records if r["greedy"]}
+    pairs = [(r, ref[r["item"]]) for r in records if r["greedy"] and r["item"] in ref]
+    if not pairs or all(r.get("lossless") for r, _ in pairs):
+        return None
+    return sum(r["tokens"] != tokens for r, tokens in pairs)
+
+
 SUMMARY_COLUMNS = ("task", "decoder", "metric", "filter", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
                    "mean_accepted_length", "speedup_vs_ar", "ar_tokens_per_s", "compiled", "ar_compiled", "n",
-                   "mismatches_vs_ar", "batch_size")
+                   "mismatches_vs_ar", "batch_size", "accept_length", "lossy_mismatches_vs_ar")
 
 
 def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dict]]], decoders: list[str],
@@ -178,6 +193,7 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
             ar_sp = speed_stats(ar) if ar else None
             ar_tps = ar_sp["tokens_per_s"] if ar else 0.0
             mism = None if dec == "ar" or not ar else lossless_mismatches(recs, ar)
+            lossy = None if dec == "ar" or not ar else lossy_mismatches(recs, ar)
             for key, score in metrics.items():
                 if "," not in key or "_stderr," in key or not isinstance(score, (int, float)):
                     continue
@@ -193,6 +209,7 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
                     "ar_tokens_per_s": ar_tps if ar else None, "compiled": sp["compiled"],
                     "ar_compiled": ar_sp["compiled"] if ar else None,
                     "n": sp["n"], "mismatches_vs_ar": mism, "batch_size": batch_size,
+                    "accept_length": sp["accept_length"], "lossy_mismatches_vs_ar": lossy,
                 })
     return rows
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..provenance import environment
-from .results import (SampleCache, lossless_mismatches, speed_stats, summary_rows, write_csv, write_json,
+from .results import (SampleCache, lossless_mismatches, lossy_mismatches, speed_stats, summary_rows, write_csv, write_json,
                       write_jsonl)
 
 SPEC_FILE = "run_spec.json"
@@ -116,6 +116,7 @@ class Plan:
     lm_tasks: list[str]
     task_manager: object
     confirm_unsafe_code: bool
+    resolved: dict[str, dict] = field(default_factory=dict)  # label -> decoder.options() once built (run.json)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -398,6 +399,8 @@ def run(spec: RunSpec) -> dict:
                 for r in lm.records:
                     records[d].setdefault(r["task"], []).append(r)
                 decoded[d] = decoded.get(d, 0) + lm.decoded
+                if lm._decoder is not None:  # the values the decoder resolved (e.g. where TiDAR's came from)
+                    plan.resolved[d] = lm._decoder.options()
                 lm._decoder = None  # free the decoder's model before the next one
         info = _write_outputs(plan, results, records, lms, decoded, dist.world, time.perf_counter() - t_start)
         return info
@@ -460,10 +463,13 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
         "limit": spec.limit,
         "tasks": spec.tasks,
         "lm_eval_tasks": plan.lm_tasks,
-        "decoders": {d: {"options": plan.options[d], "given": plan.given[d],
+        "decoders": {d: {"options": plan.options[d], "given": plan.given[d], "resolved": plan.resolved.get(d),
                          "lossless": bool(all_recs[d] and all(r.get("lossless") for r in all_recs[d])),
                          "decoded_this_invocation": decoded.get(d, 0), **speed[d]} for d in decoders},
         "mismatches_vs_ar": mismatches,
+        # lossy decoders' greedy outputs that differ from ar's: reported, not a failure
+        "lossy_mismatches_vs_ar": {d: (lossy_mismatches(all_recs[d], ar) if ar and d != "ar" else None)
+                                   for d in decoders},
         # per-request bookkeeping outside decoder.generate (tokenising, hashing, cache fsync, progress)
         "harness_s": harness_s,
         "decode_s": decode_s,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import TidarConfig
+from ..errors import UserError
 from ..masks import doc_positions, tidar_mod, tidar_training
 from ..model import Transformer, load_model, save_model
 from .data import add_mask_token, unpack
@@ -46,8 +47,19 @@ class TidarObjective:
         model.requires_grad_(True)
 
     @classmethod
-    def from_checkpoint(cls, base: str | Path, tokenizer, device: str = "auto", **kw) -> "TidarObjective":
-        return cls(load_model(base, "float32", device), tokenizer, **kw)
+    def from_checkpoint(cls, base: str | Path, tokenizer, device: str = "auto", block_size: int | None = None,
+                        **kw) -> "TidarObjective":
+        """An AR base gets a new [MASK] token and block size 8 unless given; a TiDAR base (its
+        tidar_config.json, or a released TiDAR-LM checkpoint's preset) keeps its mask token and,
+        unless given, its block size: training continues in its convention."""
+        try:
+            cfg, _ = TidarConfig.resolve(base)
+        except UserError:
+            cfg = None
+        if cfg is not None:
+            kw.setdefault("mask_token_id", cfg.mask_token_id)
+        k = block_size if block_size is not None else (cfg.block_size if cfg is not None else 8)
+        return cls(load_model(base, "float32", device), tokenizer, block_size=k, **kw)
 
     def module(self) -> Transformer:
         return self.model
