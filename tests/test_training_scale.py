@@ -87,6 +87,19 @@ class _Crash(Exception):
     pass
 
 
+def crash_at(obj, n: int) -> None:
+    """Make the objective's n-th loss call raise _Crash (a run killed mid-training)."""
+    calls, loss = [0], obj.loss
+
+    def crashing(trainable, batch):
+        calls[0] += 1
+        if calls[0] == n:
+            raise _Crash
+        return loss(trainable, batch)
+
+    obj.loss = crashing
+
+
 def _objective(kind, base, tok):
     from tidar_bench.training.block_diffusion import BlockDiffusionObjective
     from tidar_bench.training.eagle_head import EagleHeadObjective
@@ -112,26 +125,18 @@ def test_resume_after_crash_equals_uninterrupted(base, tmp_path, kind):
     cfg = dict(seq_len=12, batch_size=2, grad_accum=2 if kind == "tidar" else 1, steps=20, lr=3e-3, warmup_steps=3, save_every=10,
                log_every=1, progress=False, keep_checkpoints=1, seed=4)
 
-    def run(out, crash_at=0, resume=False):
+    def run(out, crash=0, resume=False):
         tok = AutoTokenizer.from_pretrained(str(base / "ckpt"))
         obj = _objective(kind, base, tok)
         data = PackedDataset(read_texts([base / "train.jsonl"]), tok, 12, seed=2)
-        if crash_at:
-            calls, loss = [0], obj.loss
-
-            def crashing(trainable, batch):
-                calls[0] += 1
-                if calls[0] == crash_at:
-                    raise _Crash
-                return loss(trainable, batch)
-
-            obj.loss = crashing
+        if crash:
+            crash_at(obj, crash)
         train(obj, data, out, TrainConfig(**cfg, resume=resume))
         return obj.module()
 
     whole = run(tmp_path / "whole")
     with pytest.raises(_Crash):
-        run(tmp_path / "cut", crash_at=cfg["grad_accum"] * 10 + cfg["grad_accum"])  # the last micro-step of step 11
+        run(tmp_path / "cut", crash=cfg["grad_accum"] * 10 + cfg["grad_accum"])  # the last micro-step of step 11
     assert latest_checkpoint(tmp_path / "cut").name == "step-00000010"
     assert not (tmp_path / "cut" / "model.safetensors").exists() and not (tmp_path / "cut" / "config.json").exists()
     resumed = run(tmp_path / "cut", resume=True)

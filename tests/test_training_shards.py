@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from test_training import base  # noqa: F401  (the tiny AR base checkpoint fixture)
-from test_training_scale import ENV, _Crash, _losses
+from test_training_scale import ENV, _Crash, _losses, crash_at
 from tidar_bench.cli import main
 from tidar_bench.model import load_model
 from tidar_bench.training.data import PackedDataset, read_texts
-from tidar_bench.training.loop import TrainConfig, latest_checkpoint, train
+from tidar_bench.training.loop import TrainConfig, train
 from tidar_bench.training.shards import ShardDataset
 
 
@@ -50,20 +50,12 @@ def test_tokenize_shards_equal_in_memory_and_resume_mid_shard(base, tmp_path, ca
     cfg = dict(seq_len=12, batch_size=2, steps=4, lr=3e-3, warmup_steps=1, save_every=2, log_every=1, progress=False,
                seed=4, keep_checkpoints=1)
 
-    def run(out, data, crash_at=0, resume=False):
+    def run(out, data, crash=0, resume=False):
         from tidar_bench.training.tidar import TidarObjective
 
         obj = TidarObjective.from_checkpoint(base / "ckpt", _tok(base), "cpu", block_size=4)
-        if crash_at:
-            calls, loss = [0], obj.loss
-
-            def crashing(trainable, batch):
-                calls[0] += 1
-                if calls[0] == crash_at:
-                    raise _Crash
-                return loss(trainable, batch)
-
-            obj.loss = crashing
+        if crash:
+            crash_at(obj, crash)
         train(obj, data, out, TrainConfig(**cfg, resume=resume))
         return obj.module().state_dict()
 
@@ -73,7 +65,7 @@ def test_tokenize_shards_equal_in_memory_and_resume_mid_shard(base, tmp_path, ca
     for k in whole:
         assert torch.equal(whole[k], from_shards[k]), k
     with pytest.raises(_Crash):
-        run(tmp_path / "cut", sh, crash_at=3)
+        run(tmp_path / "cut", sh, crash=3)
     resumed = run(tmp_path / "cut", sh, resume=True)
     for k in whole:
         torch.testing.assert_close(whole[k], resumed[k], atol=1e-6, rtol=1e-5, msg=k)
