@@ -335,3 +335,36 @@ def test_authors_workload_draws_as_the_authors_do():
     random.seed(227)
     random.shuffle(idx)
     assert got == [docs[i]["prompt"] for i in idx[:3]]
+
+
+class _ConventionStub:
+    """A stand-in model for `convention_check`: the AR row of the prompt's last position predicts 3, the
+    AR row one position later predicts 5, and the prefill block's offset 0 predicts 3 (our convention:
+    a mask predicts its own position) or 5 (shifted by one)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, shifted: bool):
+        self.shifted = shifted
+
+    def __call__(self, ids, positions=None, mask=None, *args, **kwargs):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(1, ids.shape[1], V)
+        if mask is None:  # the prompt + its AR token: the next position's AR prediction
+            logits[0, -1, 5] = 1
+        else:  # the prefill: prompt + k masks
+            L = int((ids[0] != MASK).sum())
+            logits[0, L - 1, 3] = 1
+            logits[0, L, 5 if self.shifted else 3] = 1
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_convention_check_tells_a_shifted_checkpoint(shifted):
+    from tidar_bench.tidar import convention_check
+
+    out = convention_check(_ConventionStub(shifted), MASK, 4, _prompts(3))
+    assert out["verdict"] == ("looks shifted by one position" if shifted else "unshifted")
+    assert out["offset0_agrees_with_ar_next_position"] == (1.0 if shifted else 0.0)
+    assert out["offset0_agrees_with_ar_same_position"] == (0.0 if shifted else 1.0)
