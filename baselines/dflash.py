@@ -64,7 +64,7 @@ from tidar_bench.errors import UserError
 from tidar_bench.formats import DFLASH_FORMATS, aux_to_model_core, flat_config
 from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict, read_config,
                                rope_cos_sin, rope_inv_freq, save_checkpoint)
-from tidar_bench.registry import DecoderContext, register_decoder
+from tidar_bench.registry import DecoderContext, register_decoder, resolve_model
 
 # ----------------------------------------------------------------------------- the drafter
 
@@ -543,8 +543,9 @@ class DFlashDecoder(CachedDecoder):
                        "conditioned on the target's features proposes a block in one forward; the target verifies it")
 def build(ctx: DecoderContext, *, block_size: int | None = None, draft_sample: bool = False,
           draft: str | None = None, compile: str = "auto") -> DFlashDecoder:
-    """`draft` (a path) overrides --draft, so one run can hold eagle (--draft HEAD) and dflash side by side."""
-    path = Path(draft) if draft else ctx.draft_path
+    """`draft` (a folder or hub id) overrides --draft, so one run can hold eagle (--draft HEAD) and dflash
+    side by side."""
+    path = resolve_model(draft, "dflash.draft") if draft else ctx.draft_path
     if path is None:
         raise UserError("decoder 'dflash' needs a drafter: pass --draft DIR or --decoder-arg dflash.draft=DIR")
     drafter = load_dflash_drafter(path, ctx.model)

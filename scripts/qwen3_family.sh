@@ -17,7 +17,7 @@
 # --apply-chat-template). MAX_GEN_TOKS (default 256) caps every task's generation length, to keep
 # the budget: minerva answers longer than that score as wrong. --replica: tiny random checkpoints
 # in each row's real layout (scripts/qwen3_family_replicas.py, in a temp folder, removed at exit),
-# gsm8k_cot and humaneval, one document each, 8 new tokens, eager: the script's plumbing, not a measurement.
+# gsm8k_cot, one document, 8 new tokens, eager: the script's plumbing, not a measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +42,7 @@ fi
 # The checkpoints (override any with the environment variable of the same name).
 QWEN3=${QWEN3:-Qwen/Qwen3-1.7B}
 SDAR=${SDAR:-JetLM/SDAR-1.7B-Chat}
-ANGELSLIM=${ANGELSLIM:-AngelSlim/Qwen3-1.7B_eagle3}   # AngelSlim's naming (Qwen3-8B_eagle3); check the id
+ANGELSLIM=${ANGELSLIM:-AngelSlim/Qwen3-1.7B_eagle3}   # AngelSlim naming (a mirror, aoiandroid/Qwen3-1.7B_eagle3, has its card)
 DSPARK=${DSPARK:-rasyosef/Qwen3-1.7B-DSpark}
 TIDAR=${TIDAR:-TiDAR-LM/TiDAR-1.7b-sft-0.5M-3e-5-20K}
 TASKS=${TASKS:-gsm8k_cot,humaneval,mbpp,minerva_math_algebra,minerva_math_prealgebra}
@@ -54,8 +54,8 @@ if [ $REPLICA -eq 1 ]; then
   REPLICAS=$(mktemp -d)
   trap 'rm -rf "$REPLICAS"' EXIT
   "$PY" scripts/qwen3_family_replicas.py "$REPLICAS" > /dev/null
-  QWEN3=$REPLICAS/qwen3; SDAR=$REPLICAS/sdar
-  TASKS=gsm8k_cot,humaneval; LIMIT=1; MAX_GEN_TOKS=8; COMPILE=off; DTYPE=float32  # one math, one code task: seconds
+  QWEN3=$REPLICAS/qwen3; ANGELSLIM=$REPLICAS/angelslim; DSPARK=$REPLICAS/dspark; SDAR=$REPLICAS/sdar; TIDAR=$REPLICAS/tidar
+  TASKS=gsm8k_cot; LIMIT=1; MAX_GEN_TOKS=8; COMPILE=off; DTYPE=float32  # one task, one document: plumbing, seconds
 fi
 
 NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if '$DEVICE' == 'cuda' else 'cpu')")
@@ -69,9 +69,6 @@ COMMON=(--tasks "$TASKS" --limit "$LIMIT" --gen-kwargs "max_gen_toks=$MAX_GEN_TO
         --device "$DEVICE" --dtype "$DTYPE" --compile "$COMPILE")
 [ "${CHAT:-0}" = 1 ] && COMMON+=(--apply-chat-template)
 
-hub() {  # a hub id's local snapshot folder (downloaded once; --draft and draft= options take folders)
-  "$PY" -c "import sys; from tidar_bench.registry import resolve_model; print(resolve_model(sys.argv[1]))" "$1"
-}
 FAILED=""
 row() {  # row NAME CHECKPOINT DECODERS [extra run options]: one run folder, a failing row does not stop the rest
   local name=$1 model=$2 decoders=$3; shift 3
@@ -79,20 +76,16 @@ row() {  # row NAME CHECKPOINT DECODERS [extra run options]: one run folder, a f
   echo "${cmd[*]}" >> "$OUT/commands.txt"
   local t0=$SECONDS rc=0
   echo "== $name: ${cmd[*]}" | tee -a "$OUT/log.txt"
-  "${cmd[@]}" >> "$OUT/log.txt" 2>&1 || rc=$?
+  "${cmd[@]}" < /dev/null >> "$OUT/log.txt" 2>&1 || rc=$?  # no prompt (e.g. remote code) can wait on a terminal
   echo "== $name: exit $rc, $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
   [ $rc -eq 0 ] || FAILED="$FAILED $name"
 }
 
-# The table. Lines marked (after merge) need loaders written in parallel branches: uncomment each
-# (and add its layout to scripts/qwen3_family_replicas.py) once they are merged. eagle and dflash
-# join the qwen3 row, so they are paired with the same compiled `ar` run.
-Q_DECODERS="ar"; Q_ARGS=()                                                     # compiled AR reference
-# Q_DECODERS+=",eagle"; Q_ARGS+=(--draft "$(hub "$ANGELSLIM")")               # (after merge) issue 23 A: AngelSlim EAGLE-3
-# Q_DECODERS+=",dflash"; Q_ARGS+=(--decoder-arg "dflash.draft=$(hub "$DSPARK")") # (after merge) issue 23 A: speculators DSpark
-row qwen3 "$QWEN3" "$Q_DECODERS" "${Q_ARGS[@]}"
+# The table. eagle and dflash join the qwen3 row, so they are paired with the same compiled `ar` run;
+# --draft and dflash.draft= take hub ids as --model does.
+row qwen3 "$QWEN3" "ar,eagle,dflash" --draft "$ANGELSLIM" --decoder-arg "dflash.draft=$DSPARK"  # AngelSlim EAGLE-3, speculators DSpark
 row sdar "$SDAR" "ar,bd,bd(separate_commit=true)"                               # SDAR as bd: block 4, steps 4, dynamic rule, threshold 0.9
-# row tidar "$TIDAR" "ar,tidar"                                                 # (after merge) the TiDAR-LM preset
+row tidar "$TIDAR" "ar,tidar"                                                    # the TiDAR-LM preset (mask 151662, block 16)
 
 if [ -n "$FAILED" ]; then
   echo "qwen3_family: failed rows:$FAILED (see $OUT/log.txt)" >&2

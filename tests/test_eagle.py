@@ -18,7 +18,7 @@ from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model
+from tidar_bench.testing import CharTok, chi2_pvalue, eagle3_layout, make_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -207,29 +207,8 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
 
 
 def _official_layout(target, draft_vocab: int = 32) -> tuple[dict, dict]:
-    """config.json + state dict with exactly the names of yuhuili/EAGLE3-LLaMA3.1-Instruct-8B,
-    scaled down to the tiny target (H 64, 4 heads / 2 kv of 16, intermediate 128, vocab 96)."""
-    H, V, I = 64, 96, 128
-    g = torch.Generator().manual_seed(0)
-
-    def w(*shape):
-        return torch.randn(*shape, generator=g) * 0.05
-
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": I,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": V,
-           "draft_vocab_size": draft_vocab, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
-           "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "float16"}
-    keep = torch.arange(0, V, V // draft_vocab)[:draft_vocab]
-    t2d = torch.zeros(V, dtype=torch.bool)
-    t2d[keep] = True
-    sd = {"d2t": keep - torch.arange(draft_vocab), "t2d": t2d,
-          "midlayer.self_attn.q_proj.weight": w(H, 2 * H), "midlayer.self_attn.k_proj.weight": w(32, 2 * H),
-          "midlayer.self_attn.v_proj.weight": w(32, 2 * H), "midlayer.self_attn.o_proj.weight": w(H, H),
-          "midlayer.mlp.gate_proj.weight": w(I, H), "midlayer.mlp.up_proj.weight": w(I, H),
-          "midlayer.mlp.down_proj.weight": w(H, I), "midlayer.hidden_norm.weight": 1 + w(H),
-          "midlayer.input_layernorm.weight": 1 + w(H), "midlayer.post_attention_layernorm.weight": 1 + w(H),
-          "norm.weight": 1 + w(H), "fc.weight": w(H, 3 * H), "lm_head.weight": w(draft_vocab, H)}
-    return cfg, sd
+    """yuhuili/EAGLE3-LLaMA3.1-Instruct-8B's names, scaled down to the tiny target (H 64, vocab 96)."""
+    return eagle3_layout(target.config, draft_vocab)
 
 
 def test_official_eagle3_layout_loads_and_decodes(targets, tmp_path):

@@ -7,7 +7,6 @@ flags by name; DSpark's sequential Markov drafts keep speculative sampling exact
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch
@@ -18,9 +17,9 @@ from tidar_bench.baselines.dflash import DFlashConfig, DFlashDecoder, DFlashDraf
 from tidar_bench.baselines.eagle import EagleDecoder, load_eagle_head
 from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
-from tidar_bench.formats import detect, flat_config
-from tidar_bench.model import init_weights, load_model, save_checkpoint
-from tidar_bench.testing import chi2_pvalue, make_hf_model
+from tidar_bench.formats import detect
+from tidar_bench.model import load_model, save_checkpoint
+from tidar_bench.testing import chi2_pvalue, make_hf_model, save_draft, speculators_drafter, speculators_layer
 from test_eagle import _official_layout, _prompts
 
 
@@ -36,29 +35,11 @@ def target(tmp_path_factory):
     return d, load_model(d, "float32", "cpu")
 
 
-def _save(d, cfg: dict, sd: dict):
-    from safetensors.torch import save_file
-
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(cfg))
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
-    return d
-
-
 def _lossless(dec, model, n: int = 4, new: int = 12):
     ar = ARDecoder(model)
     for p in _prompts(n, seed=7):
         c = GenerationConfig(max_new_tokens=new)
         assert dec.generate(p, c).tokens == ar.generate(p, c).tokens, p
-
-
-def _layer(model, n_layers: int = 1, **kw) -> dict:
-    """speculators' transformer_layer_config: the target's Qwen3 shape."""
-    c = model.config
-    return dict({"model_type": "qwen3", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-                 "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-                 "head_dim": c.head_dim, "num_hidden_layers": n_layers, "vocab_size": c.vocab_size,
-                 "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 512, "attention_bias": False}, **kw)
 
 
 # ----------------------------------------------------------------------------- EAGLE-3
@@ -71,13 +52,13 @@ def test_angelslim_head_loads_with_its_quirks(target, tmp_path):
     # that does not apply, attention_bias in the config that its layer ignores; d2t/t2d always saved
     cfg = dict(cfg, architectures=["Eagle3LlamaForCausalLM"], target_model_type="qwen3", tie_word_embeddings=True,
                attention_bias=True)
-    _save(tmp_path / "a", cfg, sd)
+    save_draft(tmp_path / "a", cfg, sd)
     head = load_eagle_head(tmp_path / "a", model)
     assert head.config.format == "angelslim-eagle3" and head.midlayer.self_attn.q_proj.bias is None
     dec = EagleDecoder(model, head, depth=3, top_k=2, total_tokens=6)
     assert dec.options()["format"] == "angelslim-eagle3" and dec.options()["target_layers"] == [1, 1, 0]
     _lossless(dec, model)
-    _save(tmp_path / "b", cfg, dict(sd, **{"fc.weight": torch.zeros(64 + 2, 3 * 64)}))  # early_stop_method
+    save_draft(tmp_path / "b", cfg, dict(sd, **{"fc.weight": torch.zeros(64 + 2, 3 * 64)}))  # early_stop_method
     with pytest.raises(UserError, match="early-stop"):
         load_eagle_head(tmp_path / "b", model)
 
@@ -86,14 +67,14 @@ def test_specforge_aux_ids_are_layer_outputs(target, tmp_path):
     path, model = target
     cfg, sd = _official_layout(model)
     cfg = dict(cfg, architectures=["LlamaForCausalLMEagle3"], eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 2, 3]})
-    head = load_eagle_head(_save(tmp_path / "s", cfg, sd), model)
+    head = load_eagle_head(save_draft(tmp_path / "s", cfg, sd), model)
     assert detect(cfg) == "specforge-eagle3"
     dec = EagleDecoder(model, head, depth=3, top_k=2, total_tokens=6)
     assert dec.options()["target_layers"] == [0, 2, 3]  # SGLang captures the input of k + 1 = our output of k
     _lossless(dec, model)
     for bad, match in (({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 2, 4]}}, "outside"),
                        ({"eagle_config": None, "eagle_aux_hidden_state_layer_ids": [1, 2, 3]}, "ambiguous")):
-        _save(tmp_path / "bad", dict(cfg, **bad), sd)
+        save_draft(tmp_path / "bad", dict(cfg, **bad), sd)
         with pytest.raises(UserError, match=match):
             load_eagle_head(tmp_path / "bad", model)
 
@@ -115,14 +96,14 @@ def _speculators_eagle3(model, **top) -> tuple[dict, dict]:
                "embed_tokens.weight": torch.randn(96, 64, generator=g)})
     raw = dict({"speculators_model_type": "eagle3", "architectures": ["Eagle3DraftModel"], "draft_vocab_size": 96,
                 "norm_before_residual": True, "eagle_aux_hidden_state_layer_ids": [1, 2, 3],
-                "transformer_layer_config": _layer(model)}, **top)
+                "transformer_layer_config": speculators_layer(model.config)}, **top)
     return raw, sd
 
 
 def test_speculators_eagle3_replica(target, tmp_path):
     path, model = target
     raw, sd = _speculators_eagle3(model)
-    head = load_eagle_head(_save(tmp_path / "e", raw, sd), model)
+    head = load_eagle_head(save_draft(tmp_path / "e", raw, sd), model)
     assert head.config.format == "speculators-eagle3" and head.midlayer.norm_before_residual
     assert torch.equal(head.midlayer.self_attn.q_norm.weight, sd["layers.0.self_attn.q_norm.weight"])
     assert torch.equal(head.embed_tokens.weight, sd["embed_tokens.weight"])  # its own, not the target's
@@ -131,14 +112,14 @@ def test_speculators_eagle3_replica(target, tmp_path):
     _lossless(dec, model)
     for top, match in (({"norm_output": True}, "norm_output"), ({"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}, "embedding"),
                        ({"speculators_model_type": "mlp"}, "mlp")):
-        _save(tmp_path / "bad", dict(raw, **top), sd)
+        save_draft(tmp_path / "bad", dict(raw, **top), sd)
         with pytest.raises(UserError, match=match):
             load_eagle_head(tmp_path / "bad", model)
     two = dict(raw, eagle_aux_hidden_state_layer_ids=[1, 3])  # fc reads as many layers as the config names
-    head = load_eagle_head(_save(tmp_path / "two", two, dict(sd, **{"fc.weight": sd["fc.weight"][:, :128]})), model)
+    head = load_eagle_head(save_draft(tmp_path / "two", two, dict(sd, **{"fc.weight": sd["fc.weight"][:, :128]})), model)
     assert head.fc.in_features == 128 and head.feature_layers(4) == (0, 2)
     _lossless(EagleDecoder(model, head, tree=False, chain_length=3), model, n=2)
-    _save(tmp_path / "bad", {k: v for k, v in raw.items() if k != "norm_before_residual"}, sd)
+    save_draft(tmp_path / "bad", {k: v for k, v in raw.items() if k != "norm_before_residual"}, sd)
     with pytest.raises(UserError, match="norm_before_residual"):
         load_eagle_head(tmp_path / "bad", model)
 
@@ -146,29 +127,8 @@ def test_speculators_eagle3_replica(target, tmp_path):
 # ----------------------------------------------------------------------------- DFlash / DSpark
 
 
-def _spec_drafter(model, kind: str = "dspark", *, block_size: int = 4, draft_vocab: int | None = None,
-                  n_layers: int = 2, sliding: int | None = 3, seed: int = 1, **top) -> tuple[dict, DFlashDrafter]:
-    """A speculators DFlash/DSpark config (nested) and a random drafter of that config."""
-    V = model.config.vocab_size
-    layer = _layer(model, n_layers)
-    if sliding:
-        layer.update(use_sliding_window=True, sliding_window=sliding,
-                     layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"])
-    raw = dict({"speculators_model_type": kind, "architectures": ["DSparkDraftModel" if kind == "dspark" else
-                "DFlashDraftModel"], "transformer_layer_config": layer, "draft_vocab_size": draft_vocab or V,
-                "block_size": block_size, "aux_hidden_state_layer_ids": [1, 3], "mask_token_id": V - 2}, **top)
-    if kind == "dspark":
-        raw.setdefault("markov_rank", 8)
-    fmt, flat = flat_config(raw)
-    drafter = DFlashDrafter(DFlashConfig(flat, fmt))
-    init_weights(drafter, seed=seed)
-    with torch.no_grad():
-        if drafter.markov_head is not None:
-            drafter.markov_head.markov_w1.weight.normal_(0, 1.0)
-        if drafter.lm_head is not None:
-            drafter.d2t.copy_(torch.arange(0, V, V // drafter.lm_head.out_features)[: drafter.lm_head.out_features]
-                              - torch.arange(drafter.lm_head.out_features))
-    return raw, drafter.eval()
+def _spec_drafter(model, kind: str = "dspark", **kw):
+    return speculators_drafter(model.config, kind, **kw)
 
 
 def test_speculators_dflash_and_dspark_replicas(target, tmp_path):
@@ -181,7 +141,7 @@ def test_speculators_dflash_and_dspark_replicas(target, tmp_path):
         sd = dict(drafter.state_dict(), **{"embed_tokens.weight": torch.randn(96, 64)})  # saved copies, not read
         if kind == "dspark":
             sd["confidence_head.proj.weight"] = torch.randn(1, 64 + 8)
-        d = _save(tmp_path / f"c{i}", raw, sd)
+        d = save_draft(tmp_path / f"c{i}", raw, sd)
         got = load_dflash_drafter(d, model)
         assert all(torch.equal(got.state_dict()[k], v) for k, v in drafter.state_dict().items())
         c = got.config
@@ -197,11 +157,11 @@ def test_speculators_dflash_and_dspark_replicas(target, tmp_path):
         assert all(f == n_fed for g in runs for f in g.stats.tokens_fed[1:])  # anchor-first: B drafts
     raw, drafter = _spec_drafter(model, "dspark")
     with pytest.raises(UserError, match="gated"):
-        load_dflash_drafter(_save(tmp_path / "g", dict(raw, markov_head_type="gated"), drafter.state_dict()), model)
+        load_dflash_drafter(save_draft(tmp_path / "g", dict(raw, markov_head_type="gated"), drafter.state_dict()), model)
     raw["architectures"] = ["DFlash2DraftModel"]
     raw.pop("speculators_model_type")
     with pytest.raises(UserError, match="DFlash2"):
-        load_dflash_drafter(_save(tmp_path / "g", raw, drafter.state_dict()), model)
+        load_dflash_drafter(save_draft(tmp_path / "g", raw, drafter.state_dict()), model)
 
 
 def test_sliding_window_mask_is_speculators_rule(target):

@@ -80,10 +80,11 @@ def eos_token_ids(path: str | Path, tokenizer=None) -> tuple[int, ...]:
 HUB_OFFLINE_HINT = "HF_HUB_OFFLINE"
 
 
-def resolve_model(model: str | Path) -> Path:
+def resolve_model(model: str | Path, flag: str = "--model") -> Path:
     """A checkpoint folder, or a Hugging Face Hub id (`Qwen/Qwen2.5-1.5B-Instruct`) downloaded once
     into the Hugging Face cache (config, tokenizer and safetensors files only) and used from there.
-    Offline (HF_HUB_OFFLINE=1, or no network) a hub id works only when it is already cached."""
+    Offline (HF_HUB_OFFLINE=1, or no network) a hub id works only when it is already cached. Drafts
+    (--draft, dflash.draft=) resolve the same way; `flag` names the option in errors."""
     path = Path(model)
     text = str(model)
     if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
@@ -102,14 +103,14 @@ def resolve_model(model: str | Path) -> Path:
         return path  # not a hub id: the usual "not found" error follows
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, network: one line
         if offline:
-            raise UserError(f"--model {text}: not a local folder, and it is not in the Hugging Face cache while "
+            raise UserError(f"{flag} {text}: not a local folder, and it is not in the Hugging Face cache while "
                             f"{HUB_OFFLINE_HINT}=1; unset {HUB_OFFLINE_HINT} (and HF_DATASETS_OFFLINE) to download "
                             "it once, or pass a checkpoint folder")
         first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"--model {text}: not a local folder, not in the Hugging Face cache, and the Hub cannot be "
+        raise UserError(f"{flag} {text}: not a local folder, not in the Hugging Face cache, and the Hub cannot be "
                         f"reached ({type(e).__name__}: {first}); connect once to download it, or pass a checkpoint folder")
     if not any(local.glob("*.safetensors")):
-        raise UserError(f"--model {text} has no safetensors weights on the Hub (only .bin/.pt, which "
+        raise UserError(f"{flag} {text} has no safetensors weights on the Hub (only .bin/.pt, which "
                         "tidar-bench does not load from the Hub)")
     return local
 

@@ -116,3 +116,122 @@ def make_tidar_lm_replica(path: str | Path, tied: bool = True, seed: int = 0, hi
             if (Path(tokenizer_from) / f).is_file():
                 shutil.copy(Path(tokenizer_from) / f, Path(path) / f)
     return Path(path)
+
+
+# ------------------------------------------------------------------ third-party draft layouts
+# Shared by tests/test_eagle.py, tests/test_formats.py and scripts/qwen3_family_replicas.py. `c` is the
+# target's config (ours or HF's: hidden_size, intermediate_size, heads, head_dim, vocab_size).
+
+
+def save_draft(path: str | Path, cfg: dict, sd: dict) -> Path:
+    """config.json + model.safetensors, as the formats' authors save them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def eagle3_layout(c, draft_vocab: int = 32, seed: int = 0) -> tuple[dict, dict]:
+    """config.json + state dict with exactly the names of yuhuili/EAGLE3-LLaMA3.1-Instruct-8B (SafeAILab;
+    AngelSlim saves the same names), in the target's shape `c`."""
+    H, V, I = c.hidden_size, c.vocab_size, c.intermediate_size
+    D = H // c.num_attention_heads  # the head's own (its config has no head_dim), not the target's
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": I,
+           "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+           "num_hidden_layers": 1, "vocab_size": V, "draft_vocab_size": draft_vocab, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 2048, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "float16"}
+    keep = torch.arange(0, V, V // draft_vocab)[:draft_vocab]
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[keep] = True
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    sd = {"d2t": keep - torch.arange(draft_vocab), "t2d": t2d,
+          "midlayer.self_attn.q_proj.weight": w(q, 2 * H), "midlayer.self_attn.k_proj.weight": w(kv, 2 * H),
+          "midlayer.self_attn.v_proj.weight": w(kv, 2 * H), "midlayer.self_attn.o_proj.weight": w(H, q),
+          "midlayer.mlp.gate_proj.weight": w(I, H), "midlayer.mlp.up_proj.weight": w(I, H),
+          "midlayer.mlp.down_proj.weight": w(H, I), "midlayer.hidden_norm.weight": 1 + w(H),
+          "midlayer.input_layernorm.weight": 1 + w(H), "midlayer.post_attention_layernorm.weight": 1 + w(H),
+          "norm.weight": 1 + w(H), "fc.weight": w(H, 3 * H), "lm_head.weight": w(draft_vocab, H)}
+    return cfg, sd
+
+
+def make_angelslim_eagle3(path: str | Path, c, draft_vocab: int = 32, seed: int = 0) -> Path:
+    """A random head in Tencent AngelSlim's saved `Eagle3LlamaForCausalLM` layout (its
+    qwen3-1.7b-eagle3.json: flat Llama config, `target_model_type`, a tie flag that does not apply, no
+    `target_hidden_size` or aux-id key; SafeAILab's tensor names, d2t/t2d always, no embedding)."""
+    cfg, sd = eagle3_layout(c, draft_vocab, seed)
+    cfg.update(architectures=["Eagle3LlamaForCausalLM"], target_model_type="qwen3", tie_word_embeddings=True,
+               head_dim=c.hidden_size // c.num_attention_heads, rope_theta=1e6,
+               torch_dtype="bfloat16")
+    return save_draft(path, cfg, sd)
+
+
+def speculators_layer(c, n_layers: int = 1, **kw) -> dict:
+    """speculators' `transformer_layer_config`: the target's Qwen3 shape."""
+    return dict({"model_type": "qwen3", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                 "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+                 "head_dim": c.head_dim, "num_hidden_layers": n_layers, "vocab_size": c.vocab_size,
+                 "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 512, "attention_bias": False}, **kw)
+
+
+def speculators_drafter(c, kind: str = "dspark", *, block_size: int = 4, draft_vocab: int | None = None,
+                        n_layers: int = 2, sliding: int | None = 3, seed: int = 1, aux=(1, 3), **top):
+    """A speculators DFlash/DSpark config (nested; `sliding`: all layers but the last sliding-window, as
+    rasyosef/Qwen3-1.7B-DSpark) and a random drafter of that config: (raw config, DFlashDrafter)."""
+    from tidar_bench.baselines.dflash import DFlashConfig, DFlashDrafter
+    from tidar_bench.formats import flat_config
+    from tidar_bench.model import init_weights
+
+    V = c.vocab_size
+    layer = speculators_layer(c, n_layers)
+    if sliding:
+        layer.update(use_sliding_window=True, sliding_window=sliding,
+                     layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"])
+    raw = dict({"speculators_model_type": kind, "architectures": ["DSparkDraftModel" if kind == "dspark" else
+                "DFlashDraftModel"], "transformer_layer_config": layer, "draft_vocab_size": draft_vocab or V,
+                "block_size": block_size, "aux_hidden_state_layer_ids": list(aux), "mask_token_id": V - 2}, **top)
+    if kind == "dspark":
+        raw.setdefault("markov_rank", 8)
+    fmt, flat = flat_config(raw)
+    drafter = DFlashDrafter(DFlashConfig(flat, fmt))
+    init_weights(drafter, seed=seed)
+    with torch.no_grad():
+        if drafter.markov_head is not None:
+            drafter.markov_head.markov_w1.weight.normal_(0, 1.0)
+        if drafter.lm_head is not None:
+            drafter.d2t.copy_(torch.arange(0, V, V // drafter.lm_head.out_features)[: drafter.lm_head.out_features]
+                              - torch.arange(drafter.lm_head.out_features))
+    return raw, drafter.eval()
+
+
+def make_dspark_replica(path: str | Path, c, *, mask_token_id: int, aux=(1, 2, 3), n_layers: int = 4,
+                        seed: int = 1) -> Path:
+    """A random drafter in rasyosef/Qwen3-1.7B-DSpark's saved layout (speculators `DSparkDraftModel`):
+    nested config with the DSpark keys as its card has them (block 8, markov_rank, confidence head,
+    sample_from_anchor), all layers but the last sliding-window, full vocabulary (no d2t/t2d), no
+    embed_tokens or lm_head (shared from the target), `markov_head.*` and `confidence_head.proj.*` tensors."""
+    raw, drafter = speculators_drafter(c, "dspark", block_size=8, n_layers=n_layers, sliding=4, seed=seed, aux=aux,
+                                       mask_token_id=mask_token_id, markov_head_type="vanilla",
+                                       enable_confidence_head=True, confidence_head_with_markov=True,
+                                       sample_from_anchor=True, sliding_window_non_causal=False,
+                                       target_hidden_size=c.hidden_size, torch_dtype="bfloat16",
+                                       speculators_version="0.3.0",
+                                       speculators_config={"algorithm": "dspark", "default_proposal_method": "greedy",
+                                                           "proposal_methods": [{"proposal_type": "greedy",
+                                                                                 "speculative_tokens": 8}],
+                                                           "verifier": {"name_or_path": "Qwen/Qwen3-1.7B",
+                                                                        "architectures": ["Qwen3ForCausalLM"]}})
+    g = torch.Generator().manual_seed(seed)
+    r = raw["markov_rank"]
+    sd = dict(drafter.state_dict(), **{"confidence_head.proj.weight": torch.randn(1, c.hidden_size + r, generator=g),
+                                        "confidence_head.proj.bias": torch.zeros(1)})
+    return save_draft(path, raw, sd)

@@ -29,7 +29,7 @@ def run_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", help="run folder (new, empty, or a run folder of this same command: resumes); "
                             "default for the embedded suite: runs/embedded-<date-time>"),
-    draft: Optional[Path] = typer.Option(None, "--draft", help="draft checkpoint for decoders that need one"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="draft checkpoint (folder or hub id) for decoders that need one"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N documents of each task"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
@@ -79,8 +79,8 @@ def run_cmd(
 
     labels = [st.label for st in parse_settings(decoders_)]
     spec = RunSpec(model=resolve_model(model), decoders=labels, tasks=parse_list(tasks, "--tasks"), compile=normalize(compile),
-                   out=out, draft=draft, limit=limit, device=device, dtype=dtype, seed=seed,
-                   decoder_args=list(decoder_arg or []), allow_code_exec=allow_code_exec,
+                   out=out, draft=draft and resolve_model(draft, "--draft"), limit=limit, device=device, dtype=dtype,
+                   seed=seed, decoder_args=list(decoder_arg or []), allow_code_exec=allow_code_exec,
                    hub_datasets=hub_datasets, include_path=include_path, apply_chat_template=apply_chat_template,
                    fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction,
                    gen_kwargs=gen_kwargs, batch_size=batch_size)

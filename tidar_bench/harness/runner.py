@@ -196,7 +196,7 @@ def _resolve_tasks(spec: RunSpec) -> tuple[list[str], object, bool]:
         raise UserError(f"task(s) {', '.join(spec.tasks)} execute generated code: pass --allow-code-exec to allow it")
     if not spec.hub_datasets:
         ours.verify_data()
-    return lm_names, ours.task_manager(), needs
+    return lm_names, ours.task_manager(builtins=not all(n.startswith("tb_") for n in lm_names)), needs
 
 
 def check_out_folder(out: Path, identity: dict) -> None:
