@@ -39,7 +39,8 @@ SUITE_DECODER_ARGS = ("tidar.max_blocks=3",)
 # decoder -> shipped drafter folder, passed as `<decoder>.draft=DIR` (the group's --draft is eagle's head)
 DRAFTERS = {"dflash": "dflash"}
 NUMERIC = {"score": float, "stderr": float, "tokens_per_s": float, "tokens_per_nfe": float,
-           "mean_accepted_length": float, "speedup_vs_ar": float, "n": int, "mismatches_vs_ar": int}
+           "mean_accepted_length": float, "accept_length": float, "speedup_vs_ar": float, "n": int,
+           "mismatches_vs_ar": int, "lossy_mismatches_vs_ar": int}
 
 
 def embedded_dir() -> Path:
