@@ -31,6 +31,21 @@ def _tidar_cmd(base, out, *extra):
             "--warmup-steps", "0", "--seed", "3", "--device", "cpu", "--log-every", "1", *extra]
 
 
+def torchrun(*args: str) -> None:
+    """`tidar-bench ARGS` under torchrun with 2 gloo processes; the test fails with its stderr if it
+    fails or runs past 300 s (the whole process group is killed)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "tidar_bench.cli", *args]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        pytest.fail(f"torchrun timed out:\n{err[-3000:]}")
+    assert p.returncode == 0, err[-3000:]
+
+
 def _losses(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -43,16 +58,7 @@ def test_fsdp_two_gloo_processes_equal_single_process(base, tmp_path):
     the FSDP run's step-2 checkpoint and lands on the FSDP run's final weights."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     assert main(_tidar_cmd(base, single)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tidar_bench.cli",
-           *_tidar_cmd(base, fsdp, "--shard", "fsdp", "--activation-checkpointing", "--save-every", "2")]
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
-        pytest.fail(f"torchrun timed out:\n{err[-3000:]}")
-    assert p.returncode == 0, err[-3000:]
+    torchrun(*_tidar_cmd(base, fsdp, "--shard", "fsdp", "--activation-checkpointing", "--save-every", "2"))
     a, b = _losses(single), _losses(fsdp)
     assert [h["step"] for h in a] == [h["step"] for h in b] == [0, 1, 2, 3]
     for ha, hb in zip(a, b):

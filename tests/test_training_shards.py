@@ -3,11 +3,7 @@ resume mid-shard exactly; sharded torch.distributed.checkpoint checkpoints writt
 processes resume in 1 process like the uninterrupted run, and `export` writes the HF layout."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_training import base  # noqa: F401  (the tiny AR base checkpoint fixture)
-from test_training_scale import ENV, _Crash, _losses, crash_at
+from test_training_scale import _Crash, _losses, crash_at, torchrun
 from tidar_bench.cli import main
 from tidar_bench.model import load_model
 from tidar_bench.training.data import PackedDataset, read_texts
@@ -101,16 +97,7 @@ def test_sharded_checkpoint_two_gloo_processes_resume_in_one(base, tmp_path):
     uninterrupted 2-process run's final weights and losses; `export` of step 4 is the final
     checkpoint, which our loader and transformers read alike."""
     fsdp = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "tidar_bench.cli", *_cmd(base, fsdp, "--shard", "fsdp")]
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
-        pytest.fail(f"torchrun timed out:\n{err[-3000:]}")
-    assert p.returncode == 0, err[-3000:]
+    torchrun(*_cmd(base, fsdp, "--shard", "fsdp"))
     step2 = fsdp / "checkpoints" / "step-00000002"
     shards = sorted(f.name for f in (step2 / "dcp").iterdir() if f.suffix == ".distcp")
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
