@@ -156,26 +156,28 @@ print(f"{len(rows)} training prompts, {len(ev)} eval prompts")
 EOF
 }
 
-stage_mask() {  # DFlash's blocks need a mask token; SmolLM2 has none: the same model with [MASK] added
+stage_mask() {  # a mask token for DFlash, TiDAR and block diffusion: an existing, unused special token
   [ -f "$WORK/base-mask/config.json" ] && { echo "[mask] done" >&2; return; }
   log_run mask $PY - "$MODEL" "$WORK/base-mask" <<'EOF'
-"""The converted model + a [MASK] token (training.data.add_mask_token: a new embedding row, the mean of the
-others; the tied head gets the same row). Its `ar` is measured beside `dflash` in its own run, so dflash is
-checked against the greedy outputs of exactly the model it drafts for."""
+"""The converted model, unchanged, with its tokenizer's mask token set to `<empty_output>` (id 16), a
+StarCoder-era Jupyter token the chat model does not emit (as TiDAR-LM reuses Qwen's `<|fim_pad|>`). No
+embedding row is added, so the vocabulary, the weights and greedy `ar` stay the original model's: every
+drafter and diffusion model is measured against the same `ar`."""
 import os, shutil, sys
-from tidar_bench.model import load_model, save_model
-from tidar_bench.registry import load_tokenizer
-from tidar_bench.training.data import add_mask_token
+from transformers import AutoTokenizer
 src, out = sys.argv[1:3]
-model, tok = load_model(src, dtype="float32", device="cpu"), load_tokenizer(src)
-mid = add_mask_token(model, tok)
+tok = AutoTokenizer.from_pretrained(src)
+tok.add_special_tokens({"mask_token": "<empty_output>"})
+assert tok.mask_token_id == 16 and len(tok) == 49152, (tok.mask_token_id, len(tok))
 tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
-save_model(model, tmp)
+os.makedirs(tmp)
+for f in os.listdir(src):
+    if not f.startswith("tokenizer") and f != "chat_template.jinja":
+        shutil.copy(os.path.join(src, f), tmp)
 tok.save_pretrained(tmp)
-shutil.copy(os.path.join(src, "generation_config.json"), tmp)
 os.replace(tmp, out)
-print(f"{out}: [MASK] = {mid}, vocab {model.config.vocab_size}")
+print(f"{out}: mask token <empty_output> = {tok.mask_token_id}, vocab {len(tok)} (unchanged)")
 EOF
 }
 
@@ -203,12 +205,12 @@ stage_dflash() {
 }
 
 stage_tidar() {
-  train tidar "$WORK/tidar" $TB train tidar --base "$MODEL" --data "$WORK/distilled.jsonl" --block-size 8 --alpha 1 \
+  train tidar "$WORK/tidar" $TB train tidar --base "$WORK/base-mask" --data "$WORK/distilled.jsonl" --block-size 8 --alpha 1 \
     --seq-len $SEQ --batch-size $T_BATCH --steps $T_STEPS --lr 1e-4 --device cpu --dtype float32
 }
 
 stage_bd() {
-  train bd "$WORK/bd" $TB train block-diffusion --base "$MODEL" --data "$WORK/distilled.jsonl" --block-size 8 \
+  train bd "$WORK/bd" $TB train block-diffusion --base "$WORK/base-mask" --data "$WORK/distilled.jsonl" --block-size 8 \
     --seq-len $SEQ --batch-size $B_BATCH --steps $B_STEPS --lr 1e-4 --device cpu --dtype float32
 }
 
@@ -218,7 +220,7 @@ measure() {
   local common=(--tasks "$task" --limit "$limit" --device cpu --dtype float32 --seed 0 "${RUN_ARGS[@]}" "$@")
   log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle" "${common[@]}" \
     --out "$WORK/runs/${name}_base"
-  log_run run $TB run --model "$WORK/base-mask" --draft "$WORK/dflash" --decoders "ar,dflash" "${common[@]}" \
+  log_run run $TB run --model "$MODEL" --draft "$WORK/dflash" --decoders "ar,dflash" "${common[@]}" \
     --out "$WORK/runs/${name}_dflash"
   log_run run $TB run --model "$WORK/tidar" --decoders "ar,tidar(max_blocks=3)" "${common[@]}" --out "$WORK/runs/${name}_tidar"
   log_run run $TB run --model "$WORK/bd" --decoders "ar,bd" "${common[@]}" --out "$WORK/runs/${name}_bd"
