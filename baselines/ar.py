@@ -1,24 +1,25 @@
 """Autoregressive decoding over the model core: one token per forward, static KV cache.
 
 The reference every other decoder is measured against: its greedy tokens are the ones lossless
-decoders must reproduce, and its tokens/s is the denominator of every speedup. With `compile=on`
-(the default where torch.compile works: `auto`) it is gpt-fast's decode loop: the 1-token step is
-one compiled graph over the static cache (CUDA graphs on GPU), the position lives on the device and
-is advanced there, and on CUDA the next step is launched before the previous token is read back, so
-the host never waits for the GPU inside the loop (the one extra step after a stop is evicted)."""
+decoders must reproduce, and its tokens/s is the denominator of every speedup. Written over B rows
+(`tidar_bench.engine`; batch 1 is B = 1). With `compile=on` (the default where torch.compile works:
+`auto`) it is gpt-fast's decode loop: the 1-token step of all B rows is one compiled graph over the
+static cache (CUDA graphs on GPU), greedy decoding takes the argmax inside the graph, the positions
+live on the device and are advanced there, and on CUDA at batch 1 the next step is launched before
+the previous token is read back, so the host never waits for the GPU inside the loop (the one extra
+step after a stop is simply never committed)."""
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import CachedDecoder, DecodeRun, GenerationConfig, Generation, next_token
+from tidar_bench.decoding import next_token
+from tidar_bench.engine import Row, RowDecoder
 from tidar_bench.registry import DecoderContext, register_decoder
 
 
-class ARDecoder(CachedDecoder):
+class ARDecoder(RowDecoder):
     name = "ar"
     lossless = True
 
@@ -26,56 +27,80 @@ class ARDecoder(CachedDecoder):
         self.model = model
         self.tokenizer = tokenizer
         self.steps = steps_for(model, model, compile)  # sampling: the step returns logits
-        # greedy: the step returns the next token itself (argmax inside the compiled graph, as in
-        # gpt-fast's decode_one_token), so the loop runs no eager op per token but the host copy
+        # greedy: the step returns the next tokens themselves (argmax inside the compiled graph, as
+        # in gpt-fast's decode_one_token), so the loop runs no eager op per token but the host copy
         self.greedy_steps = steps_for(model, self._greedy_forward, compile)
 
     def options(self) -> dict:
         return {"compile": self.steps.compiled}
 
+    def runners(self) -> list:
+        return [self.steps, self.greedy_steps]
+
     def _greedy_forward(self, tok, pos, mask=None, cache=None, start=None, kv_len=None):
-        return self.model(tok, pos, mask=mask, cache=cache, start=start, kv_len=kv_len).logits[0, -1].argmax(-1).view(1, 1)
+        return self.model(tok, pos, mask=mask, cache=cache, start=start, kv_len=kv_len).logits[:, -1].argmax(-1).view(-1, 1)
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
-        model, dev = self.model, self.model.device
-        run = DecodeRun(dev, config, self.tokenizer, self.steps, self.greedy_steps)
-        stats, sp = run.stats, run.sp
-        cache = self.cache_for(len(prompt_ids) + config.max_new_tokens + 2)
-        ids = torch.tensor([list(prompt_ids)], device=dev)
-        logits = model(ids, cache=cache, logits_index=slice(-1, None)).logits[0, -1]
-        stats.nfe, stats.tokens_fed = 1, [ids.shape[1]]
-        tok = next_token(logits, sp, run.gen).view(1, 1)
-        run.prefill_done()
-        pos = torch.tensor([cache.length], device=dev)  # position == cache slot of the fed token
-        ahead = dev.type == "cuda"  # launch step i+1 before reading token i back
-        host = torch.empty(1, dtype=torch.long, pin_memory=ahead)
-        copied = torch.cuda.Event() if ahead else None
-        while True:
-            host.copy_(tok.view(1), non_blocking=ahead)
-            if ahead:
-                copied.record()
-                nxt = self._step(tok, pos, cache, sp, run)
-                copied.synchronize()  # waits for the copy only, not for the step just launched
-            if run.stop.extend([int(host[0])]):
-                if ahead:  # the step launched ahead fed a token that is not kept
-                    cache.crop(cache.length - 1)
-                break
-            if not ahead:
-                nxt = self._step(tok, pos, cache, sp, run)
-            tok = nxt
-            stats.nfe += 1
-            stats.tokens_fed.append(1)
-            stats.accepted_lengths.append(1)
-        return run.finish()
+    def begin(self, batch: int, config) -> None:
+        dev = self.model.device
+        self._sp = config.sampling
+        # device state of the B rows: the token each feeds next and its position (== its cache slot)
+        self._tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self._ahead = dev.type == "cuda" and batch == 1 and self._sp.greedy  # step i+1 launched before token i is read
+        self._host = torch.empty(batch, dtype=torch.long, pin_memory=self._ahead)
+        self._copied = torch.cuda.Event() if self._ahead else None
 
-    def _step(self, tok: torch.Tensor, pos: torch.Tensor, cache, sp, run) -> torch.Tensor:
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+        ids = torch.tensor([prompt], device=self.model.device)
+        logits = self.model(ids, cache=caches["target"], logits_index=slice(-1, None)).logits[0, -1]
+        row.stats.nfe, row.stats.tokens_fed = 1, [len(prompt)]
+        row.length = len(prompt)
+        tok = next_token(logits, self._sp, row.gen)
+        self._tok[row.slot, 0] = tok
+        self._pos[row.slot] = row.length
+        if self._ahead:
+            row.state = "prefill"  # its token is read back by the first step, after that step is launched
+            return []
+        return [int(tok)]
+
+    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
+        sp, cache = self._sp, self.caches["target"]
+        starts = [r.length if r is not None else 0 for r in rows]
+        if self._ahead:
+            row = rows[0]
+            self._host.copy_(self._tok.view(-1), non_blocking=True)
+            self._copied.record()
+            nxt = self.greedy_steps(self._tok, self._pos.view(-1, 1), cache=cache, start=self._pos, starts=starts)
+            self._copied.synchronize()  # waits for the copy only, not for the step just launched
+            self._pos += 1
+            self._tok = nxt
+            if row.state != "prefill":  # the token read now was made by the previous step's forward
+                row.stats.nfe += 1
+                row.stats.tokens_fed.append(1)
+                row.stats.accepted_lengths.append(1)
+            row.state = None
+            row.length += 1
+            return [[int(self._host[0])]]
         if sp.greedy:
-            nxt = self.greedy_steps(tok, pos, cache=cache, start=pos)
+            nxt = self.greedy_steps(self._tok, self._pos.view(-1, 1), cache=cache, start=self._pos, starts=starts)
         else:
-            nxt = next_token(self.steps(tok, pos, cache=cache, start=pos).logits[0, -1], sp, run.gen).view(1, 1)
-        pos += 1
-        return nxt
+            logits = self.steps(self._tok, self._pos.view(-1, 1), cache=cache, start=self._pos, starts=starts).logits[:, -1]
+            nxt = torch.stack([next_token(logits[s], sp, r.gen) if r is not None else logits.new_zeros((), dtype=torch.long)
+                               for s, r in enumerate(rows)]).view(-1, 1)
+        self._pos += 1
+        self._tok = nxt
+        toks = nxt.view(-1).tolist()
+        out: list[list[int] | None] = []
+        for s, row in enumerate(rows):
+            if row is None:
+                out.append(None)
+                continue
+            row.length += 1
+            row.stats.nfe += 1
+            row.stats.tokens_fed.append(1)
+            row.stats.accepted_lengths.append(1)
+            out.append([toks[s]])
+        return out
 
 
 @register_decoder("ar", help="autoregressive, one token per forward (our model core, static KV cache; "

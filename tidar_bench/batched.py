@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from .decoding import DecodeStats, Generation, GenerationConfig, StopChecker, Timer
+from .engine import RowDecoder
 from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
 
@@ -76,6 +77,8 @@ def generate_batch(decoder, prompts: Sequence[Sequence[int]], config: Generation
     why = supports_batch(decoder)
     if why:
         raise UserError(why)
+    if isinstance(decoder, RowDecoder):  # written over B rows (tidar_bench.engine): its own loop
+        return decoder.generate_batch(prompts, config, batch_size, on_done)
     if not config.sampling.greedy:
         raise UserError("batched decoding is greedy only (temperature 0)")
     if batch_size < 1:
@@ -187,35 +190,6 @@ def _copy_row(dst, src, slot: int, n: int) -> None:
     for d_layers, s_layers in ((dst.k, src.k), (dst.v, src.v)):
         for d, s_ in zip(d_layers, s_layers):
             d[slot, :, :n] = s_[0, :, :n]
-
-
-class _BatchedAR(_Batched):
-    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
-        self.scratch.reset()
-        ids = torch.tensor([prompt], device=self.dev)
-        logits = self.model(ids, cache=self.scratch, logits_index=slice(-1, None)).logits[0, -1]
-        row.stats.tokens_fed = [len(prompt)]
-        row.last = int(logits.argmax(-1))
-        return row.stop.extend([row.last])
-
-    def step(self, active: list[int]) -> None:
-        B = self.B
-        ids = torch.zeros(B, 1, dtype=torch.long)
-        starts = [0] * B
-        for s in active:
-            ids[s, 0] = self.rows[s].last
-            starts[s] = self.rows[s].length
-        pos = torch.tensor(starts, dtype=torch.long)[:, None]
-        nxt = self.forward(ids.to(self.dev), pos.to(self.dev), None, starts, None)[:, -1].argmax(-1).tolist()
-        for s in active:
-            row = self.rows[s]
-            row.length += 1
-            row.stats.nfe += 1
-            row.stats.tokens_fed.append(1)
-            row.stats.accepted_lengths.append(1)
-            row.last = nxt[s]
-            if row.stop.extend([row.last]):
-                self._finish(s)
 
 
 # ----------------------------------------------------------------------------- TiDAR
@@ -557,7 +531,7 @@ class _BatchedBD(_Batched):
                 self._finish(s)
 
 
-_RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
+_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
 
 
 # ----------------------------------------------------------------------------- the batched speed benchmark

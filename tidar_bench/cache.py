@@ -80,19 +80,23 @@ class KVCache:
             raise ValueError(f"crop({length}) outside [0, {self.length}]")
         self.length = length
 
-    def keep(self, indices: torch.Tensor | list[int]) -> None:
+    def keep(self, indices: torch.Tensor | list[int], row: int | None = None) -> None:
         """Keep the prefix before min(indices) and move the entries at `indices` (ascending
-        absolute positions, e.g. the accepted root-to-leaf path of a verified tree) to follow it."""
+        absolute positions, e.g. the accepted root-to-leaf path of a verified tree) to follow it.
+        row: that batch row only (its length is its decoder's: `length` is left alone)."""
         idx = torch.as_tensor(indices, device=self.device, dtype=torch.long)
         if idx.numel() == 0:
             return
         start = int(idx[0])
         n = idx.numel()
-        if int(idx[-1]) >= self.length or bool((idx[1:] <= idx[:-1]).any()):
+        limit = self.length if row is None else self.max_len
+        if int(idx[-1]) >= limit or bool((idx[1:] <= idx[:-1]).any()):
             raise ValueError("keep() needs strictly ascending indices inside the cache")
+        rows = slice(None) if row is None else slice(row, row + 1)
         for buf in (*self.k, *self.v):
-            buf[:, :, start : start + n] = buf.index_select(2, idx)
-        self.length = start + n
+            buf[rows, :, start : start + n] = buf[rows].index_select(2, idx)
+        if row is None:
+            self.length = start + n
 
     def reset(self) -> None:
         self.length = 0

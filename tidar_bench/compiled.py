@@ -144,16 +144,29 @@ class Steps:
             self._fn = torch.compile(forward, fullgraph=True, dynamic=dynamic, mode=mode, options=options)
 
     def __call__(self, *args, cache, local_mask: torch.Tensor | None = None, q: int | None = None,
-                 window: int | None = None, start: torch.Tensor | None = None, **kw):
-        """Feed a step whose q tokens are written at cache.length (`start`: the same offset as a
-        device tensor the caller keeps up to date, e.g. AR's position, to skip a host-to-device copy).
+                 window: int | list[int] | None = None, start: torch.Tensor | None = None,
+                 starts: list[int] | None = None, **kw):
+        """Feed a step whose q tokens are written at cache.length, or per row at `starts` (host ints,
+        one per cache row: the rows of `tidar_bench.engine`); `start`: the same offsets as a device
+        tensor the caller keeps up to date (e.g. AR's positions), to skip a host-to-device copy.
 
-        local_mask: [q, W] bool over the key window starting at `window` (default: the fed tokens'
-        own slots, W = q); every slot before the window is attended; None = causal (no window).
-        q: entries the forward writes to the cache (default args[0].shape[1]; DFlash's drafter writes
-        its context rows too). Returns the forward's output; cache.length advances by q."""
+        local_mask: [q, W] (or [B, q, W], per row) bool over the key window starting at `window`
+        (default: the fed tokens' own slots, W = q); every slot before the window is attended;
+        None = causal (no window). q: entries the forward writes to the cache (default
+        args[0].shape[1]; DFlash's drafter writes its context rows too). Returns the forward's
+        output. Batch 1: cache.length is set to starts[0] and advances by q. Batch > 1: every row
+        is written at its own offset through the static form (compiled or not); cache.length is
+        not used (each row's length is its decoder's)."""
         if q is None:
             q = args[0].shape[1]
+        if starts is not None and cache.batch > 1:
+            return self._rows(args, cache, local_mask, q, window, start, starts, kw)
+        if starts is not None:
+            cache.length = starts[0]
+            if isinstance(window, list):
+                window = window[0]
+            if local_mask is not None and local_mask.dim() == 3:
+                local_mask = local_mask[0]
         P = cache.length
         w0 = P if window is None else window
         cache.reserve(q)
@@ -176,12 +189,41 @@ class Steps:
         if self._cuda:
             out = _clone_out(out)
         if first:
-            if self._cuda:
-                torch.cuda.synchronize()
-            self._seen.add(key)
-            self.compile_s += time.perf_counter() - t0
+            self._compiled_now(key, t0)
         cache.advance(q)
         return out
+
+    def _rows(self, args, cache, local_mask, q: int, window, start, starts: list[int], kw):
+        """Batch > 1: the static form with per-row offsets `starts` (and key windows `window`),
+        attending over the first kv_len slots (the longest row's, rounded up to KV_BUCKET)."""
+        if start is None:
+            start = torch.tensor(starts, dtype=torch.long, device=self.device)
+        if window is not None:
+            kw["window"] = torch.as_tensor(window, dtype=torch.long, device=self.device)
+        if self._kv_len:
+            kw["kv_len"] = min(cache.max_len, -(-(max(starts) + q) // KV_BUCKET) * KV_BUCKET)
+        if max(starts) + q > cache.max_len:
+            raise RuntimeError(f"KV cache full: {max(starts)} cached + {q} new > max_len {cache.max_len}")
+        if not self.compiled:
+            return self.forward(*args, mask=local_mask, cache=cache, start=start, **kw)
+        key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
+        first = key not in self._seen
+        if first:
+            t0 = time.perf_counter()
+        if self._cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._fn(*args, mask=local_mask, cache=cache, start=start, **kw)
+        if self._cuda:
+            out = _clone_out(out)
+        if first:
+            self._compiled_now(key, t0)
+        return out
+
+    def _compiled_now(self, key, t0: float) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._seen.add(key)
+        self.compile_s += time.perf_counter() - t0
 
     def _eager_mask(self, local: torch.Tensor | None, P: int, w0: int, q: int) -> torch.Tensor | None:
         """[q, P + q]: every slot before the window, then the local mask over the window (None: the
