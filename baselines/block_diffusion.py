@@ -35,8 +35,13 @@ cache, more compute; with a large B this approximates LLaDA/Dream-style full-can
 
 Stats: `nfe` counts every forward (prefill, denoising steps, commits); `accepted_lengths` holds,
 per forward, the number of generated tokens it finalised (so its mean is tokens per forward);
-`tokens_fed` the tokens per forward. `last_block_steps` (on the decoder) is the number of
-forwards spent on each block of the last call.
+`tokens_fed` the tokens per forward.
+
+Written over B rows (`tidar_bench.engine`; batch 1 is B = 1): each row keeps its own committed
+length, block, known positions and phase; a step feeds every row its own forward ([finished block |
+block], the block alone, or the finished block alone to commit it) at its own aligned offset, padded
+to the widest row (padding and empty slots see only themselves), and each row unmasks with the same
+rule, its own sampling generator and its own remasking generator. Compiled, one graph per (B, width).
 
 Fast-dLLM v2 checkpoints (Efficient-Large-Model/Fast_dLLM_v2_{1.5B,7B}): the architecture is
 Qwen2 (QKV bias, GQA), so the weights load into our core; their config.json says
@@ -46,7 +51,7 @@ Qwen2 (QKV bias, GQA), so the weights load into our core; their config.json says
 token shift, aligned blocks with the prompt tail as first-block head, threshold decoding with
 sub-blocks, the block-level cache and the separate commit forward. What does not: their
 sub-block ("DualCache") KV cache that recomputes only the active sub-block (we rerun the whole
-block each step: identical outputs, more compute), batched generation, and the exact clean-stream
+block each step: identical outputs, more compute) and the exact clean-stream
 attention of their training (we assume BD3-LM block-causal, bidirectional inside a block; if their
 clean stream is causal inside blocks the committed KV differs slightly). Not checked against the
 real weights (no network here).
@@ -73,13 +78,15 @@ SDAR's own code: scripts/reference/sdar_check.py, results/reference/sdar.txt.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import CachedDecoder, DecodeRun, Generation, GenerationConfig, sample, warp_probs
+from tidar_bench.decoding import GenerationConfig, sample, warp_probs
+from tidar_bench.engine import Row, RowDecoder
 from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step
 from tidar_bench.registry import DecoderContext, register_decoder
@@ -93,7 +100,21 @@ FAST_DLLM_MASK_ID = 151665
 FAST_DLLM_SUB_BLOCK = 8
 
 
-class BlockDiffusionDecoder(CachedDecoder):
+@dataclass
+class _BlockRow:
+    """One row's decoding state: what its next forward feeds, and the block being denoised."""
+
+    ids: torch.Tensor  # the committed ids (recomputed without the cache; `on_step` reports them)
+    pending: torch.Tensor  # tokens the next forward commits (prompt blocks, or a finished block)
+    block: torch.Tensor  # [B] the block being denoised (mask id where unknown)
+    known: list[bool]
+    emitted: int  # block positions already given to the stop checker
+    commit: bool = False  # the next forward feeds `pending` alone (token shift's AR step, separate_commit)
+    step: int = 0  # denoising forwards spent on this block
+    rgen: torch.Generator | None = None  # remasking=random: the row's own generator
+
+
+class BlockDiffusionDecoder(RowDecoder):
     name = "bd"
     lossless = False
 
@@ -139,13 +160,14 @@ class BlockDiffusionDecoder(CachedDecoder):
         self.separate_commit = separate_commit
         # SDAR's per-step counts: B // steps each, the remainder to the first steps
         self.step_counts = [block_size // steps + (i < block_size % steps) for i in range(steps)] if steps else []
-        # tests observe the committed state after every forward: on_step(cache, committed ids)
+        self.step_rows = 3 * block_size  # cache headroom: a row feeds at most [finished block | block]
+        # tests observe the committed state after every forward at batch 1: on_step(cache, committed ids)
         self.on_step: Callable | None = None
-        self.last_block_steps: list[int] = []
-        # compiled mode: the block steps (B or 2B tokens at a block-aligned offset) are fixed shapes;
-        # the first forward (prompt blocks + block) and the no-cache setting stay eager
+        # compiled mode: the block steps (B or 2B tokens at a block-aligned offset) are fixed shapes,
+        # one graph per (batch, width); the first forward (prompt blocks + block) and the no-cache
+        # setting stay eager
         self.runner = steps_for(model, model, compile if block_cache else "off")
-        self._local = {}
+        self._local: dict = {}
 
     def options(self) -> dict:
         return {"block_size": self.B, "mask_token_id": self.mask_id, "threshold": self.threshold,
@@ -153,126 +175,165 @@ class BlockDiffusionDecoder(CachedDecoder):
                 "block_cache": self.block_cache, "token_shift": self.token_shift,
                 "separate_commit": self.separate_commit, "compile": self.runner.compiled}
 
-    # ------------------------------------------------------------------------- one forward
+    def runners(self) -> list:
+        return [self.runner]
 
-    def _forward(self, fed: torch.Tensor, rows: slice, n_commit: int = 0) -> torch.Tensor:
-        """Run `fed` [n] right after the P committed tokens and return the logits of fed rows
-        `rows`. Fed token i sits at absolute position P + i under the block-causal mask. The first
-        `n_commit` fed tokens are final: their KV stays in the cache (the rest is evicted) and they
-        join the committed prefix. Without the cache the committed prefix is recomputed."""
-        P, n = self._P, fed.shape[0]
-        if self.block_cache and self._nfe > 0 and P % self.B == 0:  # a block step: fixed shape
+    def new_caches(self, batch: int, max_len: int, reuse: dict) -> dict:
+        return super().new_caches(batch, max_len, reuse) if self.block_cache else {}
+
+    def begin(self, batch: int, config: GenerationConfig) -> None:
+        self._sp, self._max_new, self._batch = config.sampling, config.max_new_tokens, batch
+
+    # ------------------------------------------------------------------------- rows
+
+    def _new_block(self, head: list[int] | torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        block = torch.full((self.B,), self.mask_id, dtype=torch.long, device=self.model.device)
+        block[: len(head)] = torch.as_tensor(head, dtype=torch.long, device=self.model.device)
+        return block, [i < len(head) for i in range(self.B)]
+
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+        """The first forward, eager at batch 1 (as Fast-dLLM v2): the prompt's full blocks are
+        committed, its last partial block is the head of the first block. SDAR (separate_commit)
+        prefills the full blocks alone; with token shift and no partial block, that forward is the
+        AR step giving the first block's head."""
+        B, dev, sp = self.B, self.model.device, self._sp
+        L = len(prompt)
+        base = (L // B) * B
+        prompt_t = torch.tensor(prompt, dtype=torch.long, device=dev)
+        block, known = self._new_block(prompt_t[base:])
+        ids = torch.empty(L + self._max_new + 3 * B, dtype=torch.long, device=dev)
+        rgen = None
+        if self.remasking == "random":
+            rgen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else 0)
+        commit = bool(base) and (self.separate_commit or (self.token_shift and base == L))
+        row.state = _BlockRow(ids, prompt_t[:base], block, known, L - base, commit, rgen=rgen)
+        row.length = 0
+        logits = self._forward1(row, caches.get("target"), first=True)
+        return self._advance(row, logits)
+
+    def _forward1(self, row: Row, cache, first: bool = False) -> torch.Tensor:
+        """The row's forward at batch 1 (the logits of the rows `_advance` reads): fed [pending |
+        block] (or pending alone when committing) right after its P committed tokens, block-causal."""
+        st, P, B = row.state, row.length, self.B
+        p = st.pending.shape[0]
+        fed = st.pending if st.commit else torch.cat([st.pending, st.block])
+        n = fed.shape[0]
+        rows = slice(p - 1, p) if st.commit else slice(p, p + B)
+        if cache is not None and not first:  # a block step at an aligned offset: fixed shape
             if n not in self._local:
-                self._local[n] = block_causal(n, self.B, 0, self.model.device)  # == the step mask at aligned P
+                self._local[n] = block_causal(n, B, 0, self.model.device)  # == the step mask at aligned P
             pos = torch.arange(P, P + n, device=self.model.device)
-            out = self.runner(fed[None], pos, cache=self._cache_live, local_mask=self._local[n],
-                              logits_index=rows).logits[0]
-            self._cache_live.crop(P + n_commit)
-        elif self.block_cache:
-            mask = block_diffusion_step(P, n, self.B, self.model.device)
-            out = self.model(fed[None], mask=mask, cache=self._cache_live, logits_index=rows).logits[0]
-            self._cache_live.crop(P + n_commit)
+            out = self.runner(fed[None], pos, cache=cache, local_mask=self._local[n], logits_index=rows,
+                              starts=[P]).logits[0]
+        elif cache is not None:
+            cache.length = P
+            mask = block_diffusion_step(P, n, B, self.model.device)
+            out = self.model(fed[None], mask=mask, cache=cache, logits_index=rows).logits[0]
         else:
-            ids = torch.cat([self._ids[:P], fed])
-            mask = block_causal(P + n, self.B, device=self.model.device)
+            ids = torch.cat([st.ids[:P], fed])
+            mask = block_causal(P + n, B, device=self.model.device)
             out = self.model(ids[None], mask=mask, logits_index=slice(P + rows.start, P + rows.stop)).logits[0]
-        out[:, self.mask_id] = float("-inf")  # the mask token is never an output
-        self._ids[P : P + n_commit] = fed[:n_commit]
-        self._P += n_commit
-        self._nfe += 1
-        self._fed.append(n)
         return out
 
-    # ------------------------------------------------------------------------- generate
+    def _forward_rows(self, rows: list[Row | None]) -> torch.Tensor:
+        """One forward of B > 1 rows, each its own [pending | block] (or pending alone) at its own
+        offset, padded to the widest (padding and empty slots see only themselves; nobody reads
+        them): logits [B, block, V] of each row's block (its committed block's when committing)."""
+        B, dev, nb = self.B, self.model.device, len(rows)
+        feds, los, starts = [], [], []
+        for r in rows:
+            st = r.state if r is not None else None
+            if st is None:
+                feds.append(None)
+                los.append(0)
+                starts.append(0)
+                continue
+            feds.append(st.pending if st.commit else torch.cat([st.pending, st.block]))
+            los.append(0 if st.commit else st.pending.shape[0])
+            starts.append(r.length if self.block_cache else 0)
+        lens = [0 if f is None else f.shape[0] for f in feds]
+        lead = [0] * nb if self.block_cache else [0 if r is None else r.length for r in rows]  # no cache: the committed ids first
+        T = max(a + b for a, b in zip(lead, lens))
+        pad = torch.full((T,), self.mask_id, dtype=torch.long, device=dev)
+        ids = torch.stack([pad if f is None else torch.cat([r.state.ids[: lead[s]], f, pad[: T - lead[s] - f.shape[0]]])
+                           for s, (r, f) in enumerate(zip(rows, feds))])
+        local = torch.stack([self._row_local(lead[s] + lens[s], T) for s in range(nb)])
+        idx = torch.stack([self._arange(lead[s] + los[s]) for s in range(nb)])
+        if not self.block_cache:
+            return self.model(ids, mask=local[:, None], logits_index=idx).logits
+        start = torch.tensor(starts, dtype=torch.long, device=dev)
+        pos = start[:, None] + self._arange(0, T)[None]
+        return self.runner(ids, pos, cache=self.caches["target"], local_mask=local, logits_index=idx, start=start,
+                           starts=starts).logits
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise UserError("block diffusion needs a non-empty prompt")
-        B, dev = self.B, self.model.device
-        run = DecodeRun(dev, config, self.tokenizer, self.runner)
-        stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
-        rgen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else 0)
-        L = len(prompt)
-        base = (L // B) * B  # prompt's full blocks: the first committed blocks
-        total = L + config.max_new_tokens + 3 * B
-        self._ids = torch.empty(total, dtype=torch.long, device=dev)
-        self._cache_live = self.cache_for(total) if self.block_cache else None
-        self._P, self._nfe, self._fed = 0, 0, []
-        self.last_block_steps = []
-        prompt_t = torch.tensor(prompt, dtype=torch.long, device=dev)
+    def _row_local(self, n: int, T: int) -> torch.Tensor:
+        """[T, T]: block-causal over a row's n fed tokens (at a block-aligned offset), every padding
+        token sees only itself."""
+        key = ("row", n, T)
+        if key not in self._local:
+            m = torch.eye(T, dtype=torch.bool, device=self.model.device)
+            m[:n, :n] = block_causal(n, self.B, 0, self.model.device)
+            self._local[key] = m
+        return self._local[key]
 
-        pending = prompt_t[:base]  # tokens to commit in the next forward
-        head = prompt[base:]  # known tokens at the start of the current block
-        finalised = []  # per forward: generated tokens it finalised
-        emit_from = L - base  # block positions before this are prompt or already given to `stop`
-        done = False
-        if self.separate_commit and base:  # SDAR: the prompt's full blocks are prefilled alone
-            self._forward(pending, slice(base - 1, base), n_commit=base)  # one unused logit row: no empty graphs
-            pending = pending[:0]
-            finalised.append(0)
-            run.prefill_done()
-            self._notify()
-        if self.token_shift and not head:  # AR step: the prompt's last output gives the first token
-            logits = self._forward(pending, slice(base - 1, base), n_commit=base)
-            pending = pending[:0]
-            head = [int(self._pick(logits, sp, gen)[0][0])]
-            finalised.append(1)
-            run.prefill_done()
-            self._notify()
-            done, emit_from = stop.extend(head), 1
-        while not done:
-            block = torch.full((B,), self.mask_id, dtype=torch.long, device=dev)
-            block[: len(head)] = torch.tensor(head, dtype=torch.long, device=dev)
-            known = [i < len(head) for i in range(B)]
-            emitted = emit_from  # block positions already given to the stop checker
-            block_steps, step = 0, 0
-            while not all(known) and not done:
-                fed = torch.cat([pending, block])
-                p = pending.shape[0]
-                logits = self._forward(fed, slice(p, p + B), n_commit=p)
-                if self.token_shift:  # output j-1 predicts position j (row 0 unused: always known)
-                    logits = torch.cat([logits[:1], logits[:-1]])
-                pending = pending[:0]
-                idx = self._unmask(logits, block, known, step, sp, gen, rgen)
-                step += 1
-                block_steps += 1
-                finalised.append(len(idx))
-                if self._nfe == 1:
-                    run.prefill_done()
-                self._notify()
-                first_unknown = known.index(False) if not all(known) else B
-                if first_unknown > emitted:
-                    done = stop.extend(block[emitted:first_unknown].tolist())
-                    emitted = first_unknown
-            if done:
-                self.last_block_steps.append(block_steps)
-                break
-            if self.token_shift:  # commit the block; its last output is the next block's head (AR step)
-                logits = self._forward(block, slice(B - 1, B), n_commit=B)
-                head = [int(self._pick(logits, sp, gen)[0][0])]
-                finalised.append(1)
-                block_steps += 1
-                self._notify()
-                done, emit_from = stop.extend(head), 1
-            elif self.separate_commit:  # SDAR: the finished block's KV is stored by a forward of its own
-                self._forward(block, slice(B - 1, B), n_commit=B)  # its logits are unused
-                finalised.append(0)
-                block_steps += 1
-                self._notify()
-                pending, head, emit_from = block[:0], [], 0
-            else:
-                pending, head, emit_from = block, [], 0
-            self.last_block_steps.append(block_steps)
-        stats.nfe = self._nfe
-        stats.tokens_fed = list(self._fed)
-        stats.accepted_lengths = finalised
-        return run.finish()
+    def _arange(self, lo: int, n: int | None = None) -> torch.Tensor:
+        n = self.B if n is None else n
+        key = ("arange", lo, n)
+        if key not in self._local:
+            self._local[key] = torch.arange(lo, lo + n, device=self.model.device)
+        return self._local[key]
 
-    def _notify(self) -> None:
+    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
+        if len(rows) == 1:
+            return [self._advance(rows[0], self._forward1(rows[0], self.caches.get("target")))]
+        logits = self._forward_rows(rows)
+        return [None if r is None else self._advance(r, logits[s]) for s, r in enumerate(rows)]
+
+    def _advance(self, row: Row, logits: torch.Tensor) -> list[int]:
+        """After a forward of the row: its pending tokens are committed; a commit forward (token
+        shift) gives the next block's head, a denoising forward unmasks by the rule; a finished
+        block becomes the next forward's pending. Returns the tokens the row newly emits."""
+        st, B, sp = row.state, self.B, self._sp
+        p = st.pending.shape[0]
+        row.stats.nfe += 1
+        row.stats.tokens_fed.append(p if st.commit else p + B)
+        if p:
+            st.ids[row.length : row.length + p] = st.pending
+            row.length += p
+            st.pending = st.pending[:0]
+        cache = self.caches.get("target") if self._batch == 1 else None
+        if cache is not None:
+            cache.length = row.length  # the fed block's KV is evicted (overwritten by the next step)
+        logits[:, self.mask_id] = float("-inf")  # the mask token is never an output
+        out: list[int] = []
+        if st.commit:
+            st.commit = False
+            if self.token_shift:  # its last output is the next block's head (an AR step)
+                head = int(self._pick(logits[-1:], sp, row.gen)[0][0])
+                st.block[0] = head
+                st.known[0] = True
+                st.emitted = 1
+                out = [head]
+            row.stats.accepted_lengths.append(len(out))
+        else:
+            if self.token_shift:  # output j-1 predicts position j (row 0 unused: always known)
+                logits = torch.cat([logits[:1], logits[:-1]])
+            idx = self._unmask(logits, st.block, st.known, st.step, sp, row.gen, st.rgen)
+            st.step += 1
+            row.stats.accepted_lengths.append(len(idx))
+            first_unknown = st.known.index(False) if not all(st.known) else B
+            if first_unknown > st.emitted:
+                out = st.block[st.emitted : first_unknown].tolist()
+                st.emitted = first_unknown
+            if first_unknown == B:  # finished: committed by the next forward
+                st.pending = st.block
+                st.block, st.known = self._new_block([])
+                st.emitted, st.step = 0, 0
+                st.commit = self.token_shift or self.separate_commit
         if self.on_step is not None:
-            self.on_step(self._cache_live, self._ids[: self._P].tolist())
+            self.on_step(cache, st.ids[: row.length].tolist())
+        return out
+
 
     # ------------------------------------------------------------------------- unmasking rule
 

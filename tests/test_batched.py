@@ -1,13 +1,14 @@
 """Batched decoding (tidar_bench/batched.py): row by row, the greedy tokens of every batched lossless
 decoder equal batch-1 `ar` on that prompt (fp32, the embedded trained models, prompts of different
-lengths, more prompts than slots so finished rows are refilled), batched bd equals batch-1 bd, and a
-row that stops early changes nobody."""
+lengths, more prompts than slots so finished rows are refilled), batched bd equals batch-1 bd for every
+option, greedy, sampled and compiled, and a row that stops early changes nobody."""
 
 import json
 from pathlib import Path
 
 import pytest
 from tidar_bench.batched import generate_batch, supports_batch
+from tidar_bench.compiled import unavailable_reason
 from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
 from tidar_bench.registry import DecoderContext, build_decoder
@@ -40,6 +41,16 @@ def prompts_of(tok, n=6):
 
 
 _REFERENCE: dict = {}
+_RUNS: dict = {}
+
+
+def batch1_runs(dec, prompts, cfg):
+    """Batch-1 Generations of a decoder setting (cached per options, model, prompts and config)."""
+    key = (dec.name, tuple(sorted((k, str(v)) for k, v in dec.options().items() if k != "compile")), id(dec.model),
+           tuple(map(tuple, prompts)), cfg)
+    if key not in _RUNS:
+        _RUNS[key] = [dec.generate(p, cfg) for p in prompts]
+    return _RUNS[key]
 
 
 def batch1(dec, prompts, cfg):
@@ -114,19 +125,69 @@ def test_batched_eagle_chain_rows_equal_batch1_ar(base_ctx, options):
         assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)
 
 
-@pytest.mark.parametrize("options", [{}, {"token_shift": "False", "steps": "4", "remasking": "random"}])
-def test_batched_bd_rows_equal_batch1_bd(options):
-    """bd is lossy, so the reference is batch-1 bd itself: same tokens and same forwards per row."""
-    ctx = DecoderContext(EMBEDDED / "bd", "cpu", "float32")
-    dec = build_decoder("bd", ctx, {"compile": "off", **options})
-    tok = ctx.tokenizer
+NO_SHIFT = {"token_shift": "False"}
+BD_SETTINGS = [{}, NO_SHIFT, {**NO_SHIFT, "steps": "4", "remasking": "random"}, {"block_cache": "False"},
+               {**NO_SHIFT, "block_cache": "False", "sub_block": "4", "threshold": "0.5"},
+               {**NO_SHIFT, "remasking": "low_confidence_dynamic", "threshold": "0.5", "separate_commit": "True"},
+               {**NO_SHIFT, "remasking": "low_confidence_static", "steps": "4"},
+               {**NO_SHIFT, "remasking": "sequential", "steps": "2"}]
+
+
+@pytest.fixture(scope="module")
+def bd_ctx():
+    return DecoderContext(EMBEDDED / "bd", "cpu", "float32")
+
+
+def _same_rows(got, want):
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    for g, w in zip(got, want):
+        assert (g.stats.nfe, g.stats.tokens_fed, g.stats.accepted_lengths, g.finish_reason) == \
+            (w.stats.nfe, w.stats.tokens_fed, w.stats.accepted_lengths, w.finish_reason)
+
+
+@pytest.mark.parametrize("options", BD_SETTINGS)
+def test_batched_bd_rows_equal_batch1_bd(bd_ctx, options):
+    """bd is lossy, so the reference is batch-1 bd itself: the same tokens, forwards, tokens fed and
+    tokens finalised per forward, row by row, for every option (token shift or not, with or without
+    the block cache, SDAR's rules and separate commits), rows of mixed widths and phases in a step."""
+    dec = build_decoder("bd", bd_ctx, {"compile": "off", **options})
+    tok = bd_ctx.tokenizer
     prompts = prompts_of(tok, 5)
     cfg = GenerationConfig(max_new_tokens=20, stop_token_ids=(tok.eos_token_id,))
+    want = batch1_runs(dec, prompts, cfg)
+    done = []
+    got = generate_batch(dec, prompts, cfg, 4, on_done=lambda i, g: done.append(i))
+    _same_rows(got, want)
+    assert sorted(done) == list(range(len(prompts))) and len({len(g.stats.tokens_fed) for g in got}) > 1
+
+
+@pytest.mark.parametrize("options", [{}, {**NO_SHIFT, "steps": "4", "remasking": "random"}])
+def test_batched_bd_sampling_rows_equal_their_batch1_runs(bd_ctx, options):
+    """Sampling at B = 4: every row draws from its own generator, seeded as it would be alone, so
+    each row equals its own batch-1 sampled run with the same seed (and a different seed differs)."""
+    dec = build_decoder("bd", bd_ctx, {"compile": "off", **options})
+    prompts = prompts_of(bd_ctx.tokenizer, 5)
+    cfg = GenerationConfig(max_new_tokens=20, sampling=SamplingParams(temperature=1.0, seed=11))
     want = [dec.generate(p, cfg) for p in prompts]
-    got = generate_batch(dec, prompts, cfg, 4)
-    assert [g.tokens for g in got] == [w.tokens for w in want]
-    assert [g.stats.nfe for g in got] == [w.stats.nfe for w in want]
-    assert [g.stats.tokens_fed for g in got] == [w.stats.tokens_fed for w in want]
+    _same_rows(generate_batch(dec, prompts, cfg, 4), want)
+    greedy = batch1_runs(dec, prompts, GenerationConfig(max_new_tokens=20))
+    other = GenerationConfig(max_new_tokens=20, sampling=SamplingParams(temperature=1.0, seed=12))
+    assert [w.tokens for w in want] != [g.tokens for g in greedy]
+    assert [g.tokens for g in generate_batch(dec, prompts, other, 4)] != [w.tokens for w in want]
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="torch.compile unavailable on CPU here")
+@pytest.mark.parametrize("options", [{}, NO_SHIFT])
+def test_compiled_batched_bd_rows_equal_batch1_bd(bd_ctx, options):
+    """Compiled block steps at B = 4 (one graph per width: B or 2B tokens per row, padded rows and
+    empty slots inert) give the eager batch-1 rows."""
+    eager = build_decoder("bd", bd_ctx, {"compile": "off", **options})
+    comp = build_decoder("bd", bd_ctx, {"compile": "on", **options})
+    tok = bd_ctx.tokenizer
+    prompts = prompts_of(tok, 5)
+    cfg = GenerationConfig(max_new_tokens=20, stop_token_ids=(tok.eos_token_id,))
+    _same_rows(generate_batch(comp, prompts, cfg, 4), batch1_runs(eager, prompts, cfg))
+    assert comp.runner.compiled and comp.runner.compile_s > 0
 
 
 def test_batch_of_one_and_more_slots_than_prompts(tidar_ctx):
@@ -155,10 +216,10 @@ def test_batched_bad_input(tidar_ctx):
     assert supports_batch(hf) and "hf" in supports_batch(hf)
 
 
-def test_bd_separate_commit_is_refused():
-    """Batched bd merges commits into the next step: SDAR's separate commit forwards run at batch 1."""
-    assert "separate_commit" in supports_batch("bd", {"separate_commit": "true"})
-    assert supports_batch("bd", {"separate_commit": "false", "remasking": "low_confidence_dynamic"}) is None
+def test_bd_takes_every_option_at_any_batch_size():
+    """bd is written over B rows: no option is refused at B > 1."""
+    for o in ({"separate_commit": "true"}, {"block_cache": "false"}, {"remasking": "low_confidence_dynamic"}):
+        assert supports_batch("bd", o) is None
 
 
 def test_eagle_tree_is_refused(base_ctx):

@@ -145,7 +145,7 @@ def test_supports_batch_from_options():
 
     assert supports_batch("tidar", {"mode": "tidar", "beta": 1.0, "block_size": 4}) is None
     assert "lossless" in supports_batch("tidar", {"mode": "diffusion", "beta": 1.0})
-    assert "block_cache" in supports_batch("bd", {"block_cache": False})
+    assert supports_batch("bd", {"block_cache": False}) is None  # bd is written over B rows: every option
     assert supports_batch("bd", {"block_cache": True}) is None
     assert "tree=False" in supports_batch("eagle", {"tree": True})
     assert supports_batch("eagle", {"tree": False, "chain_length": 4}) is None

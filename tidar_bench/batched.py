@@ -16,9 +16,8 @@
 - Lossless decoders stay lossless per row: greedy verification per row against that row's AR rows.
 
 Supported: `ar`, `tidar` (mode tidar, beta 1, any block size, max_blocks) and `eagle` with chain
-drafting (tree=False; the head's cache gets per-row offsets too) and `bd` (block cache, with or
-without token shift; each row denoises its own block with the decoder's rule), greedy only
-(temperature 0). Per-row stats: nfe = forwards the row took part in (its prefill included),
+drafting (tree=False; the head's cache gets per-row offsets too), greedy only (temperature 0);
+`bd` is written over B rows itself (`tidar_bench.engine`): every option, sampling. Per-row stats: nfe = forwards the row took part in (its prefill included),
 tokens_fed = its own unpadded layout, wall_time_s = admission to last token (per-sequence latency,
 including waiting inside batched steps), prefill_time_s = its prefill.
 
@@ -53,18 +52,12 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
         # the TiDAR authors' rule options (tidar.py): any of them set is not the exact rule
         lossless = lossless and o.get("rule", "exact") == "exact" and all(
             o.get(k) is None for k in ("first_token", "prefill", "ar_ratio", "accept", "draft_penalty", "t0_as_t1"))
-        block_cache, tree = bool(o.get("block_cache", True)), bool(o.get("tree", True))
-        separate = str(o.get("separate_commit", False)).lower() in ("1", "true", "yes", "on")
+        tree = bool(o.get("tree", True))
     else:
-        lossless, block_cache = getattr(decoder, "lossless", True), getattr(decoder, "block_cache", True)
+        lossless = getattr(decoder, "lossless", True)
         tree = getattr(decoder, "tree", False)
-        separate = getattr(decoder, "separate_commit", False)
     if name == "tidar" and not lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1, rule=exact, no authors' options)"
-    if name == "bd" and not block_cache:
-        return "batched bd needs the block cache (block_cache=True)"
-    if name == "bd" and separate:
-        return "batched bd merges each commit into the next block's step; separate_commit=true runs at batch 1"
     if name == "eagle" and tree:
         return "batched eagle drafts chains: use --decoder-arg eagle.tree=False (chain_length=N)"
     return None
@@ -398,140 +391,7 @@ class _BatchedEagle(_Batched):
                 self._finish(s)
 
 
-# ----------------------------------------------------------------------------- block diffusion
-
-
-@dataclass
-class _BlockState:
-    pending: list[int]  # tokens committed by the row's next forward (a finished block, or the prompt's full blocks)
-    block: torch.Tensor  # [B] the block being denoised (mask ids where unknown)
-    known: list[bool]
-    emitted: int  # block positions already given to the stop checker
-    step: int = 0  # denoising forwards spent on this block
-    rgen: torch.Generator | None = None  # remasking=random: the row's own generator, seeded as batch 1
-    commit: bool = False  # token shift: the next forward commits the finished block (an AR step)
-
-
-class _BatchedBD(_Batched):
-    """Block diffusion with the block-level KV cache (block_cache=True), greedy, with or without
-    token shift. Per row: its committed length P (block-aligned), the block being denoised and which
-    positions are known. A step feeds every row its own forward, block-causal at its aligned offset,
-    padded to the step's longest: [finished block, if any | current block] (B or 2B tokens) to
-    denoise, or with token shift the finished block alone to commit it (its last output is the next
-    block's first token). Each row unmasks with the decoder's own rule (threshold / steps /
-    sub_block), so it makes the choices it makes alone."""
-
-    def __init__(self, decoder, *args):
-        self.Bk = decoder.B
-        self.step_rows = 3 * self.Bk
-        super().__init__(decoder, *args)
-        self.state: list[_BlockState | None] = [None] * self.B
-        self._local: dict[int, torch.Tensor] = {}
-
-    def _block_local(self, n: int) -> torch.Tensor:
-        from .masks import block_causal
-
-        if n not in self._local:
-            self._local[n] = block_causal(n, self.Bk, 0, "cpu")  # == the step mask at a block-aligned offset
-        return self._local[n]
-
-    def _new_block(self, head: list[int]) -> tuple[torch.Tensor, list[bool]]:
-        block = torch.full((self.Bk,), self.dec.mask_id, dtype=torch.long, device=self.dev)
-        block[: len(head)] = torch.tensor(head, dtype=torch.long, device=self.dev)
-        return block, [i < len(head) for i in range(self.Bk)]
-
-    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
-        """The decoder's first forward at batch 1: the prompt's full blocks (committed) + the first
-        block (the prompt's tail as its known head), which also takes the block's first unmasking."""
-        Bk, L = self.Bk, len(prompt)
-        base = (L // Bk) * Bk
-        block, known = self._new_block(prompt[base:])
-        rgen = None
-        if self.dec.remasking == "random":
-            rgen = torch.Generator(device=self.dev).manual_seed(0)
-        st = _BlockState(prompt[:base], block, known, L - base, 0, rgen)
-        self.state[slot] = st
-        self.scratch.reset()
-        row.length = base  # the prompt's full blocks are committed; the rest of the scratch is dropped
-        if self.dec.token_shift and base == L:  # AR step: the prompt's last output gives the first token
-            logits = self.model(torch.tensor([prompt], device=self.dev), mask=self._block_local(L).to(self.dev),
-                                cache=self.scratch, logits_index=slice(L - 1, L)).logits[0]
-            row.stats.tokens_fed = [L]
-            st.pending = []
-            return self._committed(row, st, logits[-1])
-        fed = torch.cat([torch.tensor(prompt[:base], dtype=torch.long, device=self.dev), block])
-        logits = self.model(fed[None], mask=self._block_local(base + Bk).to(self.dev), cache=self.scratch,
-                            logits_index=slice(base, base + Bk)).logits[0]
-        row.stats.tokens_fed = [base + Bk]
-        return self._after_forward(row, st, logits)
-
-    def _committed(self, row: _Row, st: _BlockState, logits: torch.Tensor) -> bool:
-        """Token shift: a block (or the prompt) was committed; its last output [V] is the first
-        token of the next block."""
-        logits[self.dec.mask_id] = float("-inf")
-        tok = int(logits.argmax(-1))
-        row.stats.accepted_lengths.append(1)
-        st.block, st.known = self._new_block([tok])
-        st.emitted, st.step, st.commit = 1, 0, False
-        return row.stop.extend([tok])
-
-    def _after_forward(self, row: _Row, st: _BlockState, logits: torch.Tensor) -> bool:
-        """The row's pending tokens are committed; unmask its block; emit the newly known prefix;
-        a finished block becomes the pending commit of the next forward. True when the row stops."""
-        st.pending = []
-        logits[:, self.dec.mask_id] = float("-inf")  # the mask token is never an output
-        if self.dec.token_shift:  # output j-1 predicts position j (row 0 unused: always known)
-            logits = torch.cat([logits[:1], logits[:-1]])
-        idx = self.dec._unmask(logits, st.block, st.known, st.step, self.config.sampling, None, st.rgen)
-        st.step += 1
-        row.stats.accepted_lengths.append(len(idx))
-        first_unknown = st.known.index(False) if not all(st.known) else self.Bk
-        if first_unknown > st.emitted:
-            if row.stop.extend(st.block[st.emitted : first_unknown].tolist()):
-                return True
-            st.emitted = first_unknown
-        if all(st.known) and self.dec.token_shift:
-            st.commit = True
-        elif all(st.known):
-            st.pending = st.block.tolist()
-            st.block, st.known = self._new_block([])
-            st.emitted, st.step = 0, 0
-        return False
-
-    def step(self, active: list[int]) -> None:
-        B, Bk = self.B, self.Bk
-        n = max(len(self.state[s].pending) + Bk for s in active)
-        ids = torch.full((B, n), self.dec.mask_id, dtype=torch.long, device=self.dev)
-        pos = torch.zeros(B, n, dtype=torch.long)
-        local = torch.eye(n, dtype=torch.bool).repeat(B, 1, 1)  # padding tokens see only themselves
-        rows = torch.zeros(B, Bk, dtype=torch.long)
-        starts = [0] * B
-        for s in active:
-            st, P = self.state[s], self.rows[s].length
-            p = len(st.pending)
-            if p:
-                ids[s, :p] = torch.tensor(st.pending, dtype=torch.long, device=self.dev)
-            ids[s, p : p + Bk] = st.block
-            pos[s] = torch.arange(P, P + n)
-            local[s, : p + Bk, : p + Bk] = self._block_local(p + Bk)
-            rows[s] = torch.arange(p, p + Bk)
-            starts[s] = P
-        logits = self.forward(ids, pos.to(self.dev), local.to(self.dev), starts, rows.to(self.dev))
-        for s in active:
-            row, st = self.rows[s], self.state[s]
-            row.stats.nfe += 1
-            row.stats.tokens_fed.append(len(st.pending) + Bk)
-            if st.commit:  # the fed block is final: keep its KV, its last output starts the next block
-                row.length += Bk
-                done = self._committed(row, st, logits[s, -1])
-            else:
-                row.length += len(st.pending)
-                done = self._after_forward(row, st, logits[s])
-            if done:
-                self._finish(s)
-
-
-_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
+_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": None}
 
 
 # ----------------------------------------------------------------------------- the batched speed benchmark

@@ -338,7 +338,8 @@ class Transformer(nn.Module):
         written at [C, C + q) and cache.length advances by q; crop() to evict them.
 
         hidden_layers: layer indices whose outputs to return (-1 or L-1: last layer, pre-norm).
-        logits_index: positions (among the q) to compute logits for; default all.
+        logits_index: positions (among the q) to compute logits for; default all; a [B, r] long
+        tensor picks r positions per row.
 
         start: a long tensor for a static-shape step (compiled mode, `prepare_step`): mask is then
         the local mask of the fed tokens (or of the key window from `window`), the cache buffers
@@ -362,7 +363,9 @@ class Transformer(nn.Module):
             cache.advance(input_ids.shape[1])
         if not return_logits:
             return ForwardOutput(logits=torch.empty(0), hidden_states=hidden)
-        if logits_index is not None:
+        if isinstance(logits_index, torch.Tensor) and logits_index.dim() == 2:  # [B, r]: per row
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+        elif logits_index is not None:
             x = x[:, logits_index]
         logits = self.lm_head(self.model.norm(x)).float()
         return ForwardOutput(logits=logits, hidden_states=hidden)
