@@ -531,7 +531,7 @@ class _BatchedBD(_Batched):
                 self._finish(s)
 
 
-_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
+_RUNNERS = {"ar": None, "dflash": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
 
 
 # ----------------------------------------------------------------------------- the batched speed benchmark
