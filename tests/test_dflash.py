@@ -508,7 +508,7 @@ def test_batched_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
     for ds in (True, False):  # token 2 is then always the first draft: its marginal shows it at once
-        _, p_first, _ = run(ds, 30)
+        _, p_first, _ = run(ds, 60)
         assert p_first < 1e-6, ds
 
 
