@@ -551,7 +551,8 @@ class DFlashDecoder(RowDecoder):
                 self.on_step(self.caches["target"], row.state.history)
         return committed
 
-    def _choose(self, logits: torch.Tensor, anchor: torch.Tensor, rows: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _choose(self, logits: torch.Tensor, anchor: torch.Tensor,
+                rows: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(drafts [B, r] as target ids, their proposal rows [B, r, V] over the target vocabulary or
         None when greedy) from the block rows' draft logits [B, r, Vd]. With a Markov head row k's
         logits are biased by the token before the one it predicts, so the drafts are chosen left to

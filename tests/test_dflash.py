@@ -442,7 +442,8 @@ def test_batched_rows_equal_batch1_ar_and_batch1_dflash(block_size):
     assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)  # the drafter pays off per row
 
 
-@pytest.mark.parametrize("kind,kw", [("dflash", dict(draft_vocab=48)), ("dflash", dict(sample_from_anchor=True, sliding=None)),
+@pytest.mark.parametrize("kind,kw", [("dflash", dict(draft_vocab=48)),
+                                     ("dflash", dict(sample_from_anchor=True, sliding=None)),
                                      ("dspark", dict()), ("dspark", dict(draft_vocab=32, sample_from_anchor=False,
                                                                          sliding_window_non_causal=True))])
 def test_batched_formats_equal_ar_and_sample_per_row(targets, kind, kw):
@@ -495,8 +496,8 @@ def test_batched_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
             for i, g in enumerate(_batched(dec, prompts, cfg)):
                 counts[i, g.tokens[1], g.tokens[2]] += 1
                 multi += g.stats.accepted_lengths[0] > 1
-        return (chi2_pvalue(counts.flatten(), exact.flatten()), chi2_pvalue(counts.sum(2).flatten(), exact.sum(2).flatten()),
-                multi / (n * len(prompts)))
+        return (chi2_pvalue(counts.flatten(), exact.flatten()),
+                chi2_pvalue(counts.sum(2).flatten(), exact.sum(2).flatten()), multi / (n * len(prompts)))
 
     for ds in (True, False):
         p_joint, p_first, accept_rate = run(ds, 100)
