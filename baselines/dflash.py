@@ -18,16 +18,19 @@ Qwen3-style layers with no embedding and no LM head of its own (it reads the tar
 
 Decoding step (cache invariant as in TiDAR / EAGLE: the target cache holds every committed token
 except the newest, x, at position P; the drafter cache holds the context entries of positions the
-drafter has absorbed, the rest of the committed features arrive with the next step):
+drafter has absorbed, the rest of the committed features arrive with the next step; the prefill
+absorbs the prompt's context but its last position). Each step runs over B rows at once
+(`tidar_bench.engine`, batch 1 = B = 1), every row at its own offsets:
   1. drafter forward over [pending context features | x, MASK..] -> drafts d_1..d_{B-1};
-     the block's drafter KV is cropped away at once (only context entries stay);
+     the block's drafter KV is dropped at once (only context entries stay);
   2. ONE target forward over [x, d_1..d_{B-1}] (causal, positions P..P+B-1, hidden states at the
      feature layers): row i verifies d_{i+1}, row B-1 gives the bonus;
   3. greedy: longest prefix equal to the target argmax + the target's token there
-     (`decoding.greedy_verify`); sampling: `decoding.speculative_verify` with the proposal the
-     drafts came from (the drafter's warped distribution, or a point mass on its argmax, as in the
-     reference code, which drafts argmax at any temperature);
-  4. crop the target cache to P+j+1 (x + the j accepted drafts); their features (rows 0..j)
+     (on the device, all rows, one host read); sampling, per row with its own generator:
+     `decoding.speculative_verify` with the proposal the drafts came from (the drafter's warped
+     distribution, or a point mass on its argmax, as in the reference code, which drafts argmax at
+     any temperature);
+  4. the row's target length becomes P+j+1 (x + the j accepted drafts); their features (rows 0..j)
      are the next step's pending context; commit d_1..d_j + the target's token.
 Stats: nfe (target forwards), draft_forwards (one per step), accepted lengths = accepted + 1.
 
@@ -48,6 +51,7 @@ into the same drafter; what differs from z-lab's layout, and how it is followed:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,8 +62,8 @@ from tidar_bench import masks
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token,
-                                  sample, speculative_verify, warp_probs)
+from tidar_bench.decoding import GenerationConfig, next_token, sample, speculative_verify, warp_probs
+from tidar_bench.engine import Row, RowDecoder
 from tidar_bench.errors import UserError
 from tidar_bench.formats import DFLASH_FORMATS, aux_to_model_core, flat_config
 from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict, read_config,
@@ -214,6 +218,19 @@ class DFlashDrafter(nn.Module):
             blk = blk.tril()
         return torch.cat([ctx, blk], dim=1)[None, None]
 
+    def static_window_mask(self, position_ids: torch.Tensor, start: torch.Tensor, q: int, n: int,
+                           T: int) -> torch.Tensor:
+        """`window_mask` in a static step's form, [B, 1, q, T] over the cache slots (per-row offsets
+        `start`, the fed entries at slots start..start+n-1, the block the last q): context slots hold
+        the context of their own position, so the window is slot >= (block's first position) - W;
+        the block causally unless sliding_window_non_causal. ANDed with the step's own mask."""
+        slot = torch.arange(T, device=position_ids.device)
+        ok = (slot[None] >= (position_ids[:, n - q] - self.config.sliding_window)[:, None])[:, None]  # [B, 1, T]
+        if not self.config.sliding_window_non_causal:
+            rel = slot[None] - (start.view(-1, 1) + n - q)  # [B|1, T]: index within the block
+            ok = ok & (rel[:, None, :] <= torch.arange(q, device=slot.device)[None, :, None])
+        return ok[:, None]
+
     @property
     def block_size(self) -> int:
         return self.config.block_size
@@ -226,14 +243,14 @@ class DFlashDrafter(nn.Module):
     def target_layer_ids(self) -> list[int]:
         return self.config.target_layer_ids
 
-    def new_cache(self, max_len: int, reuse: KVCache | None = None) -> KVCache:
+    def new_cache(self, max_len: int, reuse: KVCache | None = None, batch: int = 1) -> KVCache:
         """Like the model core's: reused when big enough, sizes rounded up to a power of two (>= 256)."""
-        if reuse is not None and reuse.max_len >= max_len:
+        if reuse is not None and reuse.max_len >= max_len and reuse.batch == batch:
             reuse.reset()
             return reuse
         lc, w = self.layer_config, self.fc.weight
         size = max(256, 1 << (max_len - 1).bit_length())
-        return KVCache(lc.num_hidden_layers, lc.num_key_value_heads, lc.head_dim, size, dtype=w.dtype,
+        return KVCache(lc.num_hidden_layers, lc.num_key_value_heads, lc.head_dim, size, batch=batch, dtype=w.dtype,
                        device=w.device)
 
     def forward(self, noise_emb: torch.Tensor, target_feats: torch.Tensor, position_ids: torch.Tensor,
@@ -268,9 +285,10 @@ class DFlashDrafter(nn.Module):
         swa = mask
         if self.config.sliding_layers:
             if static:
-                raise UserError("compiled steps of sliding-window DFlash drafters are not supported")
-            swa = self.window_mask(position_ids, start, q, n)
-            swa = swa if mask is None else swa & mask
+                swa = mask & self.static_window_mask(position_ids, start, q, n, mask.shape[-1])
+            else:
+                swa = self.window_mask(position_ids, start, q, n)
+                swa = swa if mask is None else swa & mask
         x = noise_emb
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cos, sin, swa if i in self.config.sliding_layers else mask, i, cache, start, self.attn)
@@ -398,7 +416,21 @@ def load_dflash_drafter(path: str | Path, target) -> DFlashDrafter:
 # ----------------------------------------------------------------------------- the decoder
 
 
-class DFlashDecoder(CachedDecoder):
+@dataclass
+class _RowState:
+    dlen: int  # drafter cache: context entries of positions 0..dlen-1 absorbed; dlen..length-1 pending
+    history: list[int] | None = None  # prompt + every committed token (only for the on_step test hook)
+
+
+class DFlashDecoder(RowDecoder):
+    """Written over B rows (`tidar_bench.engine`; batch 1 is B = 1). Per row: `row.length` = P (the
+    target cache holds every committed token but the newest), its drafter cache length `dlen` and
+    its pending context, the verification features of its last step (rows 0..length-dlen-1 valid);
+    every step is one drafter forward and one target forward over all rows, each at its own offsets.
+    The prompt's context (all but its last position) is absorbed into the drafter cache by the
+    prefill (a drafter forward with one throw-away block row, part of the prefill time), so every
+    step feeds 1..nv context rows, padded to nv in the static form: one step shape, compiled or not."""
+
     name = "dflash"
     lossless = True
 
@@ -411,17 +443,18 @@ class DFlashDecoder(CachedDecoder):
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         self.draft_sample = draft_sample
         self.layers = list(drafter.target_layer_ids)
-        self._dcache: KVCache | None = None
-        # compiled mode: two fixed shapes, the verification (block_size tokens) and the drafter step
-        # (block_size context rows, padded, + the block); the first drafter step (the prompt's
-        # context) stays eager like a prefill. See tidar_bench/compiled.py.
-        # Sliding-window drafters run their (small) drafter steps eager.
-        self.target_steps = steps_for(model, model, compile)
-        self.draft_steps = steps_for(model, drafter, "off" if drafter.config.sliding_layers else compile)
         # anchor-first drafters (sample_from_anchor) draft from every block row, others from rows 1..B-1
         self.first_row = 0 if drafter.config.sample_from_anchor else 1
-        # tests observe every step: on_step(target cache, prompt + committed tokens)
+        self.nv = self.block_size + 1 - self.first_row  # verification: [x, drafts]; also the most pending context
+        self.step_rows = self.nv + 2 * self.block_size  # the drafter step writes nv context rows + the block
+        # compiled mode: two fixed shapes, the verification (nv tokens) and the drafter step (nv context
+        # rows, padded, + the block). See tidar_bench/compiled.py. Sliding-window drafters run their
+        # (small) drafter steps uncompiled (batch 1: eager; B > 1: the static form).
+        self.target_steps = steps_for(model, model, compile)
+        self.draft_steps = steps_for(model, drafter, "off" if drafter.config.sliding_layers else compile)
+        # tests observe every step: on_step(target cache, prompt + committed tokens), batch 1 only
         self.on_step: Callable | None = None
+        self._dcache: KVCache | None = None
 
     def options(self) -> dict:
         c = self.drafter.config
@@ -433,29 +466,120 @@ class DFlashDecoder(CachedDecoder):
                      markov_rank=c.markov_rank, sliding_layers=c.sliding_layers)
         return o
 
-    def _choose(self, logits: torch.Tensor, anchor: torch.Tensor, sp, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(drafts as target ids, their proposal rows over the target vocabulary or None when greedy)
-        from the block rows' draft logits. With a Markov head row k's logits are biased by the token
-        before the one it predicts, so the drafts are chosen left to right; a sampled draft's row is
-        the exact distribution it was drawn from (what speculative_verify needs)."""
-        d = self.drafter
+    def runners(self) -> list:
+        return [self.target_steps, self.draft_steps]
+
+    def new_caches(self, batch: int, max_len: int, reuse: dict) -> dict:
+        return {"target": self.model.new_cache(max_len, batch=batch, reuse=reuse.get("target")),
+                "draft": self.drafter.new_cache(max_len, reuse=reuse.get("draft"), batch=batch)}
+
+    def begin(self, batch: int, config: GenerationConfig) -> None:
+        dev, bs = self.model.device, self.block_size
+        self._sp = config.sampling
+        self._dcache = self.caches["draft"]
+        F = len(self.layers) * self.model.config.hidden_size
+        # device state of the B rows: the block each drafts from ([newest token, MASK..]), the pending
+        # context (the last verification's features) and the offsets of the static steps
+        self._block = torch.full((batch, bs), int(self.drafter.mask_token_id), dtype=torch.long, device=dev)
+        self._ctx = torch.zeros(batch, self.nv, F, dtype=self.model.dtype, device=dev)
+        n = self.nv + bs
+        self._local = torch.eye(n, dtype=torch.bool, device=dev).repeat(batch, 1, 1)  # rows: see `_draft`
+        self._local[:, self.nv:, self.nv:] = True
+        self._ar_ctx = torch.arange(self.nv, device=dev)
+        self._ar_blk = torch.arange(bs, device=dev)
+        self._ar_ver = torch.arange(self.nv, device=dev)
+
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+        model, dev, L = self.model, self.model.device, len(prompt)
+        out = model(torch.tensor([prompt], device=dev), cache=caches["target"], hidden_layers=self.layers,
+                    logits_index=slice(-1, None))
+        row.stats.nfe, row.stats.tokens_fed = 1, [L]
+        tok = next_token(out.logits[0, -1], self._sp, row.gen)
+        ctx = target_context(out.hidden_states, self.layers)  # [1, L, F]
+        if L > 1:  # the drafter absorbs the context of positions 0..L-2 (the block row is thrown away)
+            self.drafter(model.model.embed_tokens(tok.view(1, 1)), ctx[:, :-1], torch.arange(L, device=dev),
+                         cache=caches["draft"])
+            caches["draft"].crop(L - 1)
+        row.length = L
+        row.state = _RowState(L - 1, list(prompt) + [int(tok)] if self.on_step is not None else None)
+        self._block[row.slot, 0] = tok
+        self._ctx[row.slot, :1] = ctx[0, -1:]
+        return [int(tok)]
+
+    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
+        model, drafter, sp, bs, nv = self.model, self.drafter, self._sp, self.block_size, self.nv
+        live = [(s, r) for s, r in enumerate(rows) if r is not None]
+        P = [r.length if r is not None else 0 for r in rows]
+        D = [r.state.dlen if r is not None else 0 for r in rows]
+        DP = torch.tensor([D, P], device=self._block.device)  # the rows' offsets on the device: one copy
+        # 1. the drafter: every row's pending context + its block -> drafts (and their proposal rows)
+        states = self._draft(self._dcache, model.model.embed_tokens(self._block), self._ctx, P, D, DP)
+        anchor = self._block[:, 0]
+        drafts, q = self._choose(drafter.draft_logits(states[:, self.first_row:], model), anchor, rows)
+        # 2. one target forward over [x, drafts] of every row at its own offset
+        out = self.target_steps(torch.cat([anchor[:, None], drafts], 1), DP[1][:, None] + self._ar_ver,
+                                cache=self.caches["target"], hidden_layers=self.layers, starts=P, start=DP[1])
+        # 3. verification per row: n accepted drafts + the target's token
+        if q is None:  # greedy: all rows on the device, one host read
+            tgt = out.logits.argmax(-1)  # [B, nv]
+            n = (tgt[:, :-1] == drafts).int().cumprod(1).sum(1, keepdim=True)
+            nxt = tgt.gather(1, n)
+            host = torch.cat([n, nxt, drafts], 1).tolist()
+            self._block[:, :1] = nxt
+        else:
+            d_host, host = drafts.tolist(), [None] * len(rows)
+            for s, row in live:
+                k, t = speculative_verify(drafts[s], q[s], warp_probs(out.logits[s], sp), row.gen)
+                host[s] = [k, t, *d_host[s]]
+            self._block[:, 0] = torch.tensor([h[1] if h else 0 for h in host], device=self._block.device)
+        self._ctx = target_context(out.hidden_states, self.layers)  # the next step's pending context
+        committed: list[list[int] | None] = [None] * len(rows)
+        for s, row in live:
+            k, t = host[s][0], host[s][1]
+            accepted = host[s][2: 2 + k] + [t]
+            row.state.dlen = P[s]
+            row.length = P[s] + k + 1  # x + the k accepted drafts; the target's token is the new x
+            st = row.stats
+            st.nfe += 1
+            st.draft_forwards += 1
+            st.tokens_fed.append(nv)
+            st.accepted_lengths.append(k + 1)
+            committed[s] = accepted
+            if self.on_step is not None and len(rows) == 1:
+                self.caches["target"].length = row.length
+                row.state.history += accepted
+                self.on_step(self.caches["target"], row.state.history)
+        return committed
+
+    def _choose(self, logits: torch.Tensor, anchor: torch.Tensor,
+                rows: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(drafts [B, r] as target ids, their proposal rows [B, r, V] over the target vocabulary or
+        None when greedy) from the block rows' draft logits [B, r, Vd]. With a Markov head row k's
+        logits are biased by the token before the one it predicts, so the drafts are chosen left to
+        right; a sampled draft's row is the exact distribution it was drawn from (what
+        speculative_verify needs), drawn with its row's own generator."""
+        d, sp = self.drafter, self._sp
         sampled = not sp.greedy and self.draft_sample
-        rows: list[torch.Tensor] = []
+
+        def draw(probs):  # one draw per live row, from its own generator (an empty slot draws nothing)
+            return torch.stack([sample(probs[s], r.gen) if r is not None else probs[s].argmax(-1)
+                                for s, r in enumerate(rows)])
+
         if d.markov_head is None:
             q = warp_probs(logits, sp) if sampled else None
-            ids = sample(q, gen) if sampled else logits.argmax(-1)
+            ids = draw(q) if sampled else logits.argmax(-1)
         else:
-            prev, picked = anchor[0], []
-            for k in range(logits.shape[0]):
-                lg = logits[k] + d.markov_head(prev)
+            prev, picked, qs = anchor, [], []
+            for k in range(logits.shape[1]):
+                lg = logits[:, k] + d.markov_head(prev)
                 if sampled:
-                    rows.append(warp_probs(lg, sp))
-                    picked.append(sample(rows[-1], gen))
+                    qs.append(warp_probs(lg, sp))
+                    picked.append(draw(qs[-1]))
                 else:
                     picked.append(lg.argmax(-1))
                 prev = d.to_target(picked[-1])
-            ids = torch.stack(picked)
-            q = torch.stack(rows) if sampled else None
+            ids = torch.stack(picked, 1)
+            q = torch.stack(qs, 1) if sampled else None
         drafts = d.to_target(ids)
         if sp.greedy:
             return drafts, None
@@ -463,78 +587,36 @@ class DFlashDecoder(CachedDecoder):
         if q is None:  # argmax drafts: a point-mass proposal (the reference's rule)
             return drafts, torch.nn.functional.one_hot(drafts, V).float()
         if d.lm_head is not None:  # draft vocabulary -> target vocabulary
-            full = torch.zeros(q.shape[0], V, device=q.device)
-            full[:, d.to_target(torch.arange(q.shape[1], device=q.device))] = q
+            full = q.new_zeros(*q.shape[:-1], V)
+            full[..., d.to_target(torch.arange(q.shape[-1], device=q.device))] = q
             q = full
         return drafts, q
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
-        model, drafter, B = self.model, self.drafter, self.block_size
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("empty prompt")
-        dev = model.device
-        run = DecodeRun(dev, config, self.tokenizer, self.target_steps, self.draft_steps)
-        stats, sp, gen = run.stats, run.sp, run.gen
-        cap = len(prompt) + config.max_new_tokens + 2 * B + 1
-        cache = self.cache_for(cap)
-        dcache = self._dcache = drafter.new_cache(cap, reuse=self._dcache)
-        masks_ = torch.full((B - 1,), drafter.mask_token_id, device=dev)
-        offsets = torch.arange(B + 1 - self.first_row, device=dev)  # verification: [x, drafts]
-
-        out = model(torch.tensor([prompt], device=dev), cache=cache, hidden_layers=self.layers,
-                    logits_index=slice(-1, None))
-        stats.nfe, stats.tokens_fed = 1, [len(prompt)]
-        tok = next_token(out.logits[0, -1], sp, gen).reshape(1)
-        run.prefill_done()
-        ctx = target_context(out.hidden_states, self.layers)  # pending context: positions dcache.length..P-1
-        history = prompt + [int(tok)]
-        done = run.stop.extend(history[-1:])
-        while not done:
-            P = cache.length  # position of the newest committed token, tok
-            states = self._draft(dcache, model.model.embed_tokens(torch.cat([tok, masks_]))[None], ctx, P)
-            stats.draft_forwards += 1
-            drafts, q = self._choose(drafter.draft_logits(states[0, self.first_row:], model), tok, sp, gen)
-
-            out = self.target_steps(torch.cat([tok, drafts])[None], P + offsets, cache=cache,
-                                    hidden_layers=self.layers)
-            stats.nfe += 1
-            stats.tokens_fed.append(len(offsets))
-            if q is None:
-                n, t = greedy_verify(drafts, out.logits[0])
-            else:
-                n, t = speculative_verify(drafts, q, warp_probs(out.logits[0], sp), gen)
-            cache.crop(P + n + 1)
-            accepted = drafts[:n].tolist() + [t]
-            ctx = target_context(out.hidden_states, self.layers)[:, : n + 1]
-            tok = torch.tensor([t], device=dev)
-            stats.accepted_lengths.append(len(accepted))
-            history += accepted
-            done = run.stop.extend(accepted)
-            if self.on_step is not None:
-                self.on_step(cache, history)
-        return run.finish()
-
-    def _draft(self, dcache: KVCache, block_emb: torch.Tensor, ctx: torch.Tensor, P: int) -> torch.Tensor:
-        """One drafter forward over [pending context | block]; afterwards the drafter cache holds
-        the context entries of positions 0..P-1 only. Compiled: the context is padded to block_size
-        rows (the pad rows are not attended and are evicted with the block); a longer context (the
-        prompt's, at the first step) goes eager."""
-        B, D, c = self.block_size, dcache.length, ctx.shape[1]
-        dev = ctx.device
-        if not self.draft_steps.compiled or c > B:
-            states = self.drafter(block_emb, ctx, torch.arange(D, P + B, device=dev), cache=dcache)
+    def _draft(self, dcache: KVCache, block_emb: torch.Tensor, ctx: torch.Tensor, P: list[int], D: list[int],
+               DP: torch.Tensor | None = None) -> torch.Tensor:
+        """One drafter forward over every row's [pending context | block]: row s has the context of
+        positions D[s]..P[s]-1 in ctx[s, :P[s]-D[s]] and its block at P[s]..P[s]+block_size-1;
+        returns the block states [B, block_size, H]. Afterwards row s of the drafter cache holds the
+        context entries of positions 0..P[s]-1 (the block's entries are left past them, unread).
+        Batch 1 eager: the live rows only, as the model core's eager forward. Otherwise the static
+        form: the context padded to nv rows (pad rows see only themselves and nobody sees them), a
+        block row sees its row's cached context, its c context rows and the whole block."""
+        bs, nv, dev = self.block_size, self.nv, block_emb.device
+        if dcache.batch == 1 and not self.draft_steps.compiled:
+            dcache.length = D[0]
+            states = self.drafter(block_emb, ctx[:, : P[0] - D[0]], torch.arange(D[0], P[0] + bs, device=dev),
+                                  cache=dcache)
         else:
-            pad = torch.zeros(1, B - c, ctx.shape[-1], dtype=ctx.dtype, device=dev)
-            local = torch.eye(2 * B, dtype=torch.bool, device=dev)
-            local[B:, :c] = True
-            local[B:, B:] = True
-            pos = torch.cat([torch.arange(D, P, device=dev), torch.full((B - c,), P, device=dev),
-                             torch.arange(P, P + B, device=dev)])
-            states = self.draft_steps(block_emb, torch.cat([ctx, pad], 1), pos, cache=dcache, local_mask=local,
-                                      q=2 * B)
-        dcache.crop(P)  # keep the context entries, drop the block's (and the padding)
+            if ctx.shape[1] < nv:
+                ctx = torch.cat([ctx, ctx.new_zeros(ctx.shape[0], nv - ctx.shape[1], ctx.shape[2])], 1)
+            if DP is None:
+                DP = torch.tensor([D, P], device=dev)  # [2, B]
+            c = DP[1] - DP[0]
+            self._local[:, nv:, :nv] = self._ar_ctx[None, None, :] < c[:, None, None]
+            pos = torch.cat([DP[0][:, None] + self._ar_ctx, DP[1][:, None] + self._ar_blk], 1)
+            states = self.draft_steps(block_emb, ctx, pos, cache=dcache, local_mask=self._local, q=nv + bs,
+                                      starts=D, start=DP[0])
+        dcache.length = P[0]  # batch 1: the absorbed context (the block's entries are dropped)
         return states
 
 

@@ -401,9 +401,129 @@ def test_compiled_dflash_is_lossless(targets):
                 dc = drafter.new_cache(32)
                 drafter(emb[:, :1], feats[:, :6], torch.arange(7), cache=dc)
                 dc.crop(6)
-                caches.append((dec._draft(dc, emb, feats[:, 6:6 + c], 6 + c), dc))
+                caches.append((dec._draft(dc, emb, feats[:, 6:6 + c], [6 + c], [6]), dc))
             (se, ce), (sc, cc) = caches
             torch.testing.assert_close(sc, se, atol=1e-5, rtol=1e-5)
             assert ce.length == cc.length == 6 + c
             for a, b in zip(ce.snapshot(), cc.snapshot()):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- B rows (tidar_bench.engine)
+
+
+def _batched(dec, prompts, cfg, batch=4):
+    from tidar_bench.batched import generate_batch
+
+    return generate_batch(dec, prompts, cfg, batch)
+
+
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_batched_rows_equal_batch1_ar_and_batch1_dflash(block_size):
+    """B = 4 (6 prompts of different lengths, refill, rows stopping at eos / the limit at different
+    steps), the embedded trained drafter: every row's tokens are batch-1 AR's, and its forwards and
+    acceptances are its own batch-1 run's (the rows never see each other)."""
+    from test_batched import EMBEDDED, prompts_of
+
+    ctx = DecoderContext(EMBEDDED / "base", "cpu", "float32", EMBEDDED / "dflash")
+    ar = build_decoder("ar", ctx, {"compile": "off"})
+    dec = build_decoder("dflash", ctx, {"compile": "off"} if block_size is None else
+                        {"compile": "off", "block_size": str(block_size)})
+    tok = ctx.tokenizer
+    prompts = prompts_of(tok)
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(tok.eos_token_id,))
+    one = [dec.generate(p, cfg) for p in prompts]
+    got = _batched(dec, prompts, cfg)
+    assert [g.tokens for g in got] == [ar.generate(p, cfg).tokens for p in prompts] == [g.tokens for g in one]
+    for g, w in zip(got, one):
+        assert (g.stats.nfe, g.stats.draft_forwards, g.stats.accepted_lengths, g.stats.tokens_fed) == \
+               (w.stats.nfe, w.stats.draft_forwards, w.stats.accepted_lengths, w.stats.tokens_fed)
+    assert len({len(g.stats.accepted_lengths) for g in got}) > 1  # rows finished at different steps
+    assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)  # the drafter pays off per row
+
+
+@pytest.mark.parametrize("kind,kw", [("dflash", dict(draft_vocab=48)),
+                                     ("dflash", dict(sample_from_anchor=True, sliding=None)),
+                                     ("dspark", dict()), ("dspark", dict(draft_vocab=32, sample_from_anchor=False,
+                                                                         sliding_window_non_causal=True))])
+def test_batched_formats_equal_ar_and_sample_per_row(targets, kind, kw):
+    """speculators DFlash / DSpark drafters (reduced draft vocabulary + d2t, sliding-window layers in
+    the static per-row form, anchor-first, the Markov head) at B = 4: greedy rows are AR's; sampled
+    rows (drafts sampled or argmax) are each exactly their own batch-1 run with the same seed."""
+    from tidar_bench.testing import speculators_drafter
+
+    model = targets["llama"][1]
+    _, drafter = speculators_drafter(model.config, kind, **kw)
+    prompts = _prompts(6, seed=7)
+    cfg = GenerationConfig(max_new_tokens=10)
+    ar = ARDecoder(model)
+    assert [g.tokens for g in _batched(DFlashDecoder(model, drafter), prompts, cfg)] == \
+           [ar.generate(p, cfg).tokens for p in prompts]
+    for ds in (True, False):
+        dec = DFlashDecoder(model, drafter, draft_sample=ds)
+        cfg = GenerationConfig(max_new_tokens=10, sampling=SamplingParams(temperature=0.8, top_k=40, seed=11))
+        got, want = _batched(dec, prompts, cfg), [dec.generate(p, cfg) for p in prompts]
+        assert [g.tokens for g in got] == [w.tokens for w in want]
+        assert [g.stats.accepted_lengths for g in got] == [w.stats.accepted_lengths for w in want]
+
+
+def test_batched_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
+    """B = 4, four different prompts decoded together, one call per seed: each row's new tokens 2
+    and 3 (decided by its first verification) follow that prompt's exact AR distribution (chi-square
+    over the 4 x 64 joint cells and over the 4 x 8 cells of token 2 alone), for sampled and argmax
+    drafts; accepting every draft fails (token 2's cells)."""
+    make_hf_model("llama", tmp_path, seed=3, vocab_size=8, num_hidden_layers=4)
+    model = load_model(tmp_path, "float32", "cpu")
+    drafter = DFlashDrafter.from_target(model, num_layers=1, block_size=3, mask_token_id=7, seed=5).eval()
+    with torch.no_grad():
+        drafter.norm.weight.fill_(1.0)
+    prompts, T = [[1, 4, 2], [3], [5, 0, 6, 1, 1], [2, 2]], 1.0
+    seqs = torch.tensor(list(itertools.product(range(8), repeat=3)))
+    exact = []
+    for p in prompts:
+        ids = torch.cat([torch.tensor(p).expand(len(seqs), -1), seqs], 1)
+        with torch.no_grad():
+            logp = (model(ids).logits[:, len(p) - 1: -1] / T).log_softmax(-1)
+        exact.append(logp.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).exp().view(8, 8, 8).sum(0))
+    exact = torch.stack(exact) / len(prompts)  # [prompt, token 2, token 3]
+
+    def run(draft_sample, n):
+        dec = DFlashDecoder(model, drafter, draft_sample=draft_sample)
+        counts = torch.zeros(len(prompts), 8, 8)
+        multi = 0
+        for s in range(n):
+            cfg = GenerationConfig(max_new_tokens=3, sampling=SamplingParams(temperature=T, seed=s))
+            for i, g in enumerate(_batched(dec, prompts, cfg)):
+                counts[i, g.tokens[1], g.tokens[2]] += 1
+                multi += g.stats.accepted_lengths[0] > 1
+        return (chi2_pvalue(counts.flatten(), exact.flatten()),
+                chi2_pvalue(counts.sum(2).flatten(), exact.sum(2).flatten()), multi / (n * len(prompts)))
+
+    for ds in (True, False):
+        p_joint, p_first, accept_rate = run(ds, 100)
+        assert accept_rate > 0.08, ds  # drafts are often accepted (token 2 is then a draft)
+        assert p_joint > 1e-3 and p_first > 1e-3, ds
+
+    def always_accept(drafts, draft_probs, target_probs, generator):
+        return drafts.shape[0], int(sample(target_probs[-1], generator))
+
+    monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
+    for ds in (True, False):  # token 2 is then always the first draft: its marginal shows it at once
+        _, p_first, _ = run(ds, 60)
+        assert p_first < 1e-6, ds
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="torch.compile unavailable")
+def test_compiled_batched_rows_equal_ar(targets):
+    """Compiled steps at B = 4 (one graph per step shape and batch size; empty slots and padded
+    context rows inert): every row is batch-1 AR's, and its acceptances are the eager decoder's."""
+    model = targets["llama"][1]
+    drafter = _drafter(model, block_size=4)
+    prompts = _prompts(6, seed=12)
+    cfg = GenerationConfig(max_new_tokens=14)
+    ar = ARDecoder(model)
+    eager, comp = DFlashDecoder(model, drafter, compile="off"), DFlashDecoder(model, drafter, compile="on")
+    ge, gc = _batched(eager, prompts, cfg), _batched(comp, prompts, cfg)
+    assert [g.tokens for g in gc] == [g.tokens for g in ge] == [ar.generate(p, cfg).tokens for p in prompts]
+    assert [g.stats.accepted_lengths for g in gc] == [g.stats.accepted_lengths for g in ge]
+    assert comp.target_steps.compile_s > 0 and all(g.stats.compile_s >= 0 for g in gc)
