@@ -67,7 +67,7 @@ def test_options_compose_back_to_the_exact_rule(model):
         for o, d in zip(composed, decs):
             g = d.generate(p, cfg)
             assert g.tokens == ref, o
-            two = d.prefill == "two"
+            two = d.options()["prefill"] == "two"
             assert g.stats.prefill_forwards == g.stats.nfe - len(g.stats.accepted_lengths) == (2 if two else 1)
             assert g.stats.accept_length == pytest.approx(13 / (g.stats.nfe - (2 if two else 1)))
     assert max(a for p in _prompts(3) for a in exact.generate(p, GenerationConfig(max_new_tokens=13)).stats.accepted_lengths) > 1

@@ -15,7 +15,8 @@
   wait and never change: every row computes exactly what it would alone, up to float rounding.
 - Lossless decoders stay lossless per row: greedy verification per row against that row's AR rows.
 
-Supported: `ar`, `tidar` (mode tidar, beta 1, any block size, max_blocks) and `eagle` with chain
+`ar` and `tidar` are RowDecoders (tidar_bench.engine: every option, sampling, compiled steps at
+every B; dispatched to their own `generate_batch`). The copies below: `eagle` with chain
 drafting (tree=False; the head's cache gets per-row offsets too) and `bd` (block cache, with or
 without token shift; each row denoises its own block with the decoder's rule), greedy only
 (temperature 0). Per-row stats: nfe = forwards the row took part in (its prefill included),
@@ -28,7 +29,7 @@ including waiting inside batched steps), prefill_time_s = its prefill.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -36,7 +37,6 @@ import torch
 from .decoding import DecodeStats, Generation, GenerationConfig, StopChecker, Timer
 from .engine import RowDecoder
 from .errors import UserError
-from .masks import TidarStepLayout, tidar_first_step, tidar_step
 
 
 def supports_batch(decoder, options: dict | None = None) -> str | None:
@@ -49,18 +49,12 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
         if options is None:
             return None
         o = options  # the factories' defaults where an option is absent
-        lossless = o.get("mode", "tidar") == "tidar" and float(o.get("beta", 1.0)) == 1.0
-        # the TiDAR authors' rule options (tidar.py): any of them set is not the exact rule
-        lossless = lossless and o.get("rule", "exact") == "exact" and all(
-            o.get(k) is None for k in ("first_token", "prefill", "ar_ratio", "accept", "draft_penalty", "t0_as_t1"))
         block_cache, tree = bool(o.get("block_cache", True)), bool(o.get("tree", True))
         separate = str(o.get("separate_commit", False)).lower() in ("1", "true", "yes", "on")
     else:
-        lossless, block_cache = getattr(decoder, "lossless", True), getattr(decoder, "block_cache", True)
+        block_cache = getattr(decoder, "block_cache", True)
         tree = getattr(decoder, "tree", False)
         separate = getattr(decoder, "separate_commit", False)
-    if name == "tidar" and not lossless:
-        return "batched tidar supports the lossless setting only (mode=tidar, beta=1, rule=exact, no authors' options)"
     if name == "bd" and not block_cache:
         return "batched bd needs the block cache (block_cache=True)"
     if name == "bd" and separate:
@@ -101,8 +95,6 @@ class _Row:
     t0: float
     length: int  # cache slots of this row holding committed KV
     last: int  # newest committed token (its KV is computed by the next step)
-    drafts: list[int] = field(default_factory=list)
-    conf: torch.Tensor | None = None  # diffusion probability of each draft (tidar max_blocks)
 
 
 class _Batched:
@@ -190,103 +182,6 @@ def _copy_row(dst, src, slot: int, n: int) -> None:
     for d_layers, s_layers in ((dst.k, src.k), (dst.v, src.v)):
         for d, s_ in zip(d_layers, s_layers):
             d[slot, :, :n] = s_[0, :, :n]
-
-
-# ----------------------------------------------------------------------------- TiDAR
-
-
-@dataclass
-class _Layout:
-    """One row's step: n fed tokens, local mask [n, n], positions relative to the row's length,
-    the fed rows that need logits (AR rows, then offsets 1..k-1 of every block)."""
-
-    n: int
-    local: torch.Tensor
-    rel_pos: torch.Tensor
-    logits_rows: list[int]
-
-
-class _BatchedTidar(_Batched):
-    def __init__(self, decoder, *args):
-        self.k = decoder.k
-        self.step_rows = self.k * (self.k + 1)
-        super().__init__(decoder, *args)
-        self._layouts: dict[tuple, _Layout] = {}
-
-    def _layout(self, m: int, outcomes: tuple[int, ...]) -> _Layout:
-        key = (m, outcomes)
-        if key not in self._layouts:
-            lay = TidarStepLayout(0, m, self.k, outcomes)
-            rows = list(range(lay.n_causal))
-            for b in range(len(outcomes)):
-                rows += range(lay.block_start(b) + 1, lay.block_start(b) + self.k)
-            self._layouts[key] = _Layout(lay.n_fed, tidar_step(lay, "cpu"), lay.positions("cpu"), rows)
-        return self._layouts[key]
-
-    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
-        """The decoder's own prefill layout, at batch 1: prompt causal + one pre-draft block at L."""
-        k, L = self.k, len(prompt)
-        first = tidar_first_step(L, k, self.dev)
-        self.scratch.reset()
-        ids = torch.tensor([prompt + [self.dec.mask_id] * k], device=self.dev)
-        rows = torch.tensor([L - 1, *range(L + 1, L + k)], device=self.dev)
-        logits = self.model(ids, first.positions(self.dev), tidar_step(first, self.dev), self.scratch,
-                            logits_index=rows).logits[0]
-        row.stats.tokens_fed = [first.n_fed]
-        first_tok, *drafts = logits.argmax(-1).tolist()
-        row.last, row.drafts, row.conf = first_tok, drafts, self._conf(logits[1:])
-        return row.stop.extend([row.last])
-
-    def _conf(self, block_logits: torch.Tensor) -> torch.Tensor | None:
-        """Each draft's diffusion probability: only max_blocks ranks outcomes by it."""
-        return block_logits.softmax(-1).amax(-1).cpu() if self.dec.max_blocks is not None else None
-
-    def step(self, active: list[int]) -> None:
-        B, mask_id = self.B, self.dec.mask_id
-        plan = {}
-        for s in active:
-            row = self.rows[s]
-            m = len(row.drafts)
-            outcomes = self.dec._outcomes(m, row.conf)
-            plan[s] = (m, outcomes, self._layout(m, outcomes))
-        n = max(lay.n for _, _, lay in plan.values())
-        r = max(len(lay.logits_rows) for _, _, lay in plan.values())
-        ids = torch.full((B, n), mask_id, dtype=torch.long)
-        pos = torch.zeros(B, n, dtype=torch.long)
-        local = torch.eye(n, dtype=torch.bool).repeat(B, 1, 1)  # padding tokens see only themselves
-        rows = torch.zeros(B, r, dtype=torch.long)
-        starts = [0] * B
-        for s, (m, outcomes, lay) in plan.items():
-            row = self.rows[s]
-            ids[s, 0] = row.last
-            ids[s, 1 : 1 + m] = torch.tensor(row.drafts, dtype=torch.long)
-            pos[s, : lay.n] = lay.rel_pos + row.length
-            pos[s, lay.n :] = row.length + lay.n
-            local[s, : lay.n, : lay.n] = lay.local
-            rows[s, : len(lay.logits_rows)] = torch.tensor(lay.logits_rows)
-            starts[s] = row.length
-        logits = self.forward(ids.to(self.dev), pos.to(self.dev), local.to(self.dev), starts, rows.to(self.dev))
-        target = logits.argmax(-1).tolist()  # one host sync for the whole batch
-        for s, (m, outcomes, lay) in plan.items():
-            row = self.rows[s]
-            ar = target[s][: m + 1]
-            acc = 0
-            while acc < m and row.drafts[acc] == ar[acc]:
-                acc += 1
-            committed = row.drafts[:acc] + [ar[acc]]
-            row.stats.nfe += 1
-            row.stats.tokens_fed.append(lay.n)
-            row.stats.accepted_lengths.append(acc + 1)
-            row.length += acc + 1  # x + accepted drafts; the new token's KV comes with the next step
-            row.last = ar[acc]
-            if row.stop.extend(committed):
-                self._finish(s)
-            elif acc in outcomes:  # block acc starts at the new token's position: its offsets 1..k-1
-                lo = m + 1 + outcomes.index(acc) * (self.k - 1)
-                row.drafts = target[s][lo : lo + self.k - 1]
-                row.conf = self._conf(logits[s, lo : lo + self.k - 1])
-            else:  # no block for this outcome (max_blocks): the next step verifies nothing
-                row.drafts, row.conf = [], None
 
 
 # ----------------------------------------------------------------------------- EAGLE (chain)
@@ -531,7 +426,7 @@ class _BatchedBD(_Batched):
                 self._finish(s)
 
 
-_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
+_RUNNERS = {"ar": None, "tidar": None, "eagle": _BatchedEagle, "bd": _BatchedBD}
 
 
 # ----------------------------------------------------------------------------- the batched speed benchmark
