@@ -273,9 +273,9 @@ class TidarDecoder(RowDecoder):
         dev, k = self.model.device, self.k
         self._sp = self._sampling(config)
         self._padded = batch > 1 or (self.runner.compiled and self.mode == "tidar")
-        n = 2 * k if self.mode == "diffusion" else k * (k + 1)
-        self._ids = torch.full((batch, n), self.mask_id, device=dev)
-        if batch > 1:  # per-row positions and local masks (an empty slot's tokens see only themselves)
+        self._ids = torch.full((batch, 2 * k if self.mode == "diffusion" else k * (k + 1)), self.mask_id, device=dev)
+        if batch > 1:  # per-row positions and local masks of the padded step (an empty slot's tokens see only themselves)
+            n = 2 * k if self.mode == "diffusion" else k + self.n_blocks * k
             self._pos = torch.zeros(batch, n, dtype=torch.long, device=dev)
             self._local = inert_local(n, batch, dev)
             self._eye = self._local[0].clone()
@@ -385,51 +385,31 @@ class TidarDecoder(RowDecoder):
         the longest draft prefix equal to the target argmax, then the target's token there (or,
         with first_token=diffusion, block n's offset-0 argmax, unverified)."""
         k, o0 = self.k, self._offset0
-        c = ar.shape[1]
-        pieces = [ids[:, 1:c]]
+        B, c, nb = ar.shape[0], ar.shape[1], blocks.shape[1]
         if self.ar_ratio < 1.0:  # the authors' logit mix with each outcome's block offset 0 (all blocks present)
-            pieces.append((self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[:, :c, 0]).argmax(-1))
-        elif self.beta < 1.0:  # probability mix with the drafting rows: per row (its own m)
-            for s, (m, _, _) in plans.items():
-                st = rows[s].state
-                target = self._mixed_target(ar[s, : m + 1], st.draft_logits) if m else ar[s, :1]
-                pieces.append(torch.cat([target.argmax(-1), target.new_zeros(c - m - 1, dtype=torch.long)])[None])
+            target = (self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[:, :c, 0]).argmax(-1)
         else:
-            pieces.append(ar.argmax(-1))
+            target = ar.argmax(-1)
+            if self.beta < 1.0:  # probability mix with each row's drafting rows
+                for s, (m, _, _) in plans.items():
+                    if m:
+                        target[s, : m + 1] = self._mixed_target(ar[s, : m + 1], rows[s].state.draft_logits).argmax(-1)
+        pieces = [ids[:, 1:c], target]
         if self.first_token == "diffusion":
             pieces.append(blocks[:, :, 0].argmax(-1))
         confs = self.max_blocks is not None and self.draft_penalty == 1.0
         if confs:  # what `_draft` ranks outcomes by, for every block: read now, not next step
             pieces.append(blocks[:, :, o0:].softmax(-1).amax(-1).flatten(1))
-        B = ids.shape[0]
-        flat = torch.cat([p.double().reshape(-1) for p in pieces]).tolist()
-        verdicts, at = {}, 0
-        fed = flat[at : at + B * (c - 1)]
-        at += B * (c - 1)
-        if self.beta < 1.0 and self.ar_ratio == 1.0:
-            tgt = {}
-            for s in plans:
-                tgt[s] = flat[at : at + c]
-                at += c
-        else:
-            tgt = {s: flat[at + s * c : at + (s + 1) * c] for s in plans}
-            at += B * c
-        nb = blocks.shape[1]
-        if self.first_token == "diffusion":
-            blk0 = {s: flat[at + s * nb : at + (s + 1) * nb] for s in plans}
-            at += B * nb
-        w = nb * (k - 1)
+        host = torch.cat([p.double() for p in pieces], 1).tolist()  # [B, ...]; token ids are exact in float64
+        verdicts = {}
         for s, (m, _, _) in plans.items():
-            drafts = [int(x) for x in fed[s * (c - 1) : s * (c - 1) + m]]
-            target = tgt[s]
+            h = host[s]
+            drafts, tgt, rest = [int(x) for x in h[:m]], h[c - 1 : 2 * c - 1], h[2 * c - 1 :]
             n = 0
-            while n < m and drafts[n] == target[n]:
+            while n < m and drafts[n] == tgt[n]:
                 n += 1
-            t = int(blk0[s][n]) if self.first_token == "diffusion" else int(target[n])
-            conf = None
-            if confs:
-                row_conf = flat[at + s * w : at + (s + 1) * w]
-                conf = [row_conf[b * (k - 1) : (b + 1) * (k - 1)] for b in range(nb)]
+            t = int(rest[n]) if self.first_token == "diffusion" else int(tgt[n])
+            conf = [rest[b * (k - 1) : (b + 1) * (k - 1)] for b in range(nb)] if confs else None
             verdicts[s] = (n, t, drafts[:n], conf)
         return verdicts
 
