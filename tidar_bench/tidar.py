@@ -29,20 +29,28 @@ r*AR + (1-r)*diffusion logits, the diffusion row being the current step's block 
 argmax with q at temperature 1), `draft_penalty` (repetition penalty within a block's drafts) and
 `t0_as_t1` (temperature 0 run as temperature 1, as SGLang does). `rule=authors` / `authors-greedy`
 set them as the release worker (B) / the older greedy worker (A) does; options given explicitly win.
+
+Written once over B rows (`tidar_bench.engine.RowDecoder`; batch 1 is B = 1): every row keeps its
+own cache length, drafts and outcomes; a step feeds all rows at their own offsets. Batch 1 eager
+feeds each step's exact layout; compiled, or at B > 1, every row feeds the padded layout
+(`_padded_shape`: one shape, so rows stack and one graph serves every step). Greedy verification
+reads the whole batch back once per step (`_verify_argmax`); sampling verifies each row with its
+own generator (exact speculative sampling per row).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from .checkpoint import TidarConfig
 from .compiled import steps_for
-from .decoding import (CachedDecoder, DecodeRun, Generation, GenerationConfig, greedy_verify, next_token,
-                       ratio_verify, repetition_penalty, sample, speculative_verify, warp_probs)
+from .decoding import (GenerationConfig, next_token, ratio_verify, repetition_penalty, sample, speculative_verify,
+                       warp_probs)
+from .engine import Row, RowDecoder, inert_local
 from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
 from .registry import DecoderContext, register_decoder
@@ -70,10 +78,32 @@ class _StepShape:
     local_mask: torch.Tensor  # [n, n] the fed-to-fed part of the mask (the cache part is all True)
     rel_positions: torch.Tensor  # [n] positions relative to P
     logits_index: torch.Tensor  # which fed rows get logits
-    causal_rows: int  # logits rows of the causal segment (m + 1; k in the padded compiled layout)
+    causal_rows: int  # logits rows of the causal segment (m + 1; k in the padded layout)
 
 
-class TidarDecoder(CachedDecoder):
+@dataclass
+class _TidarRow:
+    """A row's state between steps: its newest committed token t (KV not cached yet) and the drafts
+    that follow it (device tensors), with what their verification needs."""
+
+    t: int
+    drafts: torch.Tensor  # [m]
+    draft_logits: torch.Tensor
+    draft_probs: torch.Tensor | None
+    conf: Any  # each draft's diffusion probability (max_blocks ranks outcomes by it): host list or tensor
+    history: list[int] | None = None  # prompt + committed tokens, kept only for `on_step`
+
+
+@dataclass
+class _DiffusionRow:
+    block: torch.Tensor  # [k] the block being denoised (mask ids where unknown)
+    masked: torch.Tensor  # [k] bool
+    remaining: int
+    it: int = 0  # denoising forwards spent on this block
+    commit: bool = False  # finished: the next forward commits it and starts the next block
+
+
+class TidarDecoder(RowDecoder):
     name = "tidar"
 
     def __init__(self, model, tokenizer=None, *, mask_token_id: int, block_size: int = 8, beta: float = 1.0,
@@ -107,7 +137,7 @@ class TidarDecoder(CachedDecoder):
         if rv["draft_penalty"] <= 0:
             raise UserError(f"draft_penalty must be > 0, got {rv['draft_penalty']}")
         self.rule = rule
-        self.first_token, self.prefill, self.ar_ratio = rv["first_token"], rv["prefill"], rv["ar_ratio"]
+        self.first_token, self.prefill_rule, self.ar_ratio = rv["first_token"], rv["prefill"], rv["ar_ratio"]
         self.accept, self.draft_penalty, self.t0_as_t1 = rv["accept"], rv["draft_penalty"], rv["t0_as_t1"]
         self.seed = seed
         # exact: the original step, untouched; else `_verify_options` (offset-0 rows needed when the
@@ -134,9 +164,9 @@ class TidarDecoder(CachedDecoder):
         self.on_step: Callable | None = None
         self._shapes: dict[tuple, _StepShape] = {}
         self.runner = steps_for(model, model, compile)
-        # compiled mode feeds one fixed step shape: x + k-1 draft slots + n_blocks blocks of k
+        # compiled mode and B > 1 feed one fixed step shape: x + k-1 draft slots + n_blocks blocks of k
         self.n_blocks = min(block_size, max_blocks or block_size)
-        self._ids_buf = torch.full((1, block_size * (block_size + 1)), mask_token_id, device=model.device)
+        self.step_rows = block_size * (block_size + 1)  # the most tokens a row feeds in a step
 
     @property
     def lossless(self) -> bool:
@@ -151,7 +181,7 @@ class TidarDecoder(CachedDecoder):
                 "convention_check": self.convention_check}
         if self.mode == "tidar":
             opts.update(beta=self.beta, max_blocks=self.max_blocks, drafts_per_step=self.k - 1, rule=self.rule,
-                        first_token=self.first_token, prefill=self.prefill, ar_ratio=self.ar_ratio,
+                        first_token=self.first_token, prefill=self.prefill_rule, ar_ratio=self.ar_ratio,
                         accept=self.accept, draft_penalty=self.draft_penalty, t0_as_t1=self.t0_as_t1,
                         seed=self.seed)
         else:
@@ -160,11 +190,11 @@ class TidarDecoder(CachedDecoder):
 
     # ------------------------------------------------------------------------- buffers
 
-    def _shape(self, m: int, outcomes: tuple[int, ...], diffusion: bool = False) -> _StepShape:
-        key = (m, outcomes, diffusion)
+    def _shape(self, m: int, outcomes: tuple[int, ...], padded: bool = False, diffusion: bool = False) -> _StepShape:
+        key = (m, outcomes, padded, diffusion)
         shape = self._shapes.get(key)
         if shape is None:
-            if self.runner.compiled and not diffusion:
+            if padded and not diffusion:
                 shape = self._padded_shape(m, outcomes)
             else:
                 shape = self._make_shape(TidarStepLayout(0, m, self.k, outcomes), diffusion)
@@ -187,7 +217,7 @@ class TidarDecoder(CachedDecoder):
                           torch.tensor(rows, dtype=torch.long, device=dev), 1 if prefill else layout.n_causal)
 
     def _padded_shape(self, m: int, outcomes: tuple[int, ...]) -> _StepShape:
-        """The compiled step: always k causal slots (x, the m drafts, then padding that no real row
+        """The compiled (and B > 1) step: always k causal slots (x, the m drafts, then padding that no real row
         attends to and nothing verifies) and `n_blocks` blocks of k (block b serves outcomes[b]
         exactly as in `tidar_step`; unused blocks see x and themselves and are ignored), so every
         step has one shape and only the mask and positions (device tensors) change."""
@@ -207,94 +237,181 @@ class TidarDecoder(CachedDecoder):
             rows += range(s + 1 - self._offset0, s + k)
         return _StepShape(n, local, pos, torch.tensor(rows, dtype=torch.long, device=dev), k)
 
-    def _forward(self, cache, ids: torch.Tensor, shape: _StepShape) -> torch.Tensor:
-        """One step of `ids` [1, n] laid out as `shape`, after the P cached tokens (mask: [all
-        cached | shape.local_mask]; eager or compiled, see tidar_bench/compiled.py)."""
-        pos = shape.rel_positions + cache.length
-        return self.runner(ids, pos, cache=cache, local_mask=shape.local_mask,
-                           logits_index=shape.logits_index).logits[0]
+    def _forward(self, cache, ids: torch.Tensor, pos: torch.Tensor, local: torch.Tensor, shape: _StepShape,
+                 starts: list[int]) -> torch.Tensor:
+        """One step of `ids` [B, n] over every row, row b at its own offset starts[b] (mask: [all
+        cached | local [n, n] or per row [B, n, n]]; eager or compiled, see tidar_bench/compiled.py).
+        Logits [B, rows, V]."""
+        return self.runner(ids, pos, cache=cache, local_mask=local, logits_index=shape.logits_index,
+                           starts=starts).logits
 
     def _prefill(self, cache, prompt: list[int], shape: _StepShape) -> torch.Tensor:
-        """The first forward (variable length, so eager in both modes): prompt + one block."""
+        """The first forward (variable length, so eager in both modes, at batch 1): prompt + one block."""
         ids = torch.tensor([prompt + [self.mask_id] * self.k], device=self.model.device)
         return self.model(ids, shape.rel_positions, shape.local_mask, cache, logits_index=shape.logits_index).logits[0]
 
-    # ------------------------------------------------------------------------- generate
+    # ------------------------------------------------------------------------- B rows (tidar_bench.engine)
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
-        if len(prompt_ids) == 0:
-            raise UserError("TiDAR needs a non-empty prompt")
-        if self.mode == "diffusion":
-            return self._generate_diffusion(list(prompt_ids), config)
-        return self._generate_tidar(list(prompt_ids), config)
+    def runners(self) -> list:
+        return [self.runner]
 
-    def _generate_tidar(self, prompt: list[int], config: GenerationConfig) -> Generation:
-        k, dev, o0 = self.k, self.model.device, self._offset0
-        run = DecodeRun(dev, config, self.tokenizer, self.runner)
-        stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
+    def _sampling(self, config: GenerationConfig):
+        sp = config.sampling
         if self.t0_as_t1 and sp.greedy:  # SGLang: temperature 0 -> 1 (its top_k = 1 is ignored by the worker)
             sp = replace(sp, temperature=1.0)
-        if gen is None and (not sp.greedy or self.accept == "ratio"):  # our seeded generator, repeatable
-            gen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else self.seed)
-        if self.draft_penalty != 1.0 and not sp.greedy and self.accept == "auto":
-            raise UserError("draft_penalty needs argmax drafts: greedy decoding, accept=match or accept=ratio")
-        L = len(prompt)
-        step_rows = k * (k + 1)  # at most x + k-1 drafts + k blocks of k
-        cache = self.cache_for(L + config.max_new_tokens + step_rows + 1)
-        history = list(prompt) if self.on_step is not None else None
+        return sp
 
+    def check_batch(self, config: GenerationConfig, batch_size: int) -> str | None:
+        if self.draft_penalty != 1.0 and not self._sampling(config).greedy and self.accept == "auto":
+            return "draft_penalty needs argmax drafts: greedy decoding, accept=match or accept=ratio"
+        return None
+
+    def begin(self, batch: int, config: GenerationConfig) -> None:
+        """Per-call state: the sampling rule, and the step buffers of B rows. Batch 1 eager feeds each
+        step's exact layout; compiled or B > 1 the padded one (`_padded_shape`: one shape for every
+        row and step, so rows stack; diffusion pads a denoising block to the commit step's 2k)."""
+        dev, k = self.model.device, self.k
+        self._sp = self._sampling(config)
+        self._padded = batch > 1 or (self.runner.compiled and self.mode == "tidar")
+        self._ids = torch.full((batch, 2 * k if self.mode == "diffusion" else k * (k + 1)), self.mask_id, device=dev)
+        if batch > 1:  # per-row positions and local masks of the padded step (an empty slot's tokens see only themselves)
+            n = 2 * k if self.mode == "diffusion" else k + self.n_blocks * k
+            self._pos = torch.zeros(batch, n, dtype=torch.long, device=dev)
+            self._local = inert_local(n, batch, dev)
+            self._eye = self._local[0].clone()
+
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+        if self.mode == "diffusion":
+            return self._prefill_diffusion(row, prompt, caches["target"])
+        cache, k, dev, o0, sp = caches["target"], self.k, self.model.device, self._offset0, self._sp
+        if row.gen is None and (not sp.greedy or self.accept == "ratio"):  # our seeded generator, repeatable
+            row.gen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else self.seed)
+        L, stats = len(prompt), row.stats
         # prefill: prompt causal + one pre-draft block at position L (where the first token goes)
-        first = tidar_first_step(L, k, dev)
-        if self.prefill == "two":
+        if self.prefill_rule == "two":
             logits = self._prefill_two(cache, prompt)
             stats.nfe, stats.prefill_forwards, stats.tokens_fed = 2, 2, [L, k]
         else:
+            first = tidar_first_step(L, k, dev)
             logits = self._prefill(cache, prompt, self._make_shape(first, diffusion=False, prefill=True))
             stats.nfe, stats.tokens_fed = 1, [first.n_fed]
         # the authors commit the block's offset 0 (unverified); we commit the AR token
-        t = int(logits[1].argmax()) if self.first_token == "diffusion" else int(next_token(logits[0], sp, gen))
-        cache.crop(L)
-        drafts, draft_logits, draft_probs, conf = self._draft(logits[1 + o0 :], sp, gen, t)
-        run.prefill_done()
-        done = stop.extend([t])
-        committed = [t]
+        t = int(logits[1].argmax()) if self.first_token == "diffusion" else int(next_token(logits[0], sp, row.gen))
+        row.length = L  # the block's KV is dropped: the next step starts at L
+        row.state = _TidarRow(t, *self._draft(logits[1 + o0 :], sp, row.gen, t),
+                              history=list(prompt) + [t] if self.on_step is not None else None)
+        return [t]
 
-        ids_buf = self._ids_buf
-        while not done:
-            if history is not None:
-                history += committed
-                self.on_step(cache, history)
-            P, m = cache.length, drafts.shape[0]
-            outcomes = self._outcomes(m, conf)
-            shape = self._shape(m, outcomes)
-            ids_buf[0, 0] = t
-            ids_buf[0, 1 : 1 + m] = drafts
-            ids_buf[0, 1 + m : shape.n] = self.mask_id
-            logits = self._forward(cache, ids_buf[:, : shape.n], shape)
-            n_blocks = self.n_blocks if self.runner.compiled else len(outcomes)
-            blocks = logits[shape.causal_rows :].view(n_blocks, k - 1 + o0, logits.shape[-1])
-            ar = logits[: m + 1]
-            if self._plain:
-                target = self._mixed_target(ar, draft_logits) if self.beta < 1.0 and m else ar
-                if sp.greedy:
-                    n, t = greedy_verify(drafts, target)
+    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
+        if self.mode == "diffusion":
+            return self._step_diffusion(rows)
+        k, o0, sp, cache = self.k, self._offset0, self._sp, self.caches["target"]
+        B = len(rows)
+        live = [s for s, r in enumerate(rows) if r is not None]
+        plans = {}
+        for s in live:
+            st = rows[s].state
+            m = st.drafts.shape[0]
+            outcomes = self._outcomes(m, st.conf)
+            plans[s] = (m, outcomes, self._shape(m, outcomes, self._padded))
+        shape = plans[live[0]][2]  # B > 1: every row has the padded shape's n and logits rows
+        ids = self._ids[:, : shape.n]
+        for s in live:
+            st, (m, _, sh) = rows[s].state, plans[s]
+            ids[s, 0] = st.t
+            ids[s, 1 : 1 + m] = st.drafts
+            ids[s, 1 + m :] = self.mask_id
+        if B == 1:
+            row = rows[0]
+            if self.on_step is not None:  # tests observe every step: the cache as the row sees it
+                cache.length = row.length
+                self.on_step(cache, row.state.history)
+            pos, local = shape.rel_positions + row.length, shape.local_mask
+        else:
+            pos, local = self._pos, self._local
+            for s in range(B):
+                if s in plans:
+                    torch.add(plans[s][2].rel_positions, rows[s].length, out=pos[s])
+                    local[s].copy_(plans[s][2].local_mask)
                 else:
-                    n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
-            else:
-                n, t = self._verify_options(ar, blocks, drafts, draft_logits, draft_probs, sp, gen)
-            committed = drafts[:n].tolist() + [t]
-            stats.nfe += 1
-            stats.tokens_fed.append(shape.n)
-            stats.accepted_lengths.append(n + 1)
-            cache.crop(P + n + 1)  # keep x + accepted drafts; t's KV is computed next step
-            done = stop.extend(committed)
-            if not done:
-                if n in outcomes:  # block n starts at t's position: offsets 1..k-1 are the next drafts
-                    drafts, draft_logits, draft_probs, conf = self._draft(blocks[outcomes.index(n), o0:], sp, gen, t)
-                else:  # no block for this outcome (max_blocks): the next step verifies nothing
-                    drafts, draft_logits, draft_probs, conf = self._draft(logits[:0], sp, gen)
-        return run.finish()
+                    local[s].copy_(self._eye)
+        logits = self._forward(cache, ids, pos, local, shape, [r.length if r is not None else 0 for r in rows])
+        V = logits.shape[-1]
+        ar = logits[:, : shape.causal_rows]
+        nb = self.n_blocks if self._padded else len(plans[0][1])
+        blocks = logits[:, shape.causal_rows :].view(B, nb, k - 1 + o0, V)
+        argmax = sp.greedy or self.accept == "match"
+        if argmax and self.accept != "ratio":
+            verdicts = self._verify_argmax(rows, plans, ids, ar, blocks)
+        else:
+            verdicts = {}
+            for s in live:
+                st, m = rows[s].state, plans[s][0]
+                if self._plain:
+                    target = self._mixed_target(ar[s, : m + 1], st.draft_logits) if self.beta < 1.0 and m else ar[s, : m + 1]
+                    n, t = speculative_verify(st.drafts, st.draft_probs, warp_probs(target, sp), rows[s].gen)
+                else:
+                    n, t = self._verify_options(ar[s, : m + 1], blocks[s], st.drafts, st.draft_logits, st.draft_probs,
+                                                sp, rows[s].gen)
+                verdicts[s] = (n, t, st.drafts[:n].tolist(), None)
+        out: list[list[int] | None] = [None] * B
+        for s in live:
+            row, st, (m, outcomes, sh) = rows[s], rows[s].state, plans[s]
+            n, t, accepted, conf = verdicts[s]
+            out[s] = accepted + [t]
+            row.stats.nfe += 1
+            row.stats.tokens_fed.append(sh.n)
+            row.stats.accepted_lengths.append(n + 1)
+            row.length += n + 1  # keep x + accepted drafts; t's KV is computed next step
+            st.t = t
+            if st.history is not None:
+                st.history += out[s]
+            if n in outcomes:  # block n starts at t's position: offsets 1..k-1 are the next drafts
+                b = outcomes.index(n)
+                st.drafts, st.draft_logits, st.draft_probs, st.conf = self._draft(blocks[s, b, o0:], sp, row.gen, t)
+                if conf is not None:
+                    st.conf = conf[b]
+            else:  # no block for this outcome (max_blocks): the next step verifies nothing
+                st.drafts, st.draft_logits, st.draft_probs, st.conf = self._draft(logits[s, :0], sp, row.gen)
+        if B == 1:
+            cache.length = rows[0].length
+        return out
+
+    def _verify_argmax(self, rows, plans, ids, ar, blocks) -> dict:
+        """Greedy verification of every row with ONE host read for the whole batch: the fed drafts,
+        the target's argmax at every causal row (the AR rows, or the mixed target under beta /
+        ar_ratio), block offset 0's argmax (first_token=diffusion) and each block's draft
+        confidences (max_blocks), then per-row Python on host lists. The rule is `greedy_verify`'s:
+        the longest draft prefix equal to the target argmax, then the target's token there (or,
+        with first_token=diffusion, block n's offset-0 argmax, unverified)."""
+        k, o0 = self.k, self._offset0
+        B, c, nb = ar.shape[0], ar.shape[1], blocks.shape[1]
+        if self.ar_ratio < 1.0:  # the authors' logit mix with each outcome's block offset 0 (all blocks present)
+            target = (self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[:, :c, 0]).argmax(-1)
+        else:
+            target = ar.argmax(-1)
+            if self.beta < 1.0:  # probability mix with each row's drafting rows
+                for s, (m, _, _) in plans.items():
+                    if m:
+                        target[s, : m + 1] = self._mixed_target(ar[s, : m + 1], rows[s].state.draft_logits).argmax(-1)
+        pieces = [ids[:, 1:c], target]
+        if self.first_token == "diffusion":
+            pieces.append(blocks[:, :, 0].argmax(-1))
+        confs = self.max_blocks is not None and self.draft_penalty == 1.0
+        if confs:  # what `_draft` ranks outcomes by, for every block: read now, not next step
+            pieces.append(blocks[:, :, o0:].softmax(-1).amax(-1).flatten(1))
+        host = torch.cat([p.double() for p in pieces], 1).tolist()  # [B, ...]; token ids are exact in float64
+        verdicts = {}
+        for s, (m, _, _) in plans.items():
+            h = host[s]
+            drafts, tgt, rest = [int(x) for x in h[:m]], h[c - 1 : 2 * c - 1], h[2 * c - 1 :]
+            n = 0
+            while n < m and drafts[n] == tgt[n]:
+                n += 1
+            t = int(rest[n]) if self.first_token == "diffusion" else int(tgt[n])
+            conf = [rest[b * (k - 1) : (b + 1) * (k - 1)] for b in range(nb)] if confs else None
+            verdicts[s] = (n, t, drafts[:n], conf)
+        return verdicts
 
     def _prefill_two(self, cache, prompt: list[int]) -> torch.Tensor:
         """The authors' prefill (tidar-official.md section 3): a causal forward of the prompt (its
@@ -313,8 +430,9 @@ class TidarDecoder(CachedDecoder):
         rule). Target: r*AR + (1-r)*(block j offset 0) logits, row j <-> the block of outcome j (both
         predict position P+j+1, the block sees one more committed token than the row that drafted
         d_{j+1}). accept=ratio: p/q >= u, no residual; match: argmax match. The token kept after the
-        n accepted drafts: the AR target's (argmax, or a sample from the target: no residual) or,
-        with first_token=diffusion, block n's offset-0 argmax, never verified."""
+        n accepted drafts: the AR target's (a sample from the target: no residual) or, with
+        first_token=diffusion, block n's offset-0 argmax, never verified. The argmax rules (greedy,
+        accept=match) are `_verify_argmax`'s, for the whole batch at once."""
         m = drafts.shape[0]
         target = ar
         if self.ar_ratio < 1.0:
@@ -325,8 +443,6 @@ class TidarDecoder(CachedDecoder):
             p = warp_probs(target, sp)
             n = ratio_verify(drafts, draft_probs, p, gen)
             t = None if self.first_token == "diffusion" else int(sample(p[n], gen))
-        elif self.accept == "match" or sp.greedy:
-            n, t = greedy_verify(drafts, target)
         else:
             n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
         if self.first_token == "diffusion":
@@ -376,14 +492,15 @@ class TidarDecoder(CachedDecoder):
         mix = self.beta * ar_logits[:m].softmax(-1) + (1.0 - self.beta) * draft_logits.softmax(-1)
         return torch.cat([mix.clamp_min(1e-30).log(), ar_logits[m:]])
 
-    def _outcomes(self, m: int, conf: torch.Tensor | None) -> tuple[int, ...]:
+    def _outcomes(self, m: int, conf) -> tuple[int, ...]:
         """Which outcomes j (= drafts accepted) get a pre-draft block: all 0..m, or under
         max_blocks the j = m block plus the likeliest others. P(exactly j) is estimated as
         a_1..a_j (1 - a_{j+1}) with a_i the diffusion probability of draft i as a stand-in for
-        its acceptance probability (independence assumed). Costs one small host read."""
+        its acceptance probability (independence assumed). `conf`: a host list (read with the
+        step's verification) or a device tensor (one small host read)."""
         if self.max_blocks is None or m + 1 <= self.max_blocks:
             return tuple(range(m + 1))
-        a = conf.tolist()
+        a = conf if isinstance(conf, list) else conf.tolist()
         prefix, probs = 1.0, []
         for j in range(m):
             probs.append(prefix * (1.0 - a[j]))
@@ -393,55 +510,96 @@ class TidarDecoder(CachedDecoder):
 
     # ------------------------------------------------------------------------- pure diffusion
 
-    def _generate_diffusion(self, prompt: list[int], config: GenerationConfig) -> Generation:
+    def _diffusion_shapes(self) -> tuple[_StepShape, _StepShape]:
+        """(commit, denoise) layouts. Commit: [block b | k masks] (m = k-1, one block): block b's KV
+        is written causally and block b+1 starts. Denoise: the block alone, seeing the cache and all
+        of itself; at B > 1 padded to the commit step's 2k as [k inert tokens | block], so both have
+        their block's logits in rows k..2k-1 and rows stack (the pads' KV lands after the row's
+        committed length and is never kept)."""
+        key = ("diffusion", self._padded)
+        if key not in self._shapes:
+            k, dev = self.k, self.model.device
+            commit = self._shape(k - 1, (k - 1,), diffusion=True)
+            if self._padded:
+                local = torch.eye(2 * k, dtype=torch.bool, device=dev)
+                local[k:, k:] = True
+                pos = torch.arange(k, device=dev).repeat(2)
+                denoise = _StepShape(2 * k, local, pos, commit.logits_index, k)
+            else:
+                denoise = _StepShape(k, torch.ones(k, k, dtype=torch.bool, device=dev), torch.arange(k, device=dev),
+                                     torch.arange(k, device=dev), 0)
+            self._shapes[key] = (commit, denoise)
+        return self._shapes[key]
+
+    def _prefill_diffusion(self, row: Row, prompt: list[int], cache) -> list[int]:
         """Block-by-block iterative denoising with the diffusion rows only (no AR verification).
         Each block of k masks (seeing every committed token before it, as in training) takes
         `steps` forwards; each unmasks the most confident still-masked positions (ceil of the
         remaining / steps left). The forward that starts block b+1 also writes block b's KV
-        causally (the same one-step layout as TiDAR with m = k-1 and one block)."""
-        k, dev = self.k, self.model.device
-        run = DecodeRun(dev, config, self.tokenizer, self.runner)
-        stats, stop, sp, gen = run.stats, run.stop, run.sp, run.gen
-        L = len(prompt)
-        n_blocks = -(-config.max_new_tokens // k)
-        cache = self.cache_for(L + (n_blocks + 1) * k + 1)
-
+        causally (the same one-step layout as TiDAR with m = k-1 and one block). Per row, a step
+        is one of those forwards; a finished block is committed to the output at once."""
+        k, dev, L = self.k, self.model.device, len(prompt)
         first = tidar_first_step(L, k, dev)
         logits = self._prefill(cache, prompt, self._make_shape(first, diffusion=True))
-        stats.nfe, stats.tokens_fed = 1, [first.n_fed]
-        cache.crop(L)
-        commit_shape = self._shape(k - 1, (k - 1,), diffusion=True)
-        # a block alone (while denoising): it sees the cache and all of itself
-        denoise_shape = _StepShape(k, torch.ones(k, k, dtype=torch.bool, device=dev), torch.arange(k, device=dev),
-                                   torch.arange(k, device=dev), 0)
-        ids_buf = self._ids_buf[:, : 2 * k]
-        while True:
-            P = cache.length
-            block = torch.full((k,), self.mask_id, device=dev)
-            masked = torch.ones(k, dtype=torch.bool, device=dev)
-            remaining = k
-            for it in range(self.steps):
-                if it > 0:
-                    logits = self._forward(cache, block[None], denoise_shape)
-                    cache.crop(P)
-                    stats.nfe += 1
-                    stats.tokens_fed.append(k)
-                u = math.ceil(remaining / (self.steps - it))
-                self._unmask(logits, block, masked, u, sp, gen)
-                remaining -= u
-                if stats.nfe > 1:
-                    stats.accepted_lengths.append(u)
-            if stats.nfe == 1:
-                run.prefill_done()
-            if stop.extend(block.tolist()):
-                break
-            ids_buf[0, :k] = block
-            ids_buf[0, k:] = self.mask_id
-            logits = self._forward(cache, ids_buf, commit_shape)  # commits block b, starts block b+1
-            cache.crop(P + k)
-            stats.nfe += 1
-            stats.tokens_fed.append(2 * k)
-        return run.finish()
+        row.stats.nfe, row.stats.tokens_fed = 1, [first.n_fed]
+        row.length = L
+        row.state = _DiffusionRow(torch.full((k,), self.mask_id, device=dev), torch.ones(k, dtype=torch.bool, device=dev), k)
+        return self._denoised(row, logits, count=False)
+
+    def _denoised(self, row: Row, logits: torch.Tensor, count: bool = True) -> list[int]:
+        """Unmask this forward's share of the row's block; a finished block is its output."""
+        st = row.state
+        u = math.ceil(st.remaining / (self.steps - st.it))
+        self._unmask(logits, st.block, st.masked, u, self._sp, row.gen)
+        st.remaining -= u
+        st.it += 1
+        if count:  # the prefill's own unmasking is not a decoding step
+            row.stats.accepted_lengths.append(u)
+        if st.it < self.steps:
+            return []
+        st.commit = True
+        return st.block.tolist()
+
+    def _step_diffusion(self, rows: list[Row | None]) -> list[list[int] | None]:
+        k, cache, B = self.k, self.caches["target"], len(rows)
+        commit, denoise = self._diffusion_shapes()
+        ids = self._ids
+        plans = {}
+        for s, row in enumerate(rows):
+            if row is None:
+                continue
+            st = row.state
+            sh = commit if st.commit else denoise
+            at = 0 if st.commit or B == 1 else k  # where the block goes among the fed tokens
+            ids[s, at : at + k] = st.block
+            ids[s, k - at : 2 * k - at] = self.mask_id
+            plans[s] = sh
+        if B == 1:
+            sh = plans[0]
+            pos, local = sh.rel_positions + rows[0].length, sh.local_mask
+        else:
+            sh, pos, local = commit, self._pos, self._local
+            for s in range(B):
+                if s in plans:
+                    torch.add(plans[s].rel_positions, rows[s].length, out=pos[s])
+                    local[s].copy_(plans[s].local_mask)
+                else:
+                    local[s].copy_(self._eye)
+        logits = self._forward(cache, ids[:, : sh.n], pos, local, sh, [r.length if r is not None else 0 for r in rows])
+        out: list[list[int] | None] = [None] * B
+        for s, psh in plans.items():
+            row, st = rows[s], rows[s].state
+            row.stats.nfe += 1
+            row.stats.tokens_fed.append(psh.n)
+            if st.commit:  # block b's KV kept; block b+1 starts from this forward's logits
+                row.length += k
+                st.block.fill_(self.mask_id)
+                st.masked.fill_(True)
+                st.remaining, st.it, st.commit = k, 0, False
+            out[s] = self._denoised(row, logits[s])
+        if B == 1:
+            cache.length = rows[0].length
+        return out
 
     @staticmethod
     def _unmask(logits, block, masked, u, sp, gen) -> None:
