@@ -42,8 +42,10 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
     """None when `generate_batch` can run this decoder (a decoder instance, or just its name, with
     its full options when known: checked before anything is built), else why not (one line)."""
     name = decoder if isinstance(decoder, str) else getattr(decoder, "name", type(decoder).__name__)
+    if name in _SELF_BATCHED:
+        return None
     if name not in _RUNNERS:
-        return f"batched decoding (--batch-size) supports {', '.join(sorted(_RUNNERS))}; not {name!r}"
+        return f"batched decoding (--batch-size) supports {', '.join(sorted([*_RUNNERS, *_SELF_BATCHED]))}; not {name!r}"
     if isinstance(decoder, str):
         if options is None:
             return None
@@ -72,7 +74,10 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
 def generate_batch(decoder, prompts: Sequence[Sequence[int]], config: GenerationConfig, batch_size: int,
                    on_done: Callable[[int, Generation], None] | None = None) -> list[Generation]:
     """Decode every prompt with `batch_size` sequences in flight; results in prompt order.
-    `on_done(i, generation)` is called as each sequence finishes (progress, streaming)."""
+    `on_done(i, generation)` is called as each sequence finishes (progress, streaming).
+    A decoder with its own `generate_batch` (hf: transformers' padded generate) runs it."""
+    if hasattr(decoder, "generate_batch"):
+        return decoder.generate_batch(prompts, config, batch_size, on_done)
     why = supports_batch(decoder)
     if why:
         raise UserError(why)
@@ -557,6 +562,7 @@ class _BatchedBD(_Batched):
                 self._finish(s)
 
 
+_SELF_BATCHED = {"hf"}  # decoders with their own generate_batch
 _RUNNERS = {"ar": _BatchedAR, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
 
 
