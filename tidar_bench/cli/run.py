@@ -52,7 +52,7 @@ def run_cmd(
     compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
     batch_size: int = typer.Option(
         1, "--batch-size", help="sequences in flight per decoder (tidar_bench/batched.py: ar, tidar lossless, "
-                                "eagle tree=False, bd block_cache; greedy tasks only); tokens/s and the speedup vs "
+                                "eagle tree=False, bd block_cache; hf: padded chunks; greedy tasks only); tokens/s and the speedup vs "
                                 "ar are then throughput over the batch"),
 ) -> None:
     """Evaluate decoders on lm-eval tasks at batch 1 (or --batch-size B): scores, tokens/s, T/NFE,
