@@ -60,7 +60,7 @@ class HFDecoder:
 
         dev = resolve_device(device)
         self.compiled = resolve(compile, dev)
-        self._static_cache, self._static_key = None, (0, 0)
+        self._static: dict[int, tuple] = {}  # rows -> (StaticCache, its size)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=resolve_dtype(dtype, dev)).to(dev).eval()
         # stopping is ours alone (StopChecker via _Stop): the checkpoint's default eos must not cut in
         self.model.generation_config.eos_token_id = None
@@ -72,21 +72,22 @@ class HFDecoder:
                 "compile": self.compiled}
 
     def _compile_kwargs(self, rows: int, needed: int) -> tuple[dict, bool]:
-        """generate() kwargs for compiled mode: our own StaticCache of `rows` rows (power-of-two size
-        like the model core's, reused, so a new prompt length is not a new graph) + CompileConfig.
-        Returns (kwargs, whether this call compiles a new cache shape)."""
+        """generate() kwargs for compiled mode: our own StaticCache of `rows` rows (one per batch size,
+        power-of-two size like the model core's, reused, so a new prompt length is not a new graph) +
+        CompileConfig. Returns (kwargs, whether this call compiles a new cache shape)."""
         from transformers import CompileConfig, StaticCache
 
-        rows_now, size = self._static_key
-        new = self._static_cache is None or rows_now != rows or size < needed
+        cache, size = self._static.get(rows, (None, 0))
+        new = size < needed
         if new:
-            self._static_key = (rows, max(256, 1 << (needed - 1).bit_length()))
-            self._static_cache = StaticCache(config=self.model.config, max_cache_len=self._static_key[1])
+            size = max(256, 1 << (needed - 1).bit_length())
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self._static[rows] = cache, size
         else:
-            self._static_cache.reset()
+            cache.reset()
         cc = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if self.device.type == "cuda" else "default")
         cc._compile_all_devices = True  # transformers compiles on GPUs only unless told
-        return {"cache": self._static_cache, "compile_config": cc}, new
+        return {"cache": cache, "compile_config": cc}, new
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
         return self.generate_batch([prompt_ids], config, 1)[0]
