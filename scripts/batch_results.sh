@@ -3,7 +3,8 @@
 #   bash scripts/batch_results.sh
 # 1. batched throughput of every decoder vs its checkpoint's batched ar at B = 1, 2, 4, 8 (paired,
 #    same process, ABBA rounds), real mini_gsm prompts stopping at EOS: tidar (and its own ar) on the
-#    TiDAR checkpoint, eagle chain (and ar) on the base, bd (and its own ar) on the bd checkpoint;
+#    TiDAR checkpoint, eagle chain (and ar) on the base, bd (and its own ar) on the bd checkpoint, and
+#    the transformers reference hf (compiled and eager: padded generate per chunk of B) on the base;
 # 2. forward latency vs tokens fed per sequence at B = 1, 2, 4, 8 on the same architecture, with the
 #    predicted TiDAR speedup per batch size from the T/NFE measured in 1.;
 # 3. the figures and report.md.
@@ -19,6 +20,7 @@ $TB speed --model $EMB/tidar --decoders "ar,tidar(max_blocks=3)" "${COMMON[@]}" 
 $TB speed --model $EMB/base --draft $EMB/eagle --decoders "ar,eagle(tree=False,chain_length=4)" "${COMMON[@]}" \
   --out "$OUT/speed_eagle.json"
 $TB speed --model $EMB/bd --decoders ar,bd "${COMMON[@]}" --out "$OUT/speed_bd.json"
+$TB speed --model $EMB/base --decoders "ar,hf,hf(compile=false)" "${COMMON[@]}" --out "$OUT/speed_hf.json"
 TNFE=$(.venv/bin/python -c "import json; c = json.load(open('$OUT/speed_tidar.json'))['batch']['1']; \
 print('8=%.3f' % next(v['tokens_per_nfe'] for k, v in c.items() if k.startswith('tidar')))")
 $TB profile-latency --model $EMB/tidar --context 64,256 --slots 1,2,4,...,64 --block-size 4,8 --batch 1,2,4,8 \

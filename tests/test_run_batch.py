@@ -114,7 +114,7 @@ def test_batched_rerun_resumes_and_other_batch_size_is_refused(runs, monkeypatch
 @pytest.mark.parametrize("extra,needle", [
     (("--gen-kwargs", "max_gen_toks=8,do_sample=true,temperature=0.7"),
      "batched decoding is greedy only; mini_gsm asks sampling"),
-    (("--decoders", "ar,hf,tidar"), "decoder hf: batched decoding (--batch-size) supports ar, bd, eagle, tidar; not 'hf'"),
+    (("--decoders", "ar,dflash,tidar"), "decoder dflash: batched decoding (--batch-size) supports ar, bd, eagle, hf, tidar; not 'dflash'"),
     (("--decoders", "ar,tidar(beta=0.5)"), "decoder tidar(beta=0.5): batched tidar supports the lossless setting only"),
 ])
 def test_refused_with_one_line_and_nothing_written(tmp_path, capsys, extra, needle):

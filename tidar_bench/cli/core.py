@@ -434,7 +434,8 @@ def _speed_batched(decs: dict, prompts: list, cfg, batch_sizes: list[int], round
     console.print(t)
     console.print(f"tokens/s = all new tokens / decode wall time of the whole prompt set (prefills included) at that "
                   f"batch size; speedup vs {ref} at the same batch size; lossless mismatches vs {ref} at batch "
-                  f"{batch_sizes[0]}; batched steps run the static-shape forward eagerly (not compiled)", style="dim")
+                  f"{batch_sizes[0]}; batched steps run the static-shape forward eagerly (not compiled), "
+                  f"hf keeps its compile setting", style="dim")
     if out is not None:
         import sys
 

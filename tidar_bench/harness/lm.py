@@ -393,6 +393,8 @@ class TidarBenchLM(LM):
         from ..batched import generate_batch
 
         B, decoder = self.batch_size, self.decoder
+        # batched.py's steps run eagerly; a decoder that batches itself (hf) keeps its compile setting
+        compiled = hasattr(decoder, "generate_batch") and bool(decoder.options().get("compile", False))
         prompts = [it.ids for _, it, _ in members]
         if not self._warm:  # untimed: kernels, allocator, and the batch caches sized for the longest prompts
             generate_batch(decoder, sorted(prompts, key=len)[-B:], cfg, B)
@@ -408,7 +410,7 @@ class TidarBenchLM(LM):
             pos, it, prep_s = members[i]
             admitted = t_cb - gen.stats.wall_time_s
             others = book_cum[-1] - book_cum[bisect_left(book_starts, admitted)]
-            record = self._record(it, gen, gen.stats.wall_time_s - others, False, batch_size=B,
+            record = self._record(it, gen, gen.stats.wall_time_s - others, compiled, batch_size=B,
                                   batch_share_s=t_cb - mark[0])
             self._keep(record, prep_s)
             records.append(record)
