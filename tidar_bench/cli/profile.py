@@ -113,7 +113,7 @@ def profile_latency(
     dt = resolve_dtype(dtype, dev)
     if cuda_graphs and dev.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
-    from ..compiled import normalize, resolve
+    from ..compiled import cpu_rule, n_params, normalize, resolve
 
     compiled = resolve(compile, dev)
     if compiled and cuda_graphs:
@@ -130,8 +130,9 @@ def profile_latency(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "latency.json").exists())):
         raise UserError(f"--out {out} exists and is not a profile-latency folder")
 
+    import time
+
     from rich.console import Console
-    from rich.progress import Progress
 
     console = Console()
     for note in notes:
@@ -143,10 +144,18 @@ def profile_latency(
 
         m = load_model(model, dt, dev)
     name = config or str(model)
-    with Progress(transient=True, console=console) as bar:
-        task = bar.add_task("timing forwards", total=len(batches) * len(contexts) * (len(ns) + len(ks)))
-        points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=lambda: bar.advance(task),
-                              batches=batches, compile=compiled)
+    compiled = resolve(compile, dev, n_params(m))  # the CPU size rule: eager above AUTO_EAGER_PARAMS
+    total, done, t0 = len(batches) * len(contexts) * (len(ns) + len(ks)), [], time.perf_counter()
+
+    def progress(p):  # one line per measured point: a long sweep is never silent
+        done.append(p)
+        what = f"TiDAR k={p.block_size} ({p.slots} slots)" if p.mask == "tidar" else f"{p.slots} slots"
+        console.print(f"[{len(done)}/{total}] batch {p.batch}, context {p.context}, {what}: {p.median_ms:.2f} ms "
+                      f"({'compiled' if compiled else 'eager'}, {time.perf_counter() - t0:.0f} s elapsed)",
+                      highlight=False, style="dim")
+
+    points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=progress,
+                          batches=batches, compile=compiled)
     info = prof.device_info(dev)
 
     # ---- analysis per (batch, context); the top-level fields are the first batch size's
@@ -180,7 +189,8 @@ def profile_latency(
     env_prefix = f"TIDAR_BENCH_ATTN={shlex.quote(attn)} " if "TIDAR_BENCH_ATTN" in os.environ else ""
     record = {
         "command": env_prefix + shlex.join(argv), "attention": attn, "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
-        "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled, "repeats": repeats, "warmup": warmup,
+        "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled,
+        "params": n_params(m), "cpu_compile_rule": cpu_rule(n_params(m)) if dev.type == "cpu" else None, "repeats": repeats, "warmup": warmup,
         "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "batch_sizes": batches, "notes": notes,
         "environment": info, "points": [asdict(p) for p in points],
         "knee": {str(C): k for C, k in knees.items()},
