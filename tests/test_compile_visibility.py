@@ -39,9 +39,10 @@ def test_cpu_size_rules_by_model():
     assert cpu_rule(n_params(smol)) == "python-wrapper"
     assert cpu_rule(n_params(base)) == "cpp-wrapper"  # the embedded suite keeps the C++ wrapper
     # attention windows: 512 slots for SmolLM2 (fp32: 538 MB of weights, 46 KB of KV per slot), 128 for the suite
-    for m, want in ((smol, 512), (base, 128)):
+    # and narrower windows at batch > 1, where every row's padding is read
+    for m, batch, want in ((smol, 1, 512), (smol, 4, 128), (base, 1, 128)):
         c = m.config
-        cache = KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 1024, device="meta")
+        cache = KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 1024, batch=batch, device="meta")
         assert kv_bucket(4 * n_params(m), cache) == want
 
 

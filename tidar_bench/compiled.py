@@ -161,7 +161,7 @@ class Steps:
         # the compile line's "what" and the CPU size rules' model size (default: forward's own)
         self.name = name or getattr(forward, "__name__", type(forward).__name__)
         self.params = n_params(forward) if params is None and isinstance(forward, torch.nn.Module) else (params or 0)
-        self._bucket = None
+        self._buckets: dict[int, int] = {}  # batch rows -> attention window (kv_bucket)
         self.compile_s = 0.0  # total time of first calls per shape (tracing + compilation)
         self._seen: set = set()
         self._mask_buf = torch.empty(0, dtype=torch.bool, device=self.device)
@@ -209,7 +209,8 @@ class Steps:
         if window is not None:
             kw["window"] = torch.tensor(window, device=self.device)
         if self._kv_len:
-            b = self._bucket = self._bucket or kv_bucket(self.params * cache.k[0].element_size(), cache)
+            b = self._buckets.get(cache.batch) or self._buckets.setdefault(
+                cache.batch, kv_bucket(self.params * cache.k[0].element_size(), cache))
             kw["kv_len"] = min(cache.max_len, -(-(P + q) // b) * b)
         key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
         first = key not in self._seen
@@ -249,10 +250,10 @@ class Steps:
 
 def kv_bucket(weight_bytes: int, cache) -> int:
     """Slots per attention window of compiled steps: KV_BUCKET, doubled while a window's worth of
-    padding (KV bytes of that many slots, all layers) reads at most KV_PAD_FRACTION of the weights.
-    Each window is a graph (a compilation); a big model's weights dwarf its KV, so it gets wide
-    windows (SmolLM2-135M: 512 slots), a tiny one 128."""
-    slot = sum(t[0, :, 0].numel() * t.element_size() for t in (*cache.k, *cache.v))  # one slot, every layer
+    padding (KV bytes of that many slots, all layers, all rows) reads at most KV_PAD_FRACTION of the
+    weights. Each window is a graph (a compilation); a big model's weights dwarf its KV, so at batch 1
+    it gets wide windows (SmolLM2-135M: 512 slots), a tiny one 128."""
+    slot = sum(t[:, :, 0].numel() * t.element_size() for t in (*cache.k, *cache.v))  # one slot, every layer and row
     b = KV_BUCKET
     while 2 * b * slot <= KV_PAD_FRACTION * weight_bytes:
         b *= 2
