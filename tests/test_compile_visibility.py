@@ -85,3 +85,12 @@ def test_every_compile_prints_one_line(monkeypatch, capfd):
     with torch.inference_mode():
         steps(torch.tensor([[4]]), torch.tensor([cache.length]), cache=cache)
     assert capfd.readouterr().err == ""
+
+
+def test_compile_line_names_the_decoder_and_step():
+    from tidar_bench.baselines.ar import ARDecoder
+
+    cfg = dict(SMOLLM2_135M, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1)
+    d = ARDecoder(Transformer(ModelConfig.from_dict(cfg)), compile="off")
+    assert (d.steps.name, d.greedy_steps.name) == ("ar step", "ar greedy step")

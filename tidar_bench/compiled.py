@@ -263,10 +263,10 @@ def kv_bucket(weight_bytes: int, cache) -> int:
 def steps_for(module, forward: Callable, compile: str | bool, name: str | None = None) -> Steps:
     """A Steps runner for `module` (the model: anything with .device and parameters) with the
     compile setting resolved for its size. name (for the compile line): default the calling
-    decoder's `name` and the forward's, e.g. "ar step", "ar _greedy_forward"."""
+    decoder's `name` and the forward's, e.g. "ar step", "ar greedy step", "eagle EagleHead step"."""
     if name is None:
         owner = sys._getframe(1).f_locals.get("self")
-        part = "step" if forward is module else getattr(forward, "__name__", type(forward).__name__)
-        name = f"{getattr(owner, 'name', None) or type(module).__name__} {part}"
+        part = "" if forward is module else getattr(forward, "__name__", type(forward).__name__).strip("_")
+        name = f"{getattr(owner, 'name', None) or type(module).__name__} {part.removesuffix('_forward')} step".replace("  ", " ")
     params = n_params(module)
     return Steps(forward, module.device, resolve(compile, module.device, params), params=params, name=name)
