@@ -57,13 +57,16 @@ def profile_latency(
                               "(1 is always added: the knee and speedups are relative to it)"),
     mask: str = typer.Option("tidar", help="causal: the causal curve only (TiDAR steps approximated by causal "
                              "forwards of k + k*k tokens); tidar: also the exact TiDAR step mask for each block size"),
-    block_size: str = typer.Option("4,8,16", help="TiDAR block sizes k (a steady-state step feeds k + k*k tokens)"),
+    block_size: Optional[str] = typer.Option(None, help="TiDAR block sizes k (a steady-state step feeds k + k*k tokens); "
+                                             "default 4,8,16, on CPU 4,8 (k=16's 272-token step costs more than "
+                                             "the rest of the sweep there, far past a CPU's knee)"),
     batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,4,16,64: every forward feeds B rows of the same "
                               "layout; knee and predicted speedup per batch size, plus latency_batch.png"),
     dtype: str = typer.Option("auto", help="auto = bf16 on CUDA, fp32 on CPU"),
     device: str = typer.Option("auto"),
     repeats: int = typer.Option(20, min=1),
-    warmup: int = typer.Option(3, min=0),
+    warmup: Optional[int] = typer.Option(None, min=0, help="untimed forwards before each point: default 3, "
+                                         "1 for eager forwards on CPU (nothing to compile or capture)"),
     tolerance: float = typer.Option(0.1, min=0.0, help="knee: largest n with latency <= (1 + tolerance) x latency(1)"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="time replays of a captured CUDA graph of each eager forward"),
     compile: str = typer.Option("auto", "--compile", help="time the decoders' compiled static-shape step (torch.compile, CUDA "
@@ -89,6 +92,7 @@ def profile_latency(
         raise UserError(f"--mask must be causal or tidar, got {mask!r}")
     contexts = sorted(set(parse_ints(context, "--context")))
     ns = sorted(set(parse_ints(slots, "--slots")))
+    block_size = block_size or ("4,8" if resolve_device(device).type == "cpu" else "4,8,16")
     ks = sorted(set(parse_ints(block_size, "--block-size")))
     batches = sorted(set(parse_ints(batch, "--batch")))
     if batches[0] < 1:
@@ -145,6 +149,8 @@ def profile_latency(
         m = load_model(model, dt, dev)
     name = config or str(model)
     compiled = resolve(compile, dev, n_params(m))  # the CPU size rule: eager above AUTO_EAGER_PARAMS
+    if warmup is None:
+        warmup = 1 if dev.type == "cpu" and not compiled else 3
     total, done, t0 = len(batches) * len(contexts) * (len(ns) + len(ks)), [], time.perf_counter()
 
     def progress(p):  # one line per measured point: a long sweep is never silent
