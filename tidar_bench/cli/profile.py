@@ -158,7 +158,7 @@ def profile_latency(
         what = f"TiDAR k={p.block_size} ({p.slots} slots)" if p.mask == "tidar" else f"{p.slots} slots"
         console.print(f"[{len(done)}/{total}] batch {p.batch}, context {p.context}, {what}: {p.median_ms:.2f} ms "
                       f"({'compiled' if compiled else 'eager'}, {time.perf_counter() - t0:.0f} s elapsed)",
-                      highlight=False, style="dim")
+                      highlight=False, style="dim", soft_wrap=True)
 
     points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=progress,
                           batches=batches, compile=compiled)
