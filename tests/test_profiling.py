@@ -16,11 +16,13 @@ from tidar_bench.errors import UserError
 from tidar_bench.registry import DecoderContext, build_decoder
 
 
-def test_profile_writes_csv_json_and_images(tmp_path):
+def test_profile_writes_csv_json_and_images(tmp_path, capsys):
     out = tmp_path / "lat"
     argv = ["profile-latency", "--config", "tiny", "--context", "16,64", "--slots", "2,4,8", "--block-size", "2",
             "--repeats", "3", "--warmup", "1", "--tnfe", "2=1.5,3=2.0", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
+    printed = capsys.readouterr().out  # a progress line per measured point, as it is measured
+    assert "[1/12] batch 1, context 16, 1 slots: " in printed and "[12/12] batch 1, context 64, TiDAR k=3 (12 slots): " in printed
     rows = list(csv.DictReader((out / "latency.csv").open()))
     assert list(rows[0])[:7] == ["context", "slots", "median_ms", "q1_ms", "q3_ms", "repeats", "mask"]
     # slots 1 is always added; k=3 comes from --tnfe and is measured, not interpolated
@@ -31,6 +33,7 @@ def test_profile_writes_csv_json_and_images(tmp_path):
         assert float(r["q1_ms"]) <= float(r["median_ms"]) <= float(r["q3_ms"]) and int(r["repeats"]) == 3
     rec = json.loads((out / "latency.json").read_text())
     assert rec["label"] == "CPU" and "perf_counter" in rec["timer"] and rec["dtype"] == "float32"
+    assert rec["cpu_compile_rule"] == "cpp-wrapper" and 0 < rec["params"] < 1e6
     assert rec["environment"]["threads"] >= 1 and rec["environment"]["device_name"].endswith("threads")
     assert rec["command"].startswith("tidar-bench profile-latency --config tiny --context 16,64")
     assert set(rec["knee"]) == {"16", "64"}

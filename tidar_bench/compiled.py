@@ -23,6 +23,7 @@ import functools
 import inspect
 import os
 import shutil
+import sys
 import time
 from typing import Callable
 
@@ -31,7 +32,12 @@ import torch
 from .errors import UserError
 
 CHOICES = ("auto", "on", "off")
-KV_BUCKET = 128  # compiled steps of the model core attend over the cache in windows of this many slots
+KV_BUCKET = 128  # compiled steps of the model core attend over the cache in windows of at least this many slots
+# CPU size rules (README, "Compiled decoding"; measured by scripts/compile_cost.py): compiled steps of
+# a big model are memory-bound, so compiling buys little per step and costs minutes per graph
+CPP_WRAPPER_MAX_PARAMS = 50_000_000  # above: no C++ wrapper (its build of a deep graph takes minutes)
+AUTO_EAGER_PARAMS = 500_000_000  # above: compile=auto is eager on CPU
+KV_PAD_FRACTION = 0.05  # widen the attention window while its padding reads at most this much of the weights
 _ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
@@ -63,17 +69,43 @@ def unavailable_reason(device_type: str) -> str | None:
     return f"compiled mode is not supported on {device_type}"
 
 
-def resolve(setting: str | bool, device: torch.device | str) -> bool:
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def cpu_rule(params: int) -> str:
+    """How `compile=auto` compiles a model of `params` parameters on CPU: "eager" above
+    AUTO_EAGER_PARAMS, "python-wrapper" above CPP_WRAPPER_MAX_PARAMS, else "cpp-wrapper"."""
+    if params > AUTO_EAGER_PARAMS:
+        return "eager"
+    return "python-wrapper" if params > CPP_WRAPPER_MAX_PARAMS else "cpp-wrapper"
+
+
+@functools.cache
+def note(line: str) -> None:
+    """Print a line about compilation to stderr once per process (TIDAR_BENCH_COMPILE_LOG=off: never)."""
+    if os.environ.get("TIDAR_BENCH_COMPILE_LOG", "on").lower() not in ("off", "0", "false", "no"):
+        print(line, file=sys.stderr, flush=True)
+
+
+def resolve(setting: str | bool, device: torch.device | str, params: int | None = None) -> bool:
     """auto = on where torch.compile works on this device (the environment variable
-    TIDAR_BENCH_COMPILE=on|off, if set, decides what auto means: the test suite sets off);
-    on = must work (else one clear error)."""
+    TIDAR_BENCH_COMPILE=on|off, if set, decides what auto means: the test suite sets off), except
+    eager on CPU for models above AUTO_EAGER_PARAMS parameters (`params`, when given; a note says
+    so); on = must work (else one clear error)."""
     s = normalize(setting)
     if s == "auto" and os.environ.get("TIDAR_BENCH_COMPILE"):
         s = normalize(os.environ["TIDAR_BENCH_COMPILE"])
     if s == "off":
         return False
-    why = unavailable_reason(torch.device(device).type)
+    device = torch.device(device)
+    why = unavailable_reason(device.type)
     if why is None:
+        if s == "auto" and device.type == "cpu" and params is not None and cpu_rule(params) == "eager":
+            note(f"compile auto: eager on CPU, the model has {params / 1e9:.2f}B parameters (> "
+                 f"{AUTO_EAGER_PARAMS / 1e9:g}B: compiling its steps takes minutes for a few percent per step); "
+                 "--compile on compiles anyway")
+            return False
         return True
     if s == "on":
         raise UserError(f"--compile on: {why}; use --compile off (or auto)")
@@ -121,10 +153,15 @@ class Steps:
     `forward(*args, mask=..., cache=..., start=..., **kw)` is the module's forward (the model core or
     a draft head): `start=None` is its eager form, a tensor its static form."""
 
-    def __init__(self, forward: Callable, device: torch.device | str, compiled: bool, dynamic: bool | None = False):
+    def __init__(self, forward: Callable, device: torch.device | str, compiled: bool, dynamic: bool | None = False,
+                 params: int | None = None, name: str | None = None):
         self.forward = forward
         self.device = torch.device(device)
         self.compiled = compiled
+        # the compile line's "what" and the CPU size rules' model size (default: forward's own)
+        self.name = name or getattr(forward, "__name__", type(forward).__name__)
+        self.params = n_params(forward) if params is None and isinstance(forward, torch.nn.Module) else (params or 0)
+        self._buckets: dict[int, int] = {}  # batch rows -> attention window (kv_bucket)
         self.compile_s = 0.0  # total time of first calls per shape (tracing + compilation)
         self._seen: set = set()
         self._mask_buf = torch.empty(0, dtype=torch.bool, device=self.device)
@@ -137,8 +174,15 @@ class Steps:
             _configure_dynamo()
             mode = "reduce-overhead" if self._cuda else None
             # CPU: inductor's C++ wrapper calls the kernels without a Python wrapper per step (its
-            # tensor views and size/stride asserts cost about a quarter of a small model's step)
-            options = None if self._cuda else {"cpp_wrapper": True}
+            # tensor views and size/stride asserts cost about a quarter of a small model's step); a
+            # big model's step is memory-bound and the wrapper's build takes minutes per deep graph
+            options = None
+            if not self._cuda:
+                cpp = os.environ.get("TIDAR_BENCH_CPP_WRAPPER") or ("on" if cpu_rule(self.params) == "cpp-wrapper" else "off")
+                options = {"cpp_wrapper": normalize(cpp) == "on"}
+                if not options["cpp_wrapper"] and "TIDAR_BENCH_CPP_WRAPPER" not in os.environ:
+                    note(f"compile: no C++ wrapper on CPU, the model has {self.params / 1e6:.0f}M parameters "
+                         f"(> {CPP_WRAPPER_MAX_PARAMS / 1e6:.0f}M: its build costs more than it saves)")
             # dynamic=False: one static graph per step shape (decoders have a handful); profile-latency
             # sweeps dozens of shapes and passes None (torch's automatic dynamic shapes)
             self._fn = torch.compile(forward, fullgraph=True, dynamic=dynamic, mode=mode, options=options)
@@ -178,7 +222,9 @@ class Steps:
         if window is not None:
             kw["window"] = torch.tensor(window, device=self.device)
         if self._kv_len:
-            kw["kv_len"] = min(cache.max_len, -(-(P + q) // KV_BUCKET) * KV_BUCKET)
+            b = self._buckets.get(cache.batch) or self._buckets.setdefault(
+                cache.batch, kv_bucket(self.params * cache.k[0].element_size(), cache))
+            kw["kv_len"] = min(cache.max_len, -(-(P + q) // b) * b)
         key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
         first = key not in self._seen
         if first:
@@ -189,7 +235,7 @@ class Steps:
         if self._cuda:
             out = _clone_out(out)
         if first:
-            self._compiled_now(key, t0)
+            self._compiled_now(key, t0, args, kw)
         cache.advance(q)
         return out
 
@@ -216,14 +262,18 @@ class Steps:
         if self._cuda:
             out = _clone_out(out)
         if first:
-            self._compiled_now(key, t0)
+            self._compiled_now(key, t0, args, kw)
         return out
 
-    def _compiled_now(self, key, t0: float) -> None:
+    def _compiled_now(self, key, t0: float, args, kw) -> None:
+        """The first call of a step shape compiled it: count the seconds and say so in one line."""
         if self._cuda:
             torch.cuda.synchronize()
         self._seen.add(key)
-        self.compile_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.compile_s += dt
+        shape = "x".join(map(str, args[0].shape[:2])) + (f", kv {kw['kv_len']}" if "kv_len" in kw else "")
+        note(f"compiled {self.name} [{shape}] in {dt:.1f} s")
 
     def _eager_mask(self, local: torch.Tensor | None, P: int, w0: int, q: int) -> torch.Tensor | None:
         """[q, P + q]: every slot before the window, then the local mask over the window (None: the
@@ -241,6 +291,25 @@ class Steps:
         return mask
 
 
-def steps_for(module, forward: Callable, compile: str | bool) -> Steps:
-    """A Steps runner for `module` (anything with .device) with the compile setting resolved."""
-    return Steps(forward, module.device, resolve(compile, module.device))
+def kv_bucket(weight_bytes: int, cache) -> int:
+    """Slots per attention window of compiled steps: KV_BUCKET, doubled while a window's worth of
+    padding (KV bytes of that many slots, all layers, all rows) reads at most KV_PAD_FRACTION of the
+    weights. Each window is a graph (a compilation); a big model's weights dwarf its KV, so at batch 1
+    it gets wide windows (SmolLM2-135M: 512 slots), a tiny one 128."""
+    slot = sum(t[:, :, 0].numel() * t.element_size() for t in (*cache.k, *cache.v))  # one slot, every layer and row
+    b = KV_BUCKET
+    while 2 * b * slot <= KV_PAD_FRACTION * weight_bytes:
+        b *= 2
+    return b
+
+
+def steps_for(module, forward: Callable, compile: str | bool, name: str | None = None) -> Steps:
+    """A Steps runner for `module` (the model: anything with .device and parameters) with the
+    compile setting resolved for its size. name (for the compile line): default the calling
+    decoder's `name` and the forward's, e.g. "ar step", "ar greedy step", "eagle EagleHead step"."""
+    if name is None:
+        owner = sys._getframe(1).f_locals.get("self")
+        part = "" if forward is module else getattr(forward, "__name__", type(forward).__name__).strip("_")
+        name = f"{getattr(owner, 'name', None) or type(module).__name__} {part.removesuffix('_forward')} step".replace("  ", " ")
+    params = n_params(module)
+    return Steps(forward, module.device, resolve(compile, module.device, params), params=params, name=name)

@@ -190,7 +190,7 @@ def _time_ms(run: Callable[[], None], reset: Callable[[], None], repeats: int, w
 
 @torch.inference_mode()
 def measure(model: Transformer, contexts: list[int], slots: list[int], block_sizes: list[int], repeats: int,
-            warmup: int, seed: int = 0, cuda_graphs: bool = False, progress: Callable[[], None] | None = None,
+            warmup: int, seed: int = 0, cuda_graphs: bool = False, progress: Callable[[Point], None] | None = None,
             batches: list[int] = (1,), compile: bool = False) -> list[Point]:
     """Causal latency at every n in `slots` and TiDAR-step latency for every k in `block_sizes`,
     at every context length and every batch size (B rows, each fed the same n tokens).
@@ -211,7 +211,7 @@ def measure(model: Transformer, contexts: list[int], slots: list[int], block_siz
         # CPU: one static graph per shape, as the decoders compile them (a dynamic kv_len window
         # measured a third slower); CUDA: dozens of shapes x two contexts per model in gpu_check's
         # budget, so torch's automatic dynamic shapes
-        steps = Steps(model, dev, compiled=True, dynamic=None if cuda else False)
+        steps = Steps(model, dev, compiled=True, dynamic=None if cuda else False, name="profile-latency step")
         warmup = max(warmup, 3)  # first calls compile (and record CUDA graphs)
     for B in batches:
         cache = model.new_cache(max(contexts) + biggest, batch=B)
@@ -255,7 +255,7 @@ def _measure_batch(model, cache, B, contexts, jobs, repeats, warmup, g, cuda_gra
             med, q1, q3 = quartiles(times)
             points.append(Point(C, f.n, med, q1, q3, repeats, kind, f.block_size, B))
             if progress is not None:
-                progress()
+                progress(points[-1])
     return points
 
 

@@ -57,13 +57,16 @@ def profile_latency(
                               "(1 is always added: the knee and speedups are relative to it)"),
     mask: str = typer.Option("tidar", help="causal: the causal curve only (TiDAR steps approximated by causal "
                              "forwards of k + k*k tokens); tidar: also the exact TiDAR step mask for each block size"),
-    block_size: str = typer.Option("4,8,16", help="TiDAR block sizes k (a steady-state step feeds k + k*k tokens)"),
+    block_size: Optional[str] = typer.Option(None, help="TiDAR block sizes k (a steady-state step feeds k + k*k tokens); "
+                                             "default 4,8,16, on CPU 4,8 (k=16's 272-token step costs more than "
+                                             "the rest of the sweep there, far past a CPU's knee)"),
     batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,4,16,64: every forward feeds B rows of the same "
                               "layout; knee and predicted speedup per batch size, plus latency_batch.png"),
     dtype: str = typer.Option("auto", help="auto = bf16 on CUDA, fp32 on CPU"),
     device: str = typer.Option("auto"),
     repeats: int = typer.Option(20, min=1),
-    warmup: int = typer.Option(3, min=0),
+    warmup: Optional[int] = typer.Option(None, min=0, help="untimed forwards before each point: default 3, "
+                                         "1 for eager forwards on CPU (nothing to compile or capture)"),
     tolerance: float = typer.Option(0.1, min=0.0, help="knee: largest n with latency <= (1 + tolerance) x latency(1)"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="time replays of a captured CUDA graph of each eager forward"),
     compile: str = typer.Option("auto", "--compile", help="time the decoders' compiled static-shape step (torch.compile, CUDA "
@@ -89,6 +92,7 @@ def profile_latency(
         raise UserError(f"--mask must be causal or tidar, got {mask!r}")
     contexts = sorted(set(parse_ints(context, "--context")))
     ns = sorted(set(parse_ints(slots, "--slots")))
+    block_size = block_size or ("4,8" if resolve_device(device).type == "cpu" else "4,8,16")
     ks = sorted(set(parse_ints(block_size, "--block-size")))
     batches = sorted(set(parse_ints(batch, "--batch")))
     if batches[0] < 1:
@@ -113,7 +117,7 @@ def profile_latency(
     dt = resolve_dtype(dtype, dev)
     if cuda_graphs and dev.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
-    from ..compiled import normalize, resolve
+    from ..compiled import cpu_rule, n_params, normalize, resolve
 
     compiled = resolve(compile, dev)
     if compiled and cuda_graphs:
@@ -130,8 +134,9 @@ def profile_latency(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "latency.json").exists())):
         raise UserError(f"--out {out} exists and is not a profile-latency folder")
 
+    import time
+
     from rich.console import Console
-    from rich.progress import Progress
 
     console = Console()
     for note in notes:
@@ -143,10 +148,20 @@ def profile_latency(
 
         m = load_model(model, dt, dev)
     name = config or str(model)
-    with Progress(transient=True, console=console) as bar:
-        task = bar.add_task("timing forwards", total=len(batches) * len(contexts) * (len(ns) + len(ks)))
-        points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=lambda: bar.advance(task),
-                              batches=batches, compile=compiled)
+    compiled = resolve(compile, dev, n_params(m))  # the CPU size rule: eager above AUTO_EAGER_PARAMS
+    if warmup is None:
+        warmup = 1 if dev.type == "cpu" and not compiled else 3
+    total, done, t0 = len(batches) * len(contexts) * (len(ns) + len(ks)), [], time.perf_counter()
+
+    def progress(p):  # one line per measured point: a long sweep is never silent
+        done.append(p)
+        what = f"TiDAR k={p.block_size} ({p.slots} slots)" if p.mask == "tidar" else f"{p.slots} slots"
+        console.print(f"[{len(done)}/{total}] batch {p.batch}, context {p.context}, {what}: {p.median_ms:.2f} ms "
+                      f"({'compiled' if compiled else 'eager'}, {time.perf_counter() - t0:.0f} s elapsed)",
+                      highlight=False, style="dim", soft_wrap=True)
+
+    points = prof.measure(m, contexts, ns, ks, repeats, warmup, seed, cuda_graphs, progress=progress,
+                          batches=batches, compile=compiled)
     info = prof.device_info(dev)
 
     # ---- analysis per (batch, context); the top-level fields are the first batch size's
@@ -180,7 +195,8 @@ def profile_latency(
     env_prefix = f"TIDAR_BENCH_ATTN={shlex.quote(attn)} " if "TIDAR_BENCH_ATTN" in os.environ else ""
     record = {
         "command": env_prefix + shlex.join(argv), "attention": attn, "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
-        "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled, "repeats": repeats, "warmup": warmup,
+        "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled,
+        "params": n_params(m), "cpu_compile_rule": cpu_rule(n_params(m)) if dev.type == "cpu" else None, "repeats": repeats, "warmup": warmup,
         "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "batch_sizes": batches, "notes": notes,
         "environment": info, "points": [asdict(p) for p in points],
         "knee": {str(C): k for C, k in knees.items()},
