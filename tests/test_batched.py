@@ -209,15 +209,9 @@ def test_batched_bad_input(tidar_ctx):
     with pytest.raises(UserError):
         generate_batch(dec, [[1, 2]], cfg, 0)
     lossy = build_decoder("tidar", tidar_ctx, {"beta": "0.5"})  # tidar runs every option at B > 1 (test_tidar_rows.py)
-    assert supports_batch(lossy) is None and supports_batch("tidar", {"rule": "authors"}) is None
+    assert supports_batch(lossy) is None
     hf = build_decoder("hf", tidar_ctx, {})
     assert supports_batch(hf) is None  # hf batches itself (baselines/hf.py generate_batch, tests/test_hf_batch.py)
-
-
-def test_bd_takes_every_option_at_any_batch_size():
-    """bd is written over B rows: no option is refused at B > 1."""
-    for o in ({"separate_commit": "true"}, {"block_cache": "false"}, {"remasking": "low_confidence_dynamic"}):
-        assert supports_batch("bd", o) is None
 
 
 def test_eagle_tree_is_refused(base_ctx):

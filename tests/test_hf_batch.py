@@ -60,7 +60,7 @@ def test_hf_batch_equals_batch1_ar_with_per_row_stops(pair):
 
 def test_hf_batch_is_supported_and_checks_input(pair):
     _, hf = pair
-    assert supports_batch(hf) is None and supports_batch("hf", {"compile": "true"}) is None
+    assert supports_batch(hf) is None
     cfg = GenerationConfig(max_new_tokens=4)
     assert generate_batch(hf, [], cfg, 4) == []
     for prompts, b in (([[1, 2]], 0), ([[1, 2], []], 2)):

@@ -1,21 +1,18 @@
 """`tidar-bench run --batch-size B` (issue 17): the embedded TiDAR checkpoint with `ar` and `tidar` on
 the shipped mini_gsm task (--include-path tasks/: no index of lm-eval's builtin tasks) decodes, item
 by item, the same tokens and outputs at batch 4 as at batch 1; the folder records the batch size
-(run.json, summary.csv, cache records) and resumes without decoding; sampling tasks and decoders
-that cannot run batched are refused with one line before anything is written."""
+(run.json, summary.csv, cache records) and resumes without decoding."""
 
 import contextlib
 import csv
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tidar_bench.cli import main
-from tidar_bench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tidar_bench" / "embedded" / "tidar"
@@ -109,44 +106,3 @@ def test_batched_rerun_resumes_and_other_batch_size_is_refused(runs, monkeypatch
     capsys.readouterr()
     assert main(_argv(b4, "--batch-size", "2")) == 2
     assert "differs in: batch_size" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("extra,needle", [
-    (("--gen-kwargs", "max_gen_toks=8,do_sample=true,temperature=0.7"),
-     "batched decoding is greedy only; mini_gsm asks sampling"),
-    (("--decoders", "ar,dflash,tidar"), "decoder dflash: batched decoding (--batch-size) supports ar, bd, eagle, hf, tidar; not 'dflash'"),
-    (("--decoders", "ar,tidar(beta=0.5)"), "decoder tidar(beta=0.5): batched tidar supports the lossless setting only"),
-])
-def test_refused_with_one_line_and_nothing_written(tmp_path, capsys, extra, needle):
-    out = tmp_path / "out"
-    assert main(_argv(out, "--batch-size", "2", *extra)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --batch-size 2: ") and needle in err[0], err
-    assert not out.exists()
-
-
-def test_lm_refuses_sampling_requests_before_decoding():
-    """The adapter itself (lm-eval's own command line has no prepare step) refuses before building anything."""
-    from tidar_bench.harness.lm import TidarBenchLM
-    from tidar_bench.registry import DecoderContext
-
-    lm = TidarBenchLM(DecoderContext(MODEL, "cpu", "float32"), "ar", batch_size=2,
-                      decoder_factory=lambda: pytest.fail("decoder built"))
-    reqs = [SimpleNamespace(args=("Q: 1+1?", {"until": ["\n"], "max_gen_toks": 4}), task_name="greedy", doc_id=0),
-            SimpleNamespace(args=("Q: 2+2?", {"do_sample": True, "temperature": 0.7}), task_name="gsm8k", doc_id=0)]
-    with pytest.raises(UserError, match="batched decoding is greedy only; gsm8k asks sampling"):
-        lm.generate_until(reqs)
-    assert lm.decoded == 0 and not lm.records
-
-
-def test_supports_batch_from_options():
-    """`run` checks the decoder settings' full options before anything is built."""
-    from tidar_bench.batched import supports_batch
-
-    assert supports_batch("tidar", {"mode": "tidar", "beta": 1.0, "block_size": 4}) is None
-    assert "lossless" in supports_batch("tidar", {"mode": "diffusion", "beta": 1.0})
-    assert supports_batch("bd", {"block_cache": False}) is None  # bd is written over B rows: every option
-    assert supports_batch("bd", {"block_cache": True}) is None
-    assert "tree=False" in supports_batch("eagle", {"tree": True})
-    assert supports_batch("eagle", {"tree": False, "chain_length": 4}) is None
-    assert "not 'dflash'" in supports_batch("dflash", {})

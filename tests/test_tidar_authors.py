@@ -112,10 +112,6 @@ def test_authors_rule_is_seeded_and_reports_its_options(model, tmp_path):
             o["t0_as_t1"], o["lossless"]) == ("authors", "diffusion", "two", 0.0, "ratio", 1.2, True, False)
     with pytest.raises(UserError):
         TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="authors", max_blocks=2)
-    from tidar_bench.batched import supports_batch
-
-    # every rule option runs at B > 1 too (tests/test_tidar_rows.py)
-    assert supports_batch("tidar", {"rule": "authors"}) is None and supports_batch("tidar", {"first_token": "diffusion"}) is None
     with pytest.raises(UserError):
         TidarDecoder(model, mask_token_id=MASK, block_size=4, rule="sglang")
     with pytest.raises(UserError):

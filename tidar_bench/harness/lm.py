@@ -6,7 +6,7 @@
 
 `generate_until` decodes at batch 1, one request at a time, through `decoder.generate`, and keeps a
 record per request (tokens, NFE, accepted lengths, latency, finish reason). With batch_size B > 1
-(greedy only) the requests of one task and generation config are decoded together by
+the requests of one task and generation config are decoded together by
 `batched.generate_batch`, B sequences in flight, each recorded as it finishes (the same record, plus
 batch_size, its share of the call's wall time and the group's throughput). With a `SampleCache`
 a request already decoded (same prompt, generation kwargs, decoder options, model, seed) is
@@ -68,17 +68,6 @@ def sampling_from(gen_kwargs: dict, seed: int, item: str) -> SamplingParams:
                           seed=(seed * 1_000_003 + int(item[:12], 16)) % (2**63))
 
 
-def sampling_refusal(task: str, gen_kwargs: dict, batch_size: int) -> str | None:
-    """Why a request cannot be decoded at this batch size (batched decoding is greedy only), else None."""
-    if batch_size <= 1:
-        return None
-    sp = sampling_from(gen_kwargs, 0, "0" * 12)
-    if sp.greedy:
-        return None
-    return (f"--batch-size {batch_size}: batched decoding is greedy only; {task.removeprefix('tb_')} asks "
-            f"sampling (do_sample, temperature {sp.temperature:g}): use --batch-size 1 or greedy --gen-kwargs")
-
-
 @dataclass
 class _Item:
     """One generate_until request: its identity, then (once it is to be decoded) its prompt ids and
@@ -100,8 +89,8 @@ class _Item:
 
 @register_model("tidar-bench")
 class TidarBenchLM(LM):
-    """lm-eval LM over one decoder, at batch 1 (or batch_size sequences in flight, greedy only:
-    `batched.generate_batch`).
+    """lm-eval LM over one decoder, at batch 1 (or batch_size sequences in flight:
+    `batched.generate_batch`; a sampled request carries its own seed, so it forms a group of its own).
 
     decoder_factory builds the decoder on first need (a fully cached run loads no model);
     key_info (decoder name, options, model, seed; batch size when > 1) goes into every cache key;
@@ -366,10 +355,6 @@ class TidarBenchLM(LM):
             fresh.append((pos, it, time.perf_counter() - t0))
         if not fresh:
             return out
-        for _, it, _ in fresh:  # before anything is decoded
-            why = sampling_refusal(it.task, it.gen_kwargs, self.batch_size)
-            if why:
-                raise UserError(why)
         why = supports_batch(self.decoder)
         if why:
             raise UserError(f"--batch-size {self.batch_size}: decoder {self.decoder_name}: {why}")
@@ -393,8 +378,7 @@ class TidarBenchLM(LM):
         from ..batched import generate_batch
 
         B, decoder = self.batch_size, self.decoder
-        # batched.py's steps run eagerly; a decoder that batches itself (hf) keeps its compile setting
-        compiled = hasattr(decoder, "generate_batch") and bool(decoder.options().get("compile", False))
+        compiled = bool(decoder.options().get("compile", False))
         prompts = [it.ids for _, it, _ in members]
         if not self._warm:  # untimed: kernels, allocator, and the batch caches sized for the longest prompts
             generate_batch(decoder, sorted(prompts, key=len)[-B:], cfg, B)

@@ -2,7 +2,7 @@
 
 For each decoder, lm-eval builds the same requests (same task configs, few-shot, seeds, limit), and
 `TidarBenchLM` decodes them at batch 1 (one warm-up generate first), or with `--batch-size B` B at a
-time through `batched.generate_batch` (greedy only; one untimed warm-up call), caching each decoded
+time through `batched.generate_batch` (one untimed warm-up call), caching each decoded
 request in `cache/<decoder>/<task>.jsonl`. The run folder then gets:
 
     run_spec.json                    identity of the command (written first; guards the folder)
@@ -57,7 +57,7 @@ class RunSpec:
     system_instruction: str | None = None  # lm-eval's --system_instruction
     gen_kwargs: str | None = None  # lm-eval's --gen_kwargs, e.g. "max_gen_toks=64" (overrides every task's)
     compile: str = "auto"  # --compile: default of every decoder's `compile` option (settings override it)
-    batch_size: int = 1  # --batch-size: sequences in flight per decoder (batched.generate_batch; greedy only)
+    batch_size: int = 1  # --batch-size: sequences in flight per decoder (batched.generate_batch)
 
     def identity(self) -> dict:
         """What makes two invocations 'the same command' (the folder's own path, so a moved folder
@@ -234,27 +234,6 @@ def _check_tokenizer(spec: RunSpec) -> None:
                         "(tokenizer_config.json `chat_template` or chat_template.jinja); drop the option for a base model")
 
 
-def _check_batch(spec: RunSpec, options: dict[str, dict], names: dict[str, str], lm_tasks: list[str], tm) -> None:
-    """--batch-size > 1: every decoder setting must run batched, and every generation task greedy
-    (its generation_kwargs with --gen-kwargs applied, as lm-eval applies them)."""
-    from lm_eval.utils import simple_parse_args_string
-
-    from ..batched import supports_batch
-    from .lm import sampling_refusal
-
-    for label in spec.decoders:
-        why = supports_batch(names[label], options[label])
-        if why:
-            raise UserError(f"--batch-size {spec.batch_size}: decoder {label}: {why}")
-    override = simple_parse_args_string(spec.gen_kwargs) if spec.gen_kwargs else {}
-    for name, task in tm.load(list(lm_tasks))["tasks"].items():
-        if task.get_config("output_type") != "generate_until":
-            continue
-        why = sampling_refusal(name, {**(task.get_config("generation_kwargs") or {}), **override}, spec.batch_size)
-        if why:
-            raise UserError(why)
-
-
 def prepare(spec: RunSpec) -> Plan:
     """Validate everything a run needs; raises UserError and writes nothing on bad input."""
     from ..model import read_config, resolve_device, resolve_dtype
@@ -277,8 +256,6 @@ def prepare(spec: RunSpec) -> Plan:
     options, given, names = _decoder_options(spec)
     check_out_folder(spec.out, spec.identity())
     lm_tasks, tm, unsafe = _resolve_tasks(spec)
-    if spec.batch_size > 1:
-        _check_batch(spec, options, names, lm_tasks, tm)
     return Plan(spec, options, given, names, lm_tasks, tm, unsafe)
 
 
