@@ -54,7 +54,6 @@ def test_hf_batch_equals_batch1_ar_with_per_row_stops(pair):
     assert done == sorted(range(6), key=lambda i: (i // 4, got[i].stats.nfe, i))
     first = sorted(got[:4], key=lambda g: g.stats.nfe)
     assert all(a.stats.wall_time_s <= b.stats.wall_time_s for a, b in zip(first, first[1:]))
-    assert [g.tokens for g in hf.generate_batch(prompts, cfg, 1)] == [w.tokens for w in want]  # B = 1: no padding
     assert [g.tokens for g in hf.generate_batch(prompts, cfg, 8)] == [w.tokens for w in want]  # one short chunk
 
 
