@@ -53,11 +53,10 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
         # the TiDAR authors' rule options (tidar.py): any of them set is not the exact rule
         lossless = lossless and o.get("rule", "exact") == "exact" and all(
             o.get(k) is None for k in ("first_token", "prefill", "ar_ratio", "accept", "draft_penalty", "t0_as_t1"))
-        block_cache, tree = bool(o.get("block_cache", True)), bool(o.get("tree", True))
+        block_cache = bool(o.get("block_cache", True))
         separate = str(o.get("separate_commit", False)).lower() in ("1", "true", "yes", "on")
     else:
         lossless, block_cache = getattr(decoder, "lossless", True), getattr(decoder, "block_cache", True)
-        tree = getattr(decoder, "tree", False)
         separate = getattr(decoder, "separate_commit", False)
     if name == "tidar" and not lossless:
         return "batched tidar supports the lossless setting only (mode=tidar, beta=1, rule=exact, no authors' options)"
@@ -65,8 +64,6 @@ def supports_batch(decoder, options: dict | None = None) -> str | None:
         return "batched bd needs the block cache (block_cache=True)"
     if name == "bd" and separate:
         return "batched bd merges each commit into the next block's step; separate_commit=true runs at batch 1"
-    if name == "eagle" and tree:
-        return "batched eagle drafts chains: use --decoder-arg eagle.tree=False (chain_length=N)"
     return None
 
 
@@ -292,112 +289,6 @@ class _BatchedTidar(_Batched):
 # ----------------------------------------------------------------------------- EAGLE (chain)
 
 
-class _BatchedEagle(_Batched):
-    """EAGLE chain drafting (tree=False), greedy. Per row: the target cache length, the head cache
-    length, and the pairs (target feature i, token i+1) the head has not absorbed yet. A step: the
-    head absorbs every row's pending pairs (ragged, padded; causal) and drafts a chain of
-    `chain_length` tokens in chain_length head forwards over [B, 1]; the target verifies
-    [newest token | chain] of every row in one forward; each row keeps its accepted prefix."""
-
-    def __init__(self, decoder, *args):
-        self.D = decoder.depth
-        self.step_rows = self.D + 1
-        super().__init__(decoder, *args)
-        from .cache import KVCache
-
-        head = decoder.head
-        lc = head.layer_config
-        w = head.lm_head.weight
-        hc = getattr(decoder, "_batch_hcache", None)
-        if hc is None or hc.max_len < self.cache.max_len or hc.batch != self.B:
-            hc = KVCache(1, lc.num_key_value_heads, lc.head_dim, self.cache.max_len, batch=self.B, dtype=w.dtype,
-                         device=w.device)
-        hs = getattr(decoder, "_batch_hscratch", None)
-        self.hcache, self.hscratch = hc, head.new_cache(self.scratch.max_len, reuse=hs)
-        decoder._batch_hcache, decoder._batch_hscratch = self.hcache, self.hscratch
-        self.hlen = [0] * self.B
-        self.pend: list[tuple[list[int], torch.Tensor] | None] = [None] * self.B
-
-    def prefill(self, row: _Row, prompt: list[int], slot: int) -> bool:
-        """Target prefill, then the head absorbs all prompt pairs but the last (kept pending, so
-        every step starts with an absorb of 1..chain_length+1 pairs per row)."""
-        from tidar_bench.baselines.eagle import target_features
-
-        dec, head, L = self.dec, self.dec.head, len(prompt)
-        self.scratch.reset()
-        self.hscratch.reset()
-        out = self.model(torch.tensor([prompt], device=self.dev), cache=self.scratch, hidden_layers=dec.layers,
-                         logits_index=slice(-1, None))
-        row.stats.tokens_fed = [L]
-        row.last = int(out.logits[0, -1].argmax(-1))
-        feats = target_features(self.model, out.hidden_states, head.form, dec.layers)[0]  # [L, F]: pair i = (feat i, token i+1)
-        pair_ids = prompt[1:] + [row.last]
-        if L > 1:
-            head(torch.tensor([pair_ids[:-1]], device=self.dev), target_feats=feats[None, :-1], cache=self.hscratch)
-            row.stats.draft_forwards += 1
-        _copy_row(self.hcache, self.hscratch, slot, L - 1)
-        self.hlen[slot] = L - 1
-        self.pend[slot] = ([row.last], feats[-1:])
-        return row.stop.extend([row.last])
-
-    def step(self, active: list[int]) -> None:
-        from tidar_bench.baselines.eagle import target_features
-
-        B, D, dev, head = self.B, self.D, self.dev, self.dec.head
-        # 1. the head absorbs each row's pending pairs (padded to the longest; causal, so pads see rows, not vice versa)
-        P = max(len(self.pend[s][0]) for s in active)
-        F = self.pend[active[0]][1].shape[-1]
-        ids = torch.zeros(B, P, dtype=torch.long, device=dev)
-        feats = torch.zeros(B, P, F, dtype=self.pend[active[0]][1].dtype, device=dev)
-        last = torch.zeros(B, dtype=torch.long, device=dev)
-        hstart = [0] * B
-        for s in active:
-            pids, pf = self.pend[s]
-            ids[s, : len(pids)] = torch.tensor(pids, device=dev)
-            feats[s, : len(pids)] = pf
-            last[s] = len(pids) - 1
-            hstart[s] = self.hlen[s]
-        hs = torch.tensor(hstart, dtype=torch.long, device=dev)
-        h, lg = head(ids, target_feats=feats, position_ids=hs[:, None] + torch.arange(P, device=dev), cache=self.hcache,
-                     start=hs)
-        rows = torch.arange(B, device=dev)
-        front_h, front_lg = h[rows, last][:, None], lg[rows, last]
-        for s in active:
-            self.hlen[s] += len(self.pend[s][0])
-        # 2. the chain: D tokens, D - 1 more head forwards over [B, 1] (each sees the committed pairs + the chain so far)
-        base = torch.tensor(self.hlen, dtype=torch.long, device=dev)
-        chain = [head.to_target(front_lg.argmax(-1))]
-        for d in range(1, D):
-            front_h, lg = head(chain[-1][:, None], hidden=front_h, position_ids=(base + d - 1)[:, None],
-                               cache=self.hcache, start=base + d - 1)
-            chain.append(head.to_target(lg[:, 0].argmax(-1)))
-        # 3. the target verifies [newest token | chain] of every row in one forward
-        starts = [self.rows[s].length if s in active else 0 for s in range(B)]
-        tok = torch.tensor([self.rows[s].last if s in active else 0 for s in range(B)], device=dev)
-        fed = torch.stack([tok, *chain], dim=1)  # [B, D + 1]
-        st = torch.tensor(starts, dtype=torch.long, device=dev)
-        out = self.model(fed, st[:, None] + torch.arange(D + 1, device=dev), None, self.cache, start=st,
-                         hidden_layers=self.dec.layers)
-        best = out.logits.argmax(-1).tolist()
-        drafts = fed[:, 1:].tolist()
-        feats = target_features(self.model, out.hidden_states, head.form, self.dec.layers)
-        for s in active:
-            row = self.rows[s]
-            acc = 0
-            while acc < D and drafts[s][acc] == best[s][acc]:
-                acc += 1
-            accepted = drafts[s][:acc] + [best[s][acc]]
-            row.stats.nfe += 1
-            row.stats.draft_forwards += D
-            row.stats.tokens_fed.append(D + 1)
-            row.stats.accepted_lengths.append(acc + 1)
-            row.length += acc + 1  # newest token + accepted drafts; the new token's KV comes next step
-            row.last = accepted[-1]
-            self.pend[s] = (accepted, feats[s, : acc + 1])
-            if row.stop.extend(accepted):
-                self._finish(s)
-
-
 # ----------------------------------------------------------------------------- block diffusion
 
 
@@ -531,7 +422,7 @@ class _BatchedBD(_Batched):
                 self._finish(s)
 
 
-_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": _BatchedEagle, "bd": _BatchedBD}
+_RUNNERS = {"ar": None, "tidar": _BatchedTidar, "eagle": None, "bd": _BatchedBD}
 
 
 # ----------------------------------------------------------------------------- the batched speed benchmark
