@@ -15,8 +15,8 @@
   wait and never change: every row computes exactly what it would alone, up to float rounding.
 - Lossless decoders stay lossless per row: greedy verification per row against that row's AR rows.
 
-Supported: `ar`, `tidar` (mode tidar, beta 1, any block size, max_blocks) and `eagle` with chain
-drafting (tree=False; the head's cache gets per-row offsets too) and `bd` (block cache, with or
+Supported: `ar`, `tidar` (mode tidar, beta 1, any block size, max_blocks) and `eagle` (trees, chains,
+sampling: a RowDecoder, `baselines/eagle.py`) and `bd` (block cache, with or
 without token shift; each row denoises its own block with the decoder's rule), greedy only
 (temperature 0). Per-row stats: nfe = forwards the row took part in (its prefill included),
 tokens_fed = its own unpadded layout, wall_time_s = admission to last token (per-sequence latency,
