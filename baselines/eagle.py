@@ -44,8 +44,16 @@ children (deterministic candidates, best first) are tried in turn: candidate t i
 probability p(t), else p(t) is zeroed and p renormalised (speculative sampling with a point-mass
 proposal, exact for any draft-chosen candidate set); when all are rejected the token is drawn from
 the residual p. Chains sampled from the head use `decoding.speculative_verify`. The accepted path's
-target KV is compacted with `cache.keep`. Stats: nfe (target forwards), draft_forwards, accepted
-lengths = accepted drafts + 1 (EAGLE's tau).
+target KV is compacted with `cache.keep`. Stats: nfe (target forwards), draft_forwards (the
+prompt's pairs in the prefill, then `depth` per step), accepted lengths = accepted drafts + 1 (EAGLE's tau).
+
+Written once over B rows (`tidar_bench.engine`; batch 1 is B = 1): each row has its own target
+length, head length and pending pairs; every row has top_k frontier nodes after depth 1, so each
+expand step is one head forward over [B, top_k] (per-row key windows over the row's tree slots);
+the rerank and the verification walk are per row on the host; verification is [B, total_tokens]
+(padded with inert nodes), and each row keeps its own accepted path (`KVCache.keep(row=)`).
+Compiled (and at B > 1) the three step shapes are fixed: absorb depth + 1 pairs, expand top_k
+nodes, verify total_tokens; eager batch 1 runs exact shapes.
 """
 
 from __future__ import annotations
@@ -57,12 +65,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tidar_bench import masks
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import (CachedDecoder, DecodeRun, DecodeStats, Generation, GenerationConfig, next_token, sample,
-                                  speculative_verify, warp_probs)
+from tidar_bench.decoding import GenerationConfig, next_token, sample, speculative_verify, warp_probs
+from tidar_bench.engine import Row, RowDecoder
 from tidar_bench.errors import UserError
 from tidar_bench.formats import EAGLE_FORMATS, aux_to_model_core, flat_config
 from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
@@ -236,13 +243,13 @@ class EagleHead(nn.Module):
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
-    def new_cache(self, max_len: int, reuse: KVCache | None = None) -> KVCache:
-        if reuse is not None and reuse.max_len >= max_len:
+    def new_cache(self, max_len: int, reuse: KVCache | None = None, batch: int = 1) -> KVCache:
+        if reuse is not None and reuse.max_len >= max_len and reuse.batch == batch:
             reuse.reset()
             return reuse
         lc = self.layer_config
         w = self.lm_head.weight
-        return KVCache(1, lc.num_key_value_heads, lc.head_dim, max_len, dtype=w.dtype, device=w.device)
+        return KVCache(1, lc.num_key_value_heads, lc.head_dim, max_len, batch=batch, dtype=w.dtype, device=w.device)
 
     def forward(self, ids: torch.Tensor, target_feats: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -425,7 +432,37 @@ def tree_sample_walk(fed_tokens: list[int], children: list[list[int]], probs: to
             return path, int(sample(p, generator))
 
 
-class EagleDecoder(CachedDecoder):
+@dataclass
+class _RowState:
+    """One row's EAGLE state between steps (see the module doc's invariants)."""
+
+    tok: int  # newest committed token (its target KV comes with the next verification)
+    hlen: int  # committed pairs in the head cache
+    pairs: list[int]  # tokens of the pairs not absorbed yet (the newest accepted path)
+    feats: torch.Tensor | None  # their target features [len(pairs), F]
+    front: tuple[torch.Tensor, torch.Tensor] | None  # (hidden, logits) of the newest absorbed pair, when pairs == []
+    history: list[int]  # prompt + committed tokens (for `on_step`)
+
+
+def tree_masks(parents: torch.Tensor) -> torch.Tensor:
+    """[B, n, n] tree attention of B rows of fed nodes (parents [B, n], -1 = a root: sees only
+    itself; `masks.tree` of each row), built by following parent links (depth steps), not per node."""
+    B, n = parents.shape
+    m = torch.eye(n, dtype=torch.bool).repeat(B, 1, 1)
+    rows, cols = torch.arange(B)[:, None].expand(B, n), torch.arange(n)[None].expand(B, n)
+    anc = parents.clone()
+    while bool((anc >= 0).any()):
+        live = anc >= 0
+        m[rows[live], cols[live], anc[live]] = True
+        anc = torch.where(live, parents.gather(1, anc.clamp(min=0)), anc)
+    return m
+
+
+class EagleDecoder(RowDecoder):
+    """Written over B rows (`tidar_bench.engine`): every step drafts a tree (or chain) per row, the
+    head's expand steps batched as [B, top_k], and verifies [B, total_tokens] in one target forward;
+    batch 1 is B = 1."""
+
     name = "eagle"
     lossless = True
 
@@ -439,13 +476,14 @@ class EagleDecoder(CachedDecoder):
             self.depth, self.top_k, self.total_tokens = depth, min(top_k, head.lm_head.out_features), total_tokens
         else:
             self.depth, self.top_k, self.total_tokens = chain_length, 1, chain_length + 1
+        # cache headroom past a row's committed length: verification, absorb (depth + 1), tree nodes
+        self.step_rows = max(self.total_tokens, self.depth + 1, (self.depth - 1) * self.top_k + 1)
         self.layers = head.feature_layers(model.config.num_hidden_layers)
-        self._hcache: KVCache | None = None
-        # compiled mode: three fixed shapes (absorb depth+1 pairs, expand top_k nodes, verify
-        # total_tokens), padded where a step has fewer; see tidar_bench/compiled.py
+        # compiled mode (and B > 1): three fixed shapes (absorb depth+1 pairs, expand top_k nodes,
+        # verify total_tokens), padded where a step has fewer; see tidar_bench/compiled.py
         self.target_steps = steps_for(model, model, compile)
         self.head_steps = steps_for(model, head, compile)
-        # tests observe every step: on_step(target cache, prompt + committed tokens)
+        # tests observe every step at batch 1: on_step(target cache, prompt + committed tokens)
         self.on_step: Callable | None = None
 
     def options(self) -> dict:
@@ -458,142 +496,188 @@ class EagleDecoder(CachedDecoder):
             o.update(chain_length=self.depth)
         return o
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
-        model, dev = self.model, self.model.device
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("empty prompt")
-        run = DecodeRun(dev, config, self.tokenizer, self.target_steps, self.head_steps)
-        stats, sp, gen = run.stats, run.sp, run.gen
-        cap = len(prompt) + config.max_new_tokens + self.total_tokens + 2
-        cache = self.cache_for(cap)
-        hcache = self._hcache = self.head.new_cache(cap, reuse=self._hcache)
-        padded = self.target_steps.compiled
+    def runners(self) -> list:
+        return [self.target_steps, self.head_steps]
 
-        ids = torch.tensor([prompt], device=dev)
-        out = model(ids, cache=cache, hidden_layers=self.layers, logits_index=slice(-1, None))
-        stats.nfe, stats.tokens_fed = 1, [len(prompt)]
-        tok = int(next_token(out.logits[0, -1], sp, gen))
-        run.prefill_done()
-        feats = target_features(model, out.hidden_states, self.head.form, self.layers)  # pairs (feature i, token i+1)
-        pair_ids = prompt[1:] + [tok]
-        history = prompt + [tok]
-        done = run.stop.extend([tok])
-        first = True
-        while not done:
-            hidden, logits = self._absorb(hcache, pair_ids, feats, eager=first or not padded)
-            first = False
-            stats.draft_forwards += 1
-            tree = self._draft(hcache, tok, logits, hidden, sp, gen, stats)
+    @property
+    def _hcache(self) -> KVCache | None:
+        return self.caches.get("head")
 
-            start = cache.length
-            fed_tokens = [tok] + tree.tokens
-            parents = [-1] + [p + 1 for p in tree.parents]
-            depths = [0] + tree.depths
-            if padded:  # fixed verify shape: pad with nodes that see only the cache and themselves
-                pad = self.total_tokens - len(fed_tokens)
-                parents, depths = parents + [-1] * pad, depths + [0] * pad
-            n = len(parents)
-            fed = torch.tensor([fed_tokens + [0] * (n - len(fed_tokens))], device=dev)
-            positions = torch.tensor(depths, device=dev) + start
-            out = self.target_steps(fed, positions, cache=cache, local_mask=masks.tree(parents, 0, dev),
-                                    hidden_layers=self.layers)
-            stats.nfe += 1
-            stats.tokens_fed.append(n)
-            path, tok = self._verify(out.logits[0], fed_tokens, tree, sp, gen)
-            cache.keep([start + i for i in path])
+    def new_caches(self, batch: int, max_len: int, reuse: dict) -> dict:
+        return {"target": self.model.new_cache(max_len, batch=batch, reuse=reuse.get("target")),
+                "head": self.head.new_cache(max_len, reuse=reuse.get("head"), batch=batch)}
 
+    def begin(self, batch: int, config: GenerationConfig) -> None:
+        self._sp = config.sampling
+
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+        """Target prefill, then the head absorbs every prompt pair (feature i, token i+1)."""
+        dev, L = self.model.device, len(prompt)
+        out = self.model(torch.tensor([prompt], device=dev), cache=caches["target"], hidden_layers=self.layers,
+                         logits_index=slice(-1, None))
+        tok = int(next_token(out.logits[0, -1], self._sp, row.gen))
+        feats = target_features(self.model, out.hidden_states, self.head.form, self.layers)
+        hidden, logits = self.head(torch.tensor([prompt[1:] + [tok]], device=dev), target_feats=feats,
+                                   cache=caches["head"])
+        row.stats.nfe, row.stats.tokens_fed, row.stats.draft_forwards = 1, [L], 1
+        row.length = L
+        row.state = _RowState(tok, L, [], None, (hidden[0, -1], logits[0, -1]), prompt + [tok])
+        return [tok]
+
+    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
+        B, dev, sp = len(rows), self.model.device, self._sp
+        cache, hcache = self.caches["target"], self.caches["head"]
+        live = [s for s, r in enumerate(rows) if r is not None]
+        st: list[_RowState | None] = [r.state if r is not None else None for r in rows]
+        padded = self.target_steps.compiled or B > 1  # fixed shapes (eager batch 1: exact shapes)
+        if any(st[s].pairs for s in live):
+            self._absorb(rows, st, hcache, padded)
+        trees = self._draft(rows, st, hcache)
+
+        # verification: [root (newest token) | tree nodes] of every row, padded with inert nodes
+        n = self.total_tokens if padded else len(trees[live[0]].tokens) + 1
+        fed = [[0] * n for _ in range(B)]
+        pos = [[0] * n for _ in range(B)]
+        parents = [[-1] * n for _ in range(B)]
+        for s in live:
+            t, r = trees[s], rows[s]
+            m = len(t.tokens) + 1
+            fed[s][:m] = [st[s].tok] + t.tokens
+            parents[s][1:m] = [p + 1 for p in t.parents]
+            pos[s] = [r.length] + [r.length + d for d in t.depths] + [r.length] * (n - m)
+        local = tree_masks(torch.tensor(parents)).to(dev)
+        starts = [r.length if r is not None else 0 for r in rows]
+        out = self.target_steps(torch.tensor(fed, device=dev), torch.tensor(pos, device=dev), cache=cache,
+                                local_mask=local, hidden_layers=self.layers, starts=starts)
+        best = out.logits.argmax(-1).tolist() if sp.greedy else None
+        feats = target_features(self.model, out.hidden_states, self.head.form, self.layers)
+        committed: list[list[int] | None] = [None] * B
+        for s in live:
+            row, x, t = rows[s], st[s], trees[s]
+            fed_tokens = fed[s][: len(t.tokens) + 1]
+            path, tok = self._verify(out.logits[s], best[s] if best else None, fed_tokens, t, row.gen)
+            if path[-1] != len(path) - 1:  # a branch, not the fed prefix: move its KV behind the cache
+                cache.keep([row.length + i for i in path], row=s)
             accepted = [fed_tokens[i] for i in path[1:]] + [tok]
-            stats.accepted_lengths.append(len(accepted))
-            feats = target_features(model, out.hidden_states, self.head.form, self.layers)[:, path]
-            pair_ids = accepted
-            history += accepted
-            done = run.stop.extend(accepted)
-            if self.on_step is not None:
-                self.on_step(cache, history)
-        return run.finish()
+            row.stats.nfe += 1
+            row.stats.tokens_fed.append(n)
+            row.stats.accepted_lengths.append(len(accepted))
+            row.length += len(path)
+            x.tok, x.pairs, x.feats = tok, accepted, feats[s, path]
+            x.history += accepted
+            committed[s] = accepted
+        if B == 1 and self.on_step is not None:
+            cache.length, hcache.length = rows[0].length, st[0].hlen
+            self.on_step(cache, st[0].history)
+        return committed
 
-    def _absorb(self, hcache: KVCache, pair_ids: list[int], feats: torch.Tensor, eager: bool):
-        """Feed the newly committed pairs to the head: (hidden, logits) of the last one. Compiled:
-        always depth + 1 rows; the padding after the real pairs is evicted."""
-        dev = feats.device
-        n = len(pair_ids)
-        if eager:
-            hidden, logits = self.head(torch.tensor([pair_ids], device=dev), target_feats=feats, cache=hcache)
-            return hidden[0, -1], logits[0, -1]
-        A, P = self.depth + 1, hcache.length
-        ids = torch.zeros(1, A, dtype=torch.long, device=dev)
-        ids[0, :n] = torch.tensor(pair_ids, device=dev)
-        f = torch.zeros(1, A, feats.shape[-1], dtype=feats.dtype, device=dev)
-        f[:, :n] = feats
-        # causal: the real pairs come first and never see the padding, whose outputs and KV are dropped
-        hidden, logits = self.head_steps(ids, cache=hcache, target_feats=f,
-                                         position_ids=torch.arange(P, P + A, device=dev))
-        hcache.crop(P + n)
-        return hidden[0, n - 1], logits[0, n - 1]
+    def _absorb(self, rows: list[Row | None], st: list[_RowState | None], hcache: KVCache, padded: bool) -> None:
+        """Feed every row's newly committed pairs to the head; keep (hidden, logits) of each row's
+        last one. Padded: always depth + 1 pairs per row, causal, so the real pairs come first and
+        never see the padding (its outputs are dropped, its KV lies past the row's head length)."""
+        dev, B = self.model.device, len(rows)
+        live = [s for s, x in enumerate(st) if x is not None and x.pairs]
+        A = self.depth + 1 if padded else len(st[live[0]].pairs)
+        F = st[live[0]].feats.shape[-1]
+        ids = [[0] * A for _ in range(B)]
+        f = torch.zeros(B, A, F, dtype=st[live[0]].feats.dtype, device=dev)
+        for s in live:
+            n = len(st[s].pairs)
+            ids[s][:n] = st[s].pairs
+            f[s, :n] = st[s].feats
+        hl = [x.hlen if x is not None else 0 for x in st]
+        pos = torch.tensor(hl, device=dev)[:, None] + torch.arange(A, device=dev)
+        hidden, logits = self.head_steps(torch.tensor(ids, device=dev), cache=hcache, target_feats=f,
+                                         position_ids=pos, starts=hl)
+        for s in live:
+            x, n = st[s], len(st[s].pairs)
+            x.front = (hidden[s, n - 1], logits[s, n - 1])
+            x.hlen += n
+            x.pairs, x.feats = [], None
+            rows[s].stats.draft_forwards += 1
 
-    def _draft(self, hcache: KVCache, root: int, logits: torch.Tensor, hidden: torch.Tensor, sp, gen,
-               stats: DecodeStats) -> DraftTree:
-        """Grow the draft tree from the root's child logits; the head cache is restored on return."""
-        head, dev = self.head, logits.device
-        committed = hcache.length
+    def _draft(self, rows: list[Row | None], st: list[_RowState | None], hcache: KVCache) -> list[DraftTree | None]:
+        """Grow every row's draft tree from its newest pair's (hidden, logits): depth 1 takes the
+        top_k children of the root, then each expand step feeds every row's top_k frontier nodes
+        ([B, top_k], one head forward) over the key window of the row's tree slots. The head
+        cache keeps only the committed pairs (tree nodes lie past each row's head length)."""
+        head, dev, sp, B = self.head, self.model.device, self._sp, len(rows)
         k, sampled_chain = self.top_k, not self.tree and not sp.greedy
-        tokens: list[int] = []
-        parents: list[int] = []
-        depths: list[int] = []
-        scores: list[float] = []
-        q_rows: list[torch.Tensor] = []
-        anc_slots: dict[int, list[int]] = {}  # fed frontier node -> its ancestors' + own head-cache slots - committed
+        live = [s for s in range(B) if st[s] is not None]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        parents: list[list[int]] = [[] for _ in range(B)]
+        depths: list[list[int]] = [[] for _ in range(B)]
+        scores: list[list[float]] = [[] for _ in range(B)]
+        q_rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        anc_slots: list[dict[int, list[int]]] = [{} for _ in range(B)]  # node -> its ancestors' + own tree slots
 
-        def expand(logits_rows: torch.Tensor, parent_nodes: list[int], parent_scores: list[float], depth: int):
-            """Add the top-k children of each parent row; return the new nodes' ids and scores."""
-            if sampled_chain:
-                q = warp_probs(logits_rows[0], sp)
-                d = sample(q, gen).reshape(1, 1)
-                q_rows.append(torch.zeros(head.config.vocab_size, device=dev).index_put_(
-                    (head.to_target(torch.arange(q.numel(), device=dev)),), q))
-                lp = torch.zeros(1, 1, device=dev)
+        def expand(logits_rows: torch.Tensor, parent_nodes: list[list[int]], depth: int) -> list[list[int]]:
+            """Add the top-k children of each parent of each row (logits_rows [B, r, V_d]); the new ids."""
+            if sampled_chain:  # one child, sampled from the head with the row's generator
+                d = torch.zeros(B, 1, 1, dtype=torch.long, device=dev)
+                for s in live:
+                    q = warp_probs(logits_rows[s, 0], sp)
+                    d[s, 0, 0] = sample(q, rows[s].gen)
+                    q_rows[s].append(torch.zeros(head.config.vocab_size, device=dev).index_put_(
+                        (head.to_target(torch.arange(q.numel(), device=dev)),), q))
+                lp = [[[0.0]]] * B
             else:
-                logp = logits_rows.log_softmax(-1)
-                lp, d = logp.topk(k, dim=-1)
+                lp, d = logits_rows.log_softmax(-1).topk(k, dim=-1)
+                lp = lp.tolist()
             tgt = head.to_target(d).tolist()
-            lp = lp.tolist()
-            new = []
-            for r, par in enumerate(parent_nodes):
-                for j in range(len(tgt[r])):
-                    new.append(len(tokens))
-                    tokens.append(tgt[r][j])
-                    parents.append(par)
-                    depths.append(depth)
-                    scores.append(parent_scores[r] + lp[r][j])
+            new: list[list[int]] = [[] for _ in range(B)]
+            for s in live:
+                for r, par in enumerate(parent_nodes[s]):
+                    base = 0.0 if par == -1 else scores[s][par]
+                    for j, t in enumerate(tgt[s][r]):
+                        new[s].append(len(tokens[s]))
+                        tokens[s].append(t)
+                        parents[s].append(par)
+                        depths[s].append(depth)
+                        scores[s].append(base + lp[s][r][j])
             return new
 
-        frontier = expand(logits[None], [-1], [0.0], 1)
-        frontier = frontier[:k]
-        front_hidden = hidden[None].expand(len(frontier), -1)
+        zero = st[live[0]].front
+        front = [st[s].front if st[s] is not None else (torch.zeros_like(zero[0]), torch.zeros_like(zero[1]))
+                 for s in range(B)]
+        frontier = expand(torch.stack([f[1] for f in front])[:, None], [[-1]] * B, 1)
+        front_hidden = torch.stack([f[0] for f in front])[:, None].expand(-1, k, -1).contiguous()
+        hl = [x.hlen if x is not None else 0 for x in st]
         W = (self.depth - 1) * k  # head-cache slots the tree can take: the key window of every expand step
         for depth in range(2, self.depth + 1):
-            n = len(frontier)
-            base = hcache.length
-            local = torch.zeros(n, W, dtype=torch.bool, device=dev)
-            for r, node in enumerate(frontier):
-                anc_slots[node] = anc_slots.get(parents[node], []) + [base - committed + r]
-                local[r, anc_slots[node]] = True
-            pos = torch.full((n,), committed + depth - 2, device=dev)
-            h, lg = self.head_steps(torch.tensor([[tokens[i] for i in frontier]], device=dev), cache=hcache,
-                                    local_mask=local, window=committed, hidden=front_hidden[None], position_ids=pos)
-            stats.draft_forwards += 1
-            children = expand(lg[0], frontier, [scores[i] for i in frontier], depth)
-            if sampled_chain:
-                best = children
-            else:
-                best = sorted(children, key=lambda i: -scores[i])[:k]
-            front_hidden = h[0, [frontier.index(parents[i]) for i in best]]
+            base = (depth - 2) * k  # this step's nodes' slots in the window
+            local = torch.zeros(B, k, W, dtype=torch.bool)
+            ids = [[0] * k for _ in range(B)]
+            for s in range(B):
+                for r in range(k):
+                    if st[s] is None:  # an empty slot: each node sees only itself
+                        local[s, r, base + r] = True
+                        continue
+                    node = frontier[s][r]
+                    anc_slots[s][node] = anc_slots[s].get(parents[s][node], []) + [base + r]
+                    local[s, r, anc_slots[s][node]] = True
+                    ids[s][r] = tokens[s][node]
+            pos = torch.tensor([h + depth - 2 for h in hl], device=dev)[:, None].expand(B, k)
+            h, lg = self.head_steps(torch.tensor(ids, device=dev), cache=hcache, local_mask=local.to(dev), window=hl,
+                                    hidden=front_hidden, position_ids=pos, starts=[x + base for x in hl])
+            for s in live:
+                rows[s].stats.draft_forwards += 1
+            children = expand(lg, frontier, depth)
+            best = [[] for _ in range(B)]
+            idx = [[0] * k for _ in range(B)]
+            for s in live:
+                best[s] = children[s] if sampled_chain else sorted(children[s], key=lambda i: -scores[s][i])[:k]
+                idx[s] = [frontier[s].index(parents[s][i]) for i in best[s]]
+            front_hidden = h.gather(1, torch.tensor(idx, device=dev)[..., None].expand(-1, -1, h.shape[-1]))
             frontier = best
-        hcache.crop(committed)
+        if B == 1:
+            hcache.length = hl[0]
+        return [self._rerank(tokens[s], parents[s], depths[s], scores[s], q_rows[s] if sampled_chain else None)
+                if st[s] is not None else None for s in range(B)]
 
-        # rerank: the total_tokens - 1 best nodes by cumulative log-prob, parents always included
+    def _rerank(self, tokens: list[int], parents: list[int], depths: list[int], scores: list[float],
+                q_rows: list[torch.Tensor] | None) -> DraftTree:
+        """The total_tokens - 1 best nodes by cumulative log-prob, parents always included."""
         chosen: set[int] = set()
         for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i])):
             if len(chosen) == self.total_tokens - 1:
@@ -605,18 +689,21 @@ class EagleDecoder(CachedDecoder):
         return DraftTree(tokens=[tokens[i] for i in keep],
                          parents=[-1 if parents[i] == -1 else fed_index[parents[i]] for i in keep],
                          depths=[depths[i] for i in keep],
-                         draft_probs=torch.stack(q_rows) if sampled_chain else None)
+                         draft_probs=torch.stack(q_rows) if q_rows is not None else None)
 
-    def _verify(self, logits: torch.Tensor, fed_tokens: list[int], tree: DraftTree, sp, gen) -> tuple[list[int], int]:
-        """(accepted path of fed indices, starting with the root; the target's next token)."""
+    def _verify(self, logits: torch.Tensor, best: list[int] | None, fed_tokens: list[int], tree: DraftTree,
+                gen) -> tuple[list[int], int]:
+        """One row: (accepted path of fed indices, starting with the root; the target's next token).
+        logits [n, V] of the fed nodes (padding after them); best: their argmax (greedy)."""
+        sp = self._sp
         if tree.draft_probs is not None:  # a chain sampled from the head: standard speculative sampling
+            m = len(fed_tokens)
             n, tok = speculative_verify(torch.tensor(tree.tokens, device=logits.device), tree.draft_probs,
-                                        warp_probs(logits, sp), gen)
+                                        warp_probs(logits[:m], sp), gen)
             return list(range(n + 1)), tok
         children = tree.children()
-        if not sp.greedy:
+        if best is None:
             return tree_sample_walk(fed_tokens, children, warp_probs(logits, sp), gen)
-        best = logits.argmax(-1).tolist()
         path = [0]
         while True:
             nxt = next((c for c in children[path[-1]] if fed_tokens[c] == best[path[-1]]), None)

@@ -90,7 +90,7 @@ def test_batched_rows_equal_batch1_ar(tidar_ctx, name, options):
 def test_a_row_stopping_early_changes_nobody(tidar_ctx, base_ctx, name):
     ctx = tidar_ctx if name == "tidar" else base_ctx
     ar = build_decoder("ar", ctx, {"compile": "off"})
-    dec = build_decoder(name, ctx, {} if name == "tidar" else CHAIN)
+    dec = build_decoder(name, ctx, {})  # eagle: its default dynamic tree
     prompts = prompts_of(ctx.tokenizer, 4)
     free = GenerationConfig(max_new_tokens=24)
     full = batch1(ar, prompts, free)
@@ -106,23 +106,30 @@ def test_a_row_stopping_early_changes_nobody(tidar_ctx, base_ctx, name):
         assert [g.tokens for g in got[1:]] == full[1:]  # the others run on, untouched
 
 
-@pytest.mark.parametrize("options", [CHAIN, {"tree": "False", "chain_length": "1"}])
-def test_batched_eagle_chain_rows_equal_batch1_ar(base_ctx, options):
+TREE = {"depth": "4", "top_k": "3", "total_tokens": "10"}
+
+
+@pytest.mark.parametrize("options", [{}, TREE, CHAIN, {"tree": "False", "chain_length": "1"}])
+def test_batched_eagle_rows_equal_batch1_ar(base_ctx, options):
+    """EAGLE trees (the default dynamic tree and a smaller one) and chains at B = 4 (6 prompts: refill):
+    every row == batch-1 ar, and == batch-1 eagle step by step (same accepted lengths)."""
     ar = build_decoder("ar", base_ctx, {"compile": "off"})
-    dec = build_decoder("eagle", base_ctx, options)
+    dec = build_decoder("eagle", base_ctx, {"compile": "off", **options})
     tok = base_ctx.tokenizer
     prompts = prompts_of(tok)
     cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(tok.eos_token_id,))
     want = batch1(ar, prompts, cfg)
     got = generate_batch(dec, prompts, cfg, 4)
     assert [g.tokens for g in got] == want
+    assert [g.stats.accepted_lengths for g in got] == [dec.generate(p, cfg).stats.accepted_lengths for p in prompts]
     D = dec.depth
     for g in got:
         s = g.stats
-        assert s.tokens_fed[1:] == [D + 1] * (s.nfe - 1) and max(s.accepted_lengths, default=1) <= D + 1
-        assert s.draft_forwards == 1 + D * (s.nfe - 1) or s.draft_forwards == D * (s.nfe - 1)  # 1-token prompt: no head prefill
+        assert s.tokens_fed[1:] == [dec.total_tokens] * (s.nfe - 1) and max(s.accepted_lengths, default=1) <= D + 1
+        assert s.draft_forwards == max(1, D * (s.nfe - 1))  # the prompt's pairs in the prefill, then D per step
     if D > 1:
         assert sum(g.stats.nfe for g in got) < sum(len(g.tokens) for g in got)
+        assert max(max(g.stats.accepted_lengths) for g in got) > 2
 
 
 NO_SHIFT = {"token_shift": "False"}
@@ -214,11 +221,8 @@ def test_batched_bad_input(tidar_ctx):
     assert supports_batch(hf) is None  # hf batches itself (baselines/hf.py generate_batch, tests/test_hf_batch.py)
 
 
-def test_eagle_tree_is_refused(base_ctx):
-    tree = build_decoder("eagle", base_ctx, {})
-    assert "tree=False" in supports_batch(tree)
-    with pytest.raises(UserError, match="chain"):
-        generate_batch(tree, [[1, 2, 3]], GenerationConfig(max_new_tokens=4), 2)
+def test_eagle_trees_and_sampling_are_accepted(base_ctx):
+    assert supports_batch(build_decoder("eagle", base_ctx, {})) is None
 
 
 def test_speed_batch_size_writes_the_plot_format(tmp_path, capsys):

@@ -178,6 +178,33 @@ def test_compiled_eagle_is_lossless(model, tree):
 
 
 @pytestmark_compile
+def test_compiled_eagle_trees_at_batch_4_equal_ar():
+    """EAGLE trees at B = 4 (5 prompts of different lengths: refill), compiled fixed shapes [4, .]
+    (absorb depth+1, expand top_k, verify total_tokens; inert padding): every row == batch-1 ar,
+    and the same accepted lengths as the eager B = 4 run. The embedded trained head, so paths are long."""
+    from pathlib import Path
+
+    from tidar_bench.registry import DecoderContext, build_decoder
+
+    emb = Path(__file__).resolve().parents[1] / "tidar_bench" / "embedded"
+    ctx = DecoderContext(emb / "base", "cpu", "float32", emb / "eagle")
+    ar = build_decoder("ar", ctx, {"compile": "off"})
+    opts = {"depth": "4", "top_k": "3", "total_tokens": "10"}
+    comp = build_decoder("eagle", ctx, {"compile": "on", **opts})
+    eager = build_decoder("eagle", ctx, {"compile": "off", **opts})
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    ids = ctx.tokenizer.encode(text)
+    prompts = [ids[: 10 + 7 * i] for i in range(5)]
+    cfg = GenerationConfig(max_new_tokens=20)
+    want = [ar.generate(p, cfg).tokens for p in prompts]
+    gc, ge = comp.generate_batch(prompts, cfg, 4), eager.generate_batch(prompts, cfg, 4)
+    assert [g.tokens for g in gc] == want and [g.tokens for g in ge] == want
+    assert [g.stats.accepted_lengths for g in gc] == [g.stats.accepted_lengths for g in ge]
+    assert max(max(g.stats.accepted_lengths) for g in gc) > 2
+    assert all(set(g.stats.tokens_fed[1:]) == {10} for g in gc)
+
+
+@pytestmark_compile
 @pytest.mark.parametrize("extra", [{}, {"separate_commit": True, "remasking": "low_confidence_dynamic"}])
 def test_compiled_block_diffusion_equals_eager(model, extra):
     cfg = GenerationConfig(max_new_tokens=16)

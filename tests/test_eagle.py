@@ -160,6 +160,17 @@ def test_caches_equal_fresh_prefill_after_every_step(targets, form, tmp_path):
             assert len(checked) >= 4
 
 
+def _exact_two_tokens(model, prompt: list[int], T: float) -> torch.Tensor:
+    """The AR distribution of the first 2 new tokens of a vocab-8 model: [64] (cell a * 8 + b)."""
+    seqs = torch.tensor(list(itertools.product(range(8), repeat=2)))
+    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+    with torch.no_grad():
+        logp = (model(ids).logits[:, len(prompt) - 1: -1] / T).log_softmax(-1)
+    exact = logp.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).exp()
+    assert torch.isclose(exact.sum(), torch.tensor(1.0), atol=1e-5)
+    return exact
+
+
 def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     """Samples of the first 2 new tokens vs the exact AR distribution (8 x 8 cells), tree and
     chain; an always-accept rule must be rejected by the same test."""
@@ -167,12 +178,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     model = load_model(tmp_path, "float32", "cpu")
     head = EagleHead.from_target(model, "eagle3", seed=5).eval()
     prompt, T = [1, 4, 2], 1.0
-    seqs = torch.tensor(list(itertools.product(range(8), repeat=2)))
-    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
-    with torch.no_grad():
-        logp = (model(ids).logits[:, len(prompt) - 1: -1] / T).log_softmax(-1)
-    exact = logp.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).exp()
-    assert torch.isclose(exact.sum(), torch.tensor(1.0), atol=1e-5)
+    exact = _exact_two_tokens(model, prompt, T)
 
     def run(opts, n):
         dec = EagleDecoder(model, head, **opts)
@@ -204,6 +210,55 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     for opts in (tree, chain):
         p, _ = run(opts, 300)
         assert p < 1e-6, opts
+
+
+def test_batched_sampling_rows_equal_their_batch1_runs(targets):
+    """B = 4 (6 prompts: refill; rows finish at different steps): tree sampling walk and sampled
+    chains per row, each row with its own generator seeded as alone == its own batch-1 sampled run."""
+    model = targets["llama"][1]
+    head = _head(model, "eagle3")
+    prompts = _prompts(6, seed=7)
+    for opts in (dict(depth=3, top_k=3, total_tokens=8), dict(tree=False, chain_length=3)):
+        dec = EagleDecoder(model, head, **opts)
+        cfg = GenerationConfig(max_new_tokens=14, sampling=SamplingParams(temperature=0.8, seed=3))
+        want = [dec.generate(p, cfg) for p in prompts]
+        got = dec.generate_batch(prompts, cfg, 4)
+        assert [g.tokens for g in got] == [w.tokens for w in want]
+        assert [g.stats.accepted_lengths for g in got] == [w.stats.accepted_lengths for w in want]
+        assert len({len(g.stats.accepted_lengths) for g in got}) > 1
+
+
+def test_batched_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
+    """At B = 4, every row's first 2 new tokens follow the exact AR distribution of its own prompt
+    (4 prompts of different lengths in one batch; one chi-square over the 4 x 64 cells), tree and
+    chain; the wrong first-child rule is rejected by the same test."""
+    make_hf_model("llama", tmp_path, seed=3, vocab_size=8, num_hidden_layers=4)
+    model = load_model(tmp_path, "float32", "cpu")
+    head = EagleHead.from_target(model, "eagle3", seed=5).eval()
+    prompts, T = [[1, 4, 2], [3], [5, 0, 7, 1, 6], [2, 2]], 1.0
+    exact = torch.cat([_exact_two_tokens(model, p, T) for p in prompts]) / len(prompts)
+
+    def run(opts, n):
+        dec = EagleDecoder(model, head, **opts)
+        counts = torch.zeros(len(prompts), 64)
+        for s in range(n):
+            cfg = GenerationConfig(max_new_tokens=2, sampling=SamplingParams(temperature=T, seed=s))
+            for r, g in enumerate(dec.generate_batch(prompts, cfg, 4)):
+                counts[r, g.tokens[0] * 8 + g.tokens[1]] += 1
+        return chi2_pvalue(counts.flatten(), exact)
+
+    tree, chain = dict(depth=2, top_k=3, total_tokens=8), dict(tree=False, chain_length=2)
+    for opts in (tree, chain):
+        assert run(opts, 250) > 1e-3, opts
+
+    def first_child(fed_tokens, children, probs, generator):  # wrong: accept the best path blindly
+        path = [0]
+        while children[path[-1]]:
+            path.append(children[path[-1]][0])
+        return path, int(sample(probs[path[-1]], generator))
+
+    monkeypatch.setattr(eagle_mod, "tree_sample_walk", first_child)
+    assert run(tree, 120) < 1e-6
 
 
 def _official_layout(target, draft_vocab: int = 32) -> tuple[dict, dict]:
