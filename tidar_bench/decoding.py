@@ -121,7 +121,9 @@ class Generation:
 
 @runtime_checkable
 class Decoder(Protocol):
-    """Batch-1 decoder. `lossless` is True when greedy outputs must equal AR greedy outputs."""
+    """A decoder. `lossless` is True when greedy outputs must equal AR greedy outputs. Every built-in
+    decoder also has `generate_batch(prompts, config, batch_size, on_done=None)` (B sequences in
+    flight; `tidar_bench/engine.py`), of which `generate` is the B = 1 case."""
 
     name: str
     lossless: bool
@@ -350,46 +352,3 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
-
-
-class CachedDecoder:
-    """Mixin of decoders over the model core (`self.model`): one static KV cache kept between calls
-    and reused whenever it is big enough (`Transformer.new_cache`), so decoding allocates nothing."""
-
-    _cache = None
-
-    def cache_for(self, needed: int):
-        self._cache = self.model.new_cache(needed, reuse=self._cache)
-        return self._cache
-
-
-class DecodeRun:
-    """The bookkeeping of one `generate` call, the same in every decoder: the clock started, stats,
-    the stop checker, the sampling generator; `prefill_done` stamps the prefill time and `finish`
-    the wall time (compile time of steps first used in this call is reported apart, not in it).
-
-        run = DecodeRun(model.device, config, tokenizer, steps)
-        ... run.stats.nfe += 1; done = run.stop.extend(tokens) ...
-        return run.finish()
-    """
-
-    def __init__(self, device: torch.device | str, config: GenerationConfig, tokenizer=None, *steps):
-        self.timer = Timer(device)
-        self.t0 = self.timer.now()
-        self.sp = config.sampling
-        self.stats = DecodeStats()
-        self.stop = StopChecker(config, tokenizer)
-        self.gen = make_generator(config.sampling, device)
-        self._steps = [s for s in steps if s is not None]
-        self._compile0 = sum(s.compile_s for s in self._steps)
-
-    def compile_s(self) -> float:
-        return sum(s.compile_s for s in self._steps) - self._compile0
-
-    def prefill_done(self) -> None:
-        self.stats.prefill_time_s = self.timer.now() - self.t0 - self.compile_s()
-
-    def finish(self) -> Generation:
-        self.stats.compile_s = self.compile_s()
-        self.stats.wall_time_s = self.timer.now() - self.t0 - self.stats.compile_s
-        return self.stop.result(self.stats)

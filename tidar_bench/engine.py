@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .decoding import CachedDecoder, DecodeStats, Generation, GenerationConfig, StopChecker, Timer, make_generator
+from .decoding import DecodeStats, Generation, GenerationConfig, StopChecker, Timer, make_generator
 from .errors import UserError
 
 
@@ -56,7 +56,7 @@ class Row:
     state: Any = None  # the decoder's own per-row state
 
 
-class RowDecoder(CachedDecoder):
+class RowDecoder:
     """Base of decoders written over B rows (see the module doc). Subclasses set `step_rows` (the
     most tokens one row feeds in a step, its cache headroom) and `runners()` (their `Steps`, for
     compile accounting), and implement `new_caches`, `prefill` and `step`."""
