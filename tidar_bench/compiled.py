@@ -222,9 +222,7 @@ class Steps:
         if window is not None:
             kw["window"] = torch.tensor(window, device=self.device)
         if self._kv_len:
-            b = self._buckets.get(cache.batch) or self._buckets.setdefault(
-                cache.batch, kv_bucket(self.params * cache.k[0].element_size(), cache))
-            kw["kv_len"] = min(cache.max_len, -(-(P + q) // b) * b)
+            kw["kv_len"] = self._window(cache, P + q)
         key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
         first = key not in self._seen
         if first:
@@ -241,13 +239,13 @@ class Steps:
 
     def _rows(self, args, cache, local_mask, q: int, window, start, starts: list[int], kw):
         """Batch > 1: the static form with per-row offsets `starts` (and key windows `window`),
-        attending over the first kv_len slots (the longest row's, rounded up to KV_BUCKET)."""
+        attending over the first kv_len slots (the longest row's, rounded up to the window, `_window`)."""
         if start is None:
             start = torch.tensor(starts, dtype=torch.long, device=self.device)
         if window is not None:
             kw["window"] = torch.as_tensor(window, dtype=torch.long, device=self.device)
         if self._kv_len:
-            kw["kv_len"] = min(cache.max_len, -(-(max(starts) + q) // KV_BUCKET) * KV_BUCKET)
+            kw["kv_len"] = self._window(cache, max(starts) + q)
         if max(starts) + q > cache.max_len:
             raise RuntimeError(f"KV cache full: {max(starts)} cached + {q} new > max_len {cache.max_len}")
         if not self.compiled:
@@ -264,6 +262,13 @@ class Steps:
         if first:
             self._compiled_now(key, t0, args, kw)
         return out
+
+    def _window(self, cache, n: int) -> int:
+        """kv_len of a static step over the first n slots: n rounded up to this model's attention
+        window (`kv_bucket`, per batch size), at most the cache."""
+        b = self._buckets.get(cache.batch) or self._buckets.setdefault(
+            cache.batch, kv_bucket(self.params * cache.k[0].element_size(), cache))
+        return min(cache.max_len, -(-n // b) * b)
 
     def _compiled_now(self, key, t0: float, args, kw) -> None:
         """The first call of a step shape compiled it: count the seconds and say so in one line."""
