@@ -91,9 +91,9 @@ def test_b4_eager_every_setting(model):
 
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="torch.compile unavailable")
 def test_b4_compiled(model):
-    """One graph per (B, step shape): the lossless step and the authors' rule, and diffusion."""
-    _check_settings(model, "on", [dict(block_size=4)], [dict(block_size=4, rule="authors-greedy"),
-                                                         dict(block_size=4, mode="diffusion", steps=2)])
+    """One graph per (B, step shape): the lossless step at B = 4 equals eager batch-1 ar row by row (the
+    lossy settings share this padded step shape; they are checked eager above, to keep compile time low)."""
+    _check_settings(model, "on", [dict(block_size=4)], [])
 
 
 def test_b4_sampling_rows_equal_their_batch1_runs(model):
