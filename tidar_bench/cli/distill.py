@@ -35,8 +35,8 @@ def distill_cmd(
     draft: Optional[Path] = typer.Option(None, help="draft checkpoint for decoders that need one"),
     decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option key=value (repeatable)"),
     max_new_tokens: int = typer.Option(256, min=1),
-    batch_size: int = typer.Option(1, min=1, help="sequences in flight (tidar_bench.batched: ar, tidar, eagle with "
-                                                  "tree=False, greedy only; hf: padded chunks, also sampling)"),
+    batch_size: int = typer.Option(1, min=1, help="sequences in flight (tidar_bench.batched: every decoder, "
+                                                  "greedy or sampled; hf: padded chunks)"),
     limit: int = typer.Option(0, min=0, help="distill the first N prompts (0 = all)"),
     split: str = typer.Option("train", help="split of dataset prompts"),
     streaming: bool = typer.Option(False, help="stream Hugging Face datasets (use with --limit)"),

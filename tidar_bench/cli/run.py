@@ -51,8 +51,8 @@ def run_cmd(
         None, "--gen-kwargs", help="generation settings for every task, e.g. max_gen_toks=64 (lm-eval's --gen_kwargs)"),
     compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
     batch_size: int = typer.Option(
-        1, "--batch-size", help="sequences in flight per decoder (tidar_bench/batched.py: ar, tidar lossless, "
-                                "eagle tree=False, bd block_cache; hf: padded chunks; greedy tasks only); tokens/s and the speedup vs "
+        1, "--batch-size", help="sequences in flight per decoder (every decoder and option, greedy or sampled: "
+                                "tidar_bench/engine.py; hf: padded chunks); tokens/s and the speedup vs "
                                 "ar are then throughput over the batch"),
 ) -> None:
     """Evaluate decoders on lm-eval tasks at batch 1 (or --batch-size B): scores, tokens/s, T/NFE,
@@ -65,7 +65,8 @@ def run_cmd(
                           or gen_kwargs is not None):
         raise UserError("--apply-chat-template, --fewshot-as-multiturn, --system-instruction and --gen-kwargs need --model")
     if model is None and batch_size != 1:
-        raise UserError("--batch-size needs --model (the embedded suite runs dflash, which decodes at batch 1 only)")
+        raise UserError("--batch-size needs --model (the embedded suite is the batch-1 reference run; "
+                        "batch it per checkpoint with --model tidar_bench/embedded/<checkpoint>)")
     if model is None:
         return _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec, decoders_, draft,
                              include_path, hub_datasets, compile)
@@ -153,9 +154,9 @@ def _print_table(rows: list[dict], title: str, batch_size: int = 1):
         speed = (f"tok/s: throughput over the batch, all new tokens / wall time of the batched calls ({batch_size} "
                  "sequences in flight, continuous refill; not per sequence); T/NFE: new tokens per target forward "
                  "a sequence took part in; τ: tokens committed per decoding step; acc.len: new tokens per decode forward; vs ar: that throughput over "
-                 "ar's batched throughput on the same task (and checkpoint) at the same batch size; compiled: batched "
-                 "steps run the static-shape forward eagerly, but hf (padded chunks of the batch size, no refill) "
-                 "keeps its compile setting")
+                 "ar's batched throughput on the same task (and checkpoint) at the same batch size; compiled: each "
+                 "decoder's own compile setting (one graph per batch size and step shape; hf: padded chunks of the "
+                 "batch size, no refill)")
     else:
         speed = ("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward (prefill "
                  "included); τ: EAGLE's, tokens committed per decoding step; acc.len: the TiDAR authors' accept length, "
