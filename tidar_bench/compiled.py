@@ -223,17 +223,7 @@ class Steps:
             kw["window"] = torch.tensor(window, device=self.device)
         if self._kv_len:
             kw["kv_len"] = self._window(cache, P + q)
-        key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
-        first = key not in self._seen
-        if first:
-            t0 = time.perf_counter()
-        if self._cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self._fn(*args, mask=local_mask, cache=cache, start=start, **kw)
-        if self._cuda:
-            out = _clone_out(out)
-        if first:
-            self._compiled_now(key, t0, args, kw)
+        out = self._compiled(args, local_mask, cache, start, kw)
         cache.advance(q)
         return out
 
@@ -250,6 +240,10 @@ class Steps:
             raise RuntimeError(f"KV cache full: {max(starts)} cached + {q} new > max_len {cache.max_len}")
         if not self.compiled:
             return self.forward(*args, mask=local_mask, cache=cache, start=start, **kw)
+        return self._compiled(args, local_mask, cache, start, kw)
+
+    def _compiled(self, args, local_mask, cache, start, kw):
+        """One call of the compiled step; the first call of a shape compiles it (timed, one line)."""
         key = _shape_key((args, local_mask, cache, tuple(sorted((k, _shape_key(v)) for k, v in kw.items()))))
         first = key not in self._seen
         if first:
