@@ -8,7 +8,7 @@
 #    ar) on the base, bd (and its own ar) on the bd checkpoint, the transformers reference hf
 #    (compiled and eager: padded generate per chunk of B) on the base, and compiled vs eager ar;
 #    STAGES="speed latency plot" (default all) picks the parts;
-# 2. forward latency vs tokens fed per sequence at B = 1, 2, 4, 8 on the same architecture, with the
+# 2. forward latency (eager) vs tokens fed per sequence at B = 1, 2, 4, 8 on the same architecture, with the
 #    predicted TiDAR speedup per batch size from the T/NFE measured in 1.;
 # 3. the figures and report.md.
 set -euo pipefail
@@ -31,8 +31,9 @@ fi
 TNFE=$(.venv/bin/python -c "import json; c = json.load(open('$OUT/speed_tidar.json'))['batch']['1']; \
 print('8=%.3f' % next(v['tokens_per_nfe'] for k, v in c.items() if k.startswith('tidar')))")
 if [[ " $STAGES " == *" latency "* ]]; then
+  # eager forwards: compiled, this 72-point sweep builds a graph per point (~20 s each on this CPU, 25 min)
   $TB profile-latency --model $EMB/tidar --context 64,256 --slots 1,2,4,...,64 --block-size 4,8 --batch 1,2,4,8 \
-    --tnfe "$TNFE" --repeats 10 --device cpu --out "$OUT/latency"
+    --tnfe "$TNFE" --repeats 10 --device cpu --compile off --out "$OUT/latency"
 fi
 if [[ " $STAGES " == *" plot "* ]]; then
   $TB plot "$OUT"/speed_*.json "$OUT/latency" --out "$OUT/figures"

@@ -80,7 +80,7 @@ else
   COMPILE=on; SPEED_DECODERS="ar,hf(compile=false),hf(compile=true)"; SPEED_BATCH=1,4,16
 fi
 
-step gpu-tests "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider
+step gpu-tests "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider -o addopts=""  # no pytest-xdist there
 for cfg in "${CONFIGS[@]}"; do
   step "latency-$cfg" "${TB[@]}" profile-latency --config "$cfg" --context "$CONTEXTS" --slots "$SLOTS" \
     --mask tidar --block-size "$KS" --repeats "$REPEATS" --device "$DEVICE" --compile "$COMPILE" \

@@ -32,7 +32,7 @@
 #   tidar     TiDAR continued pretraining, k = 8           32 x 4 x 256 = 32,768 tokens, each read    ~32 min
 #             (whole model, lr 1e-4)                       twice: clean + masked (~59 ms)
 #   bd        block-diffusion continued pretraining, 8     32 x 4 x 256 = 32,768 tokens (~47 ms)      ~25 min
-#   run       gsm8k (5-shot chat, 50 items), humaneval     ar x4, hf, eagle, dflash, tidar, bd        ~90 min
+#   run       gsm8k (5-shot chat, 50 items), humaneval     ar x3, hf, eagle, dflash, tidar, bd        ~90 min
 #             (40 items, code executed), compiled
 #   profile   profile-latency, plot                                                                    ~5 min
 # Each trainer also evaluates 4 held-out prompts (48 tokens) every 10 steps (--eval-every) and saves a
@@ -89,12 +89,12 @@ log_run() {
   local stage=$1; shift
   local t0 t1 rc=0
   t0=$(date +%s.%N)
-  times > "$WORK/.times0"  # the shell's own `times` (no subshell): user and sys of its finished children
+  times > "$WORK/.times0.$$"  # the shell's own `times` (no subshell): user and sys of its finished children
   echo "[$stage] $*" >&2
   "$@" || rc=$?
   t1=$(date +%s.%N)
-  times > "$WORK/.times1"
-  $PY - "$LOG" "$stage" "$t0" "$t1" "$WORK/.times0" "$WORK/.times1" "$rc" "$MODE" "$@" <<'EOF'
+  times > "$WORK/.times1.$$"
+  $PY - "$LOG" "$stage" "$t0" "$t1" "$WORK/.times0.$$" "$WORK/.times1.$$" "$rc" "$MODE" "$@" <<'EOF'
 import json, os, re, shlex, sys, time
 log, stage, t0, t1, f0, f1, rc, mode, *cmd = sys.argv[1:]
 
@@ -126,6 +126,7 @@ train() {
 }
 
 stage_model() {
+  [ -f "$MODEL/config.json" ] && [ -f "$RES/conversion.json" ] && { echo "[model] done: $MODEL" >&2; return; }
   log_run model $PY scripts/smollm2.py --check --record "$RES/conversion.json"
 }
 
@@ -218,10 +219,8 @@ stage_bd() {
 measure() {
   local name=$1 limit=$2 task=$3; shift 3
   local common=(--tasks "$task" --limit "$limit" --device cpu --dtype float32 --seed 0 "${RUN_ARGS[@]}" "$@")
-  log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle" "${common[@]}" \
-    --out "$WORK/runs/${name}_base"
-  log_run run $TB run --model "$MODEL" --draft "$WORK/dflash" --decoders "ar,dflash" "${common[@]}" \
-    --out "$WORK/runs/${name}_dflash"
+  log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle,dflash(draft=$WORK/dflash)" \
+    "${common[@]}" --out "$WORK/runs/${name}_base"
   log_run run $TB run --model "$WORK/tidar" --decoders "ar,tidar(max_blocks=3)" "${common[@]}" --out "$WORK/runs/${name}_tidar"
   log_run run $TB run --model "$WORK/bd" --decoders "ar,bd" "${common[@]}" --out "$WORK/runs/${name}_bd"
 }

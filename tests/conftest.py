@@ -6,6 +6,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # tests/test_compiled.py asks for compile=on explicitly
 os.environ.setdefault("TIDAR_BENCH_COMPILE", "off")
 
+# README's test command runs two pytest-xdist workers (addopts "-n 2"): one torch thread each, and one
+# for the CLI subprocesses some tests start, so two workers share two cores instead of oversubscribing
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
@@ -29,4 +35,4 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if XDIST else 2)

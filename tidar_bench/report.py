@@ -334,7 +334,8 @@ SPEED_BATCH_FORMAT = """\
   batch_sizes: [1, 2, 4]
   decoders: {name: {options, lossless}}
   batch: {"<B>": {name: {tokens, decode_s, nfe, tokens_per_s (all new tokens / decode wall time,
-          over the batch), tokens_per_nfe, per_sequence_latency_s: {median, q1, q3} (prompt in to
+          over the batch; compile time of step shapes first met inside a round, compile_s_excluded,
+          is not in decode_s), tokens_per_nfe, per_sequence_latency_s: {median, q1, q3} (prompt in to
           last token out, per prompt), speedup_vs_reference (tokens_per_s / the reference's),
           paired_ratios ([per round] tokens/s ratio vs the reference decoding the same prompts in the
           same process, back to back), lossless_mismatches (prompts whose greedy tokens differ from
