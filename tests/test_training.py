@@ -297,7 +297,11 @@ def test_block_diffusion_cli_trains_and_decodes(base, tmp_path):
     out = tmp_path / "bd"
     argv = ["train", "block-diffusion", "--base", str(base / "ckpt"), "--data", str(base / "train.jsonl"), "--out", str(out),
             "--block-size", "4", "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--device", "cpu"]
-    assert main(argv) == 0
+    prompts = tmp_path / "prompts.jsonl"  # no answers: --eval-every records bd's T/NFE alone
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("1 2 3", "4 5 6")))
+    assert main(argv + ["--eval-every", "3", "--eval-prompts", str(prompts), "--eval-max-new-tokens", "8"]) == 0
+    ev = [json.loads(line) for line in (out / "eval_log.jsonl").read_text().splitlines()]
+    assert ev[-1]["step"] == 2 and ev[-1]["eval_tokens_per_nfe"] >= 1 and "eval_exact_match" not in ev[-1]
     from tidar_bench.decoding import GenerationConfig
     from tidar_bench.registry import DecoderContext, build_decoder
 

@@ -2,6 +2,7 @@
 the checkpoint of the current weights and report what the recipe is for:
 
 - tidar: T/NFE (tokens per target forward) of the `tidar` decoder;
+- block diffusion: T/NFE of the `bd` decoder (its default threshold rule: tokens finalised per forward);
 - eagle head: mean accepted length of the `eagle` decoder (the frozen target + this head);
 - every recipe, when the prompts carry an `answer`: exact match of the greedy output.
   The answer read from an output is the text after its last "####" when it has one, else its first
@@ -24,7 +25,7 @@ from .data import read_jsonl
 EVAL_DECODERS = {
     "tidar": ("tidar", "tokens_per_nfe", False),
     "eagle_head": ("eagle", "mean_accepted_length", True),
-    "block_diffusion": ("bd", None, False),
+    "block_diffusion": ("bd", "tokens_per_nfe", False),
     "ar": ("ar", None, False),
 }
 
