@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tidar_bench.batched import generate_batch, supports_batch
 from tidar_bench.compiled import unavailable_reason
 from tidar_bench.decoding import GenerationConfig, SamplingParams
@@ -254,3 +255,36 @@ def test_speed_batch_size_writes_the_plot_format(tmp_path, capsys):
         assert main(a) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+def test_speed_batch_leaves_compilation_inside_a_round_out_of_decode_time():
+    """A step shape first met inside a timed round compiles there (e.g. an EAGLE tree width the
+    warm-up did not reach): speed_batch subtracts the compile seconds the decoder's runners report."""
+    import time
+    from types import SimpleNamespace
+
+    from tidar_bench.batched import speed_batch
+    from tidar_bench.decoding import DecodeStats, Generation, GenerationConfig
+
+    class Fake:
+        lossless = True
+        model = SimpleNamespace(device=torch.device("cpu"))
+
+        def __init__(self, compile_in_call: int | None):
+            self.runner, self.calls, self.compile_in_call = SimpleNamespace(compile_s=0.0), 0, compile_in_call
+
+        def runners(self):
+            return [self.runner]
+
+        def generate_batch(self, prompts, config, batch_size, on_done=None):
+            self.calls += 1
+            if self.calls == self.compile_in_call:  # "compiles" 0.3 s, then decodes
+                time.sleep(0.3)
+                self.runner.compile_s += 0.3
+            time.sleep(0.01)
+            return [Generation(list(p), None, DecodeStats(nfe=1), "length") for p in prompts]
+
+    ref, late = Fake(None), Fake(2)  # call 1 is the warm-up: call 2 is the first timed round
+    cell = speed_batch({"ref": ref, "late": late}, [[1, 2]], GenerationConfig(max_new_tokens=2), [1], rounds=2)["batch"]["1"]
+    assert cell["late"]["compile_s_excluded"] == pytest.approx(0.3) and cell["ref"]["compile_s_excluded"] == 0.0
+    assert cell["late"]["decode_s"] < 0.2  # two rounds of ~0.01 s, the 0.3 s compile left out

@@ -49,9 +49,10 @@ def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConf
     in forward order on even rounds and reverse order on odd ones (ABBA: a linear drift of the
     machine's speed cancels over two rounds); the first decoder is the reference. Returns {"reference", "batch_sizes", "batch"} in
     report.SPEED_BATCH_FORMAT: per batch size and decoder, tokens/s over the batch (all new tokens /
-    decode wall time, prefills included, compilation of shapes first met in a round excluded), T/NFE, per-sequence latency quartiles, speedup vs the
-    reference at the same batch size, the per-round paired ratios, and for lossless decoders the
-    prompts whose tokens differ from the reference's at the first batch size."""
+    decode wall time, prefills included, compilation of shapes first met in a round excluded), T/NFE,
+    per-sequence latency quartiles, speedup vs the reference at the same batch size, the per-round
+    paired ratios, and for lossless decoders the prompts whose tokens differ from the reference's at
+    the first batch size."""
     from .profiling import quartiles
 
     names = list(decoders)
@@ -69,11 +70,13 @@ def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConf
             for n, dec in ((n, decoders[n]) for n in order):
                 c0, t0 = _compile_s(dec), timer.now()
                 gens = generate_batch(dec, prompts, config, B)
+                dt = timer.now() - t0
                 a = acc[n]
                 # a shape the warm-up did not reach (an EAGLE tree's width, a rarer block count) compiles
                 # inside the round: its compile time is not decode time (as in every decoder's stats)
-                a["compile_s"] += _compile_s(dec) - c0
-                dt = timer.now() - t0 - (_compile_s(dec) - c0)
+                compiled_s = _compile_s(dec) - c0
+                a["compile_s"] += compiled_s
+                dt -= compiled_s
                 toks = sum(len(g.tokens) for g in gens)
                 a["tokens"] += toks
                 a["decode_s"] += dt
