@@ -37,7 +37,7 @@
 #   profile   profile-latency, plot                                                                    ~5 min
 # Each trainer also evaluates 4 held-out prompts (48 tokens) every 10 steps (--eval-every) and saves a
 # resumable checkpoint every 10 steps. Tokens seen = optimizer steps x sequences per step x sequence
-# length; the distilled set (about 200 x 130 tokens, a guess) is smaller, so the trainers read it for several epochs.
+# length; the distilled set (measured: 200 chats, 58,591 tokens) is smaller, so eagle and dflash read it ~1.7 times.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SELF=$(realpath "$0")
