@@ -156,17 +156,14 @@ def main() -> None:
               f"   same tokens: {s['same_tokens']}")
     if a.out:
         sys.path.insert(0, str(trees["new"]))
-        from tidar_bench.provenance import environment
+        from tidar_bench.provenance import environment, write_atomic
 
         rec = {"command": "python " + " ".join(sys.argv), "old_commit": git_commit(trees["old"]),
                "new_commit": git_commit(trees["new"]), "order_per_prompt": order * (a.rounds // 4),
                "prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "compile": "on", "dtype": "float32",
                "threads": 1, "workers_per_version": a.workers, "warmup_s": warmup, "load_average_after_each_decoder": load, "summary": summary,
                "per_prompt_groups": per_prompt, "environment": environment()}
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1) + "\n")
-        tmp.replace(a.out)
+        write_atomic(a.out, json.dumps(rec, indent=1) + "\n")
         print(f"wrote {a.out}")
 
 

@@ -69,10 +69,9 @@ def main() -> None:
            "tolerance": t.TOL, "dtype": "float32", "device": "cpu", "machine": platform.platform(),
            "python": platform.python_version(), "seed": "fixed per check (see tests/test_reference_formats.py)",
            "versions": {p: version(p) for p in ("torch", "transformers", "speculators", "dflash")}, "checks": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(args.out)
+    from tidar_bench.provenance import write_atomic
+
+    write_atomic(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
