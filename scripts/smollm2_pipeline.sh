@@ -34,7 +34,7 @@
 #   bd        block-diffusion continued pretraining, 8     32 x 4 x 256 = 32,768 tokens (~47 ms)      ~25 min
 #   run       gsm8k (5-shot chat, 50 items), humaneval     ar x3, hf, eagle, dflash, tidar, bd        ~90 min
 #             (40 items, code executed), compiled
-#   profile   profile-latency, plot                                                                    ~5 min
+#   profile   profile-latency, plot, report (results.md: the tables, from the stored files)              ~5 min
 # Each trainer also evaluates 4 held-out prompts (48 tokens) every 10 steps (--eval-every) and saves a
 # resumable checkpoint every 10 steps. Tokens seen = optimizer steps x sequences per step x sequence
 # length; the distilled set (measured: 200 chats, 58,591 tokens) is smaller, so eagle and dflash read it ~1.7 times.
@@ -44,7 +44,7 @@ SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."
 TB=${TB:-.venv/bin/tidar-bench}
 PY=${PY:-.venv/bin/python}
-STAGES="model prompts mask distill eagle dflash tidar bd run profile plot"
+STAGES="model prompts mask distill eagle dflash tidar bd run profile plot report"
 MODE=full ONLY="" FROM=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -254,6 +254,10 @@ stage_plot() {
     log_run plot $TB plot "$RES"/runs/${t}_* "${lat[@]}" --together --out "$RES/figures/$t"
     lat=()  # the latency figure once
   done
+}
+
+stage_report() {  # results.md: every table of the README's results, generated from the files above
+  log_run report $PY scripts/smollm2_report.py --res "$RES"
 }
 
 started=""

@@ -2,6 +2,7 @@
 anything (the pipeline itself runs for hours; its --smoke run is recorded in results/smollm2/smoke/)."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,3 +19,66 @@ def test_pipeline_refuses_bad_arguments(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing written
     r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 0 and "--resume" in r.stdout and "--smoke" in r.stdout
+
+
+def _write_run(run: Path, decoders: dict, samples: dict, lossless: dict):
+    """A minimal run folder: summary.csv rows, run.json, one samples file per decoder."""
+    import csv
+    import json
+
+    run.mkdir(parents=True)
+    cols = ["task", "decoder", "metric", "filter", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
+            "mean_accepted_length", "speedup_vs_ar", "ar_tokens_per_s", "compiled", "ar_compiled", "n",
+            "mismatches_vs_ar", "batch_size", "lossy_mismatches_vs_ar"]
+    with open(run / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        for d, row in decoders.items():
+            w.writerow({"task": "tb_gsm8k", "decoder": d, "metric": "exact_match,strict-match", "filter": "strict-match",
+                        "stderr": "", "compiled": "True", "ar_compiled": "True", "n": 4, "batch_size": 1, **row})
+    env = {"cpu": "cpu", "cpu_count": 2, "torch": "2.x", "torch_threads": 2, "transformers": "5", "lm_eval": "0.4",
+           "git_commit": "abc"}
+    (run / "run.json").write_text(json.dumps({"command": "tidar-bench run ...", "environment": env, "seed": 0,
+                                              "batch_size": 1, "limit": 4,
+                                              "decoders": {d: {"lossless": lossless[d]} for d in decoders}}))
+    for d, recs in samples.items():
+        with open(run / f"samples_{d}_tb_gsm8k.jsonl", "w") as f:
+            for i, (out, score, tokens, lat) in enumerate(recs):
+                for filt in ("strict-match", "flexible-extract"):  # lm-eval: one record per filter
+                    f.write(json.dumps({"doc_id": i, "output": [out], "filter": filt, "metrics": {"exact_match": score},
+                                        "new_tokens": tokens, "latency_s": lat}) + "\n")
+
+
+def test_report_tables_come_from_the_stored_files(tmp_path):
+    """smollm2_report.py: per-item paired speedups, the AR-mode item comparison and acceptance against
+    tokens seen are computed from the run folders and training logs (values checked by hand here)."""
+    import json
+
+    res = tmp_path / "res"
+    ar = [("a", 1.0, 10, 1.0), ("b", 0.0, 10, 1.0), ("c", 1.0, 10, 2.0), ("d", 0.0, 10, 1.0)]
+    _write_run(res / "runs" / "gsm8k_base", {"ar": {"score": 0.5, "tokens_per_s": 8.0, "speedup_vs_ar": 1.0,
+                                                    "ar_tokens_per_s": 8.0, "tokens_per_nfe": 1, "mean_accepted_length": 1},
+                                             "eagle": {"score": 0.5, "tokens_per_s": 10.0, "speedup_vs_ar": 1.25,
+                                                       "ar_tokens_per_s": 8.0, "tokens_per_nfe": 1.5,
+                                                       "mean_accepted_length": 1.6, "mismatches_vs_ar": 0}},
+               {"ar": ar, "eagle": [(o, s, t, lat / r) for (o, s, t, lat), r in zip(ar, (1.0, 2.0, 0.5, 1.0))]},
+               {"ar": True, "eagle": True})
+    _write_run(res / "runs" / "gsm8k_tidar", {"ar": {"score": 0.5, "tokens_per_s": 8.0, "speedup_vs_ar": 1.0,
+                                                     "ar_tokens_per_s": 8.0, "tokens_per_nfe": 1, "mean_accepted_length": 1}},
+               {"ar": [("a", 1.0, 10, 1.0), ("x", 1.0, 10, 1.0), ("c", 0.0, 10, 1.0), ("y", 0.0, 10, 1.0)]},
+               {"ar": True})
+    (res / "runs" / "gsm8k_bd").mkdir()  # a run still in progress
+    tr = res / "training" / "eagle"
+    tr.mkdir(parents=True)
+    (tr / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 2048 * (s + 1), "loss": 9.0 - s})
+                                                + "\n" for s in range(20)))
+    (tr / "eval_log.jsonl").write_text(json.dumps({"step": 10, "eval_mean_accepted_length": 1.37}) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2_report.py"), "--res", str(res)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    md = (res / "results.md").read_text()
+    assert "| eagle | 0.500 ± – (n 4) | 10.00 | 1.25x | 1.00 [0.88–1.25] | 8.00 (yes) | 1.50 | 1.60 | 0 |" in md
+    # tidar's ar against the original: items 0 (both right), 1 (only tidar), 2 (only original), 3 (neither)
+    assert "| gsm8k | tidar | 0.500 | 0.500 | 1 | 1 | 1 | 2 | 4 |" in md
+    assert "`gsm8k_bd`: not finished" in md
+    assert "| eagle | tau | 10: 20,480 → 1.37 | -10.000 (step 20, 40,960 tokens) |" in md
