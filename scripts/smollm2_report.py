@@ -156,15 +156,15 @@ def training_tables(res: Path) -> list[str]:
              "Tokens seen = optimizer steps x sequences per step x sequence length (`train_log.jsonl`'s `tokens` "
              "at that step). τ: mean accepted length (tokens committed per target forward); T/NFE: tokens per "
              "forward of the one model.", "",
-             "| stage | metric | step: tokens seen → value | final train loss |", "|---|---|---|---|"]
+             "| stage | metric | steps: tokens seen → value | final train loss |", "|---|---|---|---|"]
     n_rows = 0
     for stage, (key, name) in EVAL_METRIC.items():
         d = res / "training" / stage
         tl, ev = jsonl(d / "train_log.jsonl"), jsonl(d / "eval_log.jsonl")
         if not tl:
             continue
-        tokens_at = {r["step"] + 1: r["tokens"] for r in tl}  # eval "step s" runs after s optimizer steps
-        pts = [f"{r['step']}: {tokens_at.get(r['step'], 0):,} → {r[key]:.2f}" for r in ev if key in r]
+        tokens_at = {r["step"]: r["tokens"] for r in tl}  # both logs count steps from 0
+        pts = [f"{r['step'] + 1}: {tokens_at.get(r['step'], 0):,} → {r[key]:.2f}" for r in ev if key in r]
         lines.append(f"| {stage} | {name} | {'; '.join(pts) or '–'} | {tl[-1]['loss']:.3f} "
                      f"(step {tl[-1]['step'] + 1}, {tl[-1]['tokens']:,} tokens) |")
         n_rows += 1
