@@ -163,8 +163,10 @@ def training_tables(res: Path) -> list[str]:
         tl, ev = jsonl(d / "train_log.jsonl"), jsonl(d / "eval_log.jsonl")
         if not tl:
             continue
-        tokens_at = {r["step"]: r["tokens"] for r in tl}  # both logs count steps from 0
-        pts = [f"{r['step'] + 1}: {tokens_at.get(r['step'], 0):,} → {r[key]:.2f}" for r in ev if key in r]
+        # both logs count steps from 0 and train_log keeps every --log-every-th step: tokens per step from its
+        # first row (a fixed batch x seq_len), so the eval at "step s" ran after (s + 1) x that many tokens
+        per_step = tl[0]["tokens"] // (tl[0]["step"] + 1)
+        pts = [f"{r['step'] + 1}: {(r['step'] + 1) * per_step:,} → {r[key]:.2f}" for r in ev if key in r]
         lines.append(f"| {stage} | {name} | {'; '.join(pts) or '–'} | {tl[-1]['loss']:.3f} "
                      f"(step {tl[-1]['step'] + 1}, {tl[-1]['tokens']:,} tokens) |")
         n_rows += 1
