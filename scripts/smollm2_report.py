@@ -20,12 +20,12 @@ import argparse
 import csv
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tidar_bench.profiling import quartiles  # noqa: E402
 from tidar_bench.provenance import write_atomic  # noqa: E402
 
 # the eval metric each trainer logs with --eval-every: EAGLE's and DFlash's tau, TiDAR's and bd's T/NFE
@@ -41,13 +41,6 @@ def fmt(x, spec=".2f", none="–"):
     if x in (None, ""):
         return none
     return format(float(x), spec)
-
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return med, q1, q3
 
 
 def samples(run: Path, decoder: str) -> dict:
