@@ -8,14 +8,22 @@
 #   bash scripts/smollm2_pipeline.sh --stage eagle        # one stage
 #   nohup bash scripts/smollm2_pipeline.sh > smollm2.log 2>&1 &       # in the background
 #   bash scripts/smollm2_pipeline.sh --smoke              # tiny steps and few items, to prove it works
+#   bash scripts/smollm2_pipeline.sh --stage run --runs gsm8k_tidar,gsm8k_bd   # some run folders only
 #
 # Resume: a stage whose output is complete is skipped; a killed training stage is continued from its
 # newest --save-every checkpoint with `--resume` (same weights, optimizer, schedule, RNG, data position);
 # distill works in chunks of prompts and skips the chunks already written; `tidar-bench run` skips the
 # samples already in its folder. So the same command, re-run after any interruption, finishes the job.
+# Across machines (a fresh machine has no cache): the distilled data and every finished run folder, its
+# per-item cache included, are kept in results/smollm2/ (git). A fresh machine copies the distilled data
+# back (training then reproduces the same weights: training is deterministic at 1 thread, checked by the
+# sha256 each training stage records in training/<stage>/model.sha256) and reuses a committed run folder
+# only when the checkpoints it measured have those same sha256 (runs/<name>/checkpoints.sha256); a run
+# folder is committed only once it finished, so every paired ratio in it comes from one process.
 # Outputs outside git: $TIDAR_BENCH_CACHE/smollm2-pipeline (default ~/.cache/tidar-bench/...):
 # checkpoints, distilled data, full run folders. Into git: results/smollm2/ (the run tables, samples,
-# figures, latency, training logs and stages.jsonl: each stage's exact command, start, end, wall time).
+# figures, latency, training logs and stages.jsonl: each stage's exact command, start, end, wall time;
+# SMOLLM2_RESULTS=DIR writes them elsewhere).
 #
 # Budget (full mode): about 4 hours of wall time on 2 CPU cores. Estimated from the --smoke run
 # (results/smollm2/smoke/stages.jsonl, README there), which ran at 1 thread on a machine shared by 5
@@ -45,14 +53,15 @@ cd "$(dirname "$SELF")/.."
 TB=${TB:-.venv/bin/tidar-bench}
 PY=${PY:-.venv/bin/python}
 STAGES="model prompts mask distill eagle dflash tidar bd run profile plot report"
-MODE=full ONLY="" FROM=""
+MODE=full ONLY="" FROM="" RUNS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) MODE=smoke ;;
     --stage) ONLY=$2; shift ;;
     --from) FROM=$2; shift ;;
-    -h|--help) sed -n '2,19p' "$SELF"; exit 0 ;;
-    *) echo "error: unknown option $1 (--smoke, --stage NAME, --from NAME; stages: $STAGES)" >&2; exit 2 ;;
+    --runs) RUNS=${2//,/ }; shift ;;
+    -h|--help) sed -n '2,26p' "$SELF"; exit 0 ;;
+    *) echo "error: unknown option $1 (--smoke, --stage NAME, --from NAME, --runs A,B; stages: $STAGES)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -62,7 +71,7 @@ done
 
 CACHE=${TIDAR_BENCH_CACHE:-$HOME/.cache/tidar-bench}
 if [ $MODE = full ]; then
-  WORK=$CACHE/smollm2-pipeline RES=results/smollm2
+  WORK=$CACHE/smollm2-pipeline RES=${SMOLLM2_RESULTS:-results/smollm2}
   N_GSM=150 N_MBPP=50 DISTILL_TOKENS=256 DISTILL_BATCH=8 CHUNK=40
   SEQ=256 SAVE=10 EVAL_EVERY=10 EVAL_LIMIT=4 EVAL_TOKENS=48
   E_STEPS=50 E_BATCH=8 D_STEPS=50 D_BATCH=8 T_STEPS=32 T_BATCH=4 B_STEPS=32 B_BATCH=4
@@ -71,7 +80,7 @@ if [ $MODE = full ]; then
 else  # every stage on a few items and 2 steps at the full run's seq_len (smaller batches): proves the commands
   # and the resume logic, and times each recipe per training token (cpu_s in stages.jsonl) for the budget
   # above; measures no score
-  WORK=$CACHE/smollm2-smoke RES=results/smollm2/smoke
+  WORK=$CACHE/smollm2-smoke RES=${SMOLLM2_RESULTS:-results/smollm2/smoke}
   N_GSM=3 N_MBPP=1 DISTILL_TOKENS=64 DISTILL_BATCH=2 CHUNK=2
   SEQ=256 SAVE=1 EVAL_EVERY=2 EVAL_LIMIT=1 EVAL_TOKENS=16
   E_STEPS=2 E_BATCH=2 D_STEPS=2 D_BATCH=2 T_STEPS=2 T_BATCH=1 B_STEPS=2 B_BATCH=1
@@ -123,6 +132,20 @@ train() {
   mkdir -p "$RES/training/$stage"
   cp "$out"/train_log.jsonl "$out"/loss.png "$RES/training/$stage/" 2>/dev/null || true
   cp "$out"/eval_log.jsonl "$RES/training/$stage/" 2>/dev/null || true
+  local sha; sha=$(weights_sha "$out")
+  if [ -f "$RES/training/$stage/model.sha256" ] && [ "$(cat "$RES/training/$stage/model.sha256")" != "$sha" ]; then
+    echo "[$stage] warning: the trained weights differ from the committed sha256 (training/$stage/model.sha256);" \
+      "the committed runs of this checkpoint will be measured again" >&2
+  fi
+  echo "$sha" > "$RES/training/$stage/model.sha256"
+}
+
+# weights_sha DIR...: one line per checkpoint folder, "<sha256 of its *.safetensors, in name order> <folder name>"
+weights_sha() {
+  local d
+  for d in "$@"; do
+    echo "$(cat "$d"/*.safetensors | sha256sum | cut -c1-64) $(basename "$d")"
+  done
 }
 
 stage_model() {
@@ -185,6 +208,10 @@ EOF
 stage_distill() {  # in chunks, so a killed distill loses one chunk at most
   local d=$WORK/distill
   [ -f "$WORK/distilled.jsonl" ] && { echo "[distill] done" >&2; return; }
+  if [ -f "$RES/distilled.jsonl" ]; then  # distilled on an earlier machine (same model, prompts, command)
+    cp "$RES/distilled.jsonl" "$WORK/.distilled.tmp" && mv "$WORK/.distilled.tmp" "$WORK/distilled.jsonl"
+    echo "[distill] done earlier: $RES/distilled.jsonl copied (its commands are in $LOG)" >&2; return
+  fi
   mkdir -p "$d"
   split -d -a 4 -l $CHUNK --additional-suffix=.jsonl "$WORK/prompts.jsonl" "$d/prompts-"
   for p in "$d"/prompts-[0-9]*.jsonl; do
@@ -193,6 +220,7 @@ stage_distill() {  # in chunks, so a killed distill loses one chunk at most
       --max-new-tokens $DISTILL_TOKENS --batch-size $DISTILL_BATCH --device cpu --dtype float32
   done
   cat "$d"/out-*.jsonl > "$WORK/.distilled.tmp" && mv "$WORK/.distilled.tmp" "$WORK/distilled.jsonl"
+  cp "$WORK/distilled.jsonl" "$RES/.distilled.tmp" && mv "$RES/.distilled.tmp" "$RES/distilled.jsonl"
 }
 
 stage_eagle() {
@@ -215,14 +243,38 @@ stage_bd() {
     --seq-len $SEQ --batch-size $B_BATCH --steps $B_STEPS --lr 1e-4 --device cpu --dtype float32
 }
 
+# one_run NAME CHECKPOINTS TB-RUN-ARGS...: a `tidar-bench run` into $WORK/runs/NAME, skipped unless NAME is in
+# --runs (when given); CHECKPOINTS (comma-separated folders) are the weights it measures. A finished run
+# is kept in $RES/runs/NAME with its cache and those weights' sha256; on a machine without the cache, that
+# cache is reused when the sha256 match (the run then decodes nothing), else the run is measured again.
+one_run() {
+  local name=$1 ckpts=${2//,/ }; shift 2
+  if [ -n "$RUNS" ] && [[ " $RUNS " != *" $name "* ]]; then return; fi
+  local work=$WORK/runs/$name res=$RES/runs/$name sha
+  # shellcheck disable=SC2086
+  sha=$(weights_sha $ckpts)
+  if [ ! -d "$work/cache" ] && [ -d "$res/cache" ]; then
+    if [ "$sha" = "$(cat "$res/checkpoints.sha256" 2>/dev/null)" ]; then
+      mkdir -p "$work" && cp -r "$res/cache" "$work/" && echo "[run] $name: finished earlier, its cache reused" >&2
+    else
+      echo "[run] $name: the committed run measured other weights (runs/$name/checkpoints.sha256): measuring again" >&2
+    fi
+  fi
+  log_run run $TB run "$@" --out "$work"
+  rm -rf "$res.tmp" && mkdir -p "$res.tmp"  # the tables, provenance, per-item samples and cache: the lossless check per item
+  cp "$work"/summary.csv "$work"/run.json "$work"/results_*.json "$work"/samples_*.jsonl "$res.tmp/" 2>/dev/null || true
+  cp -r "$work/cache" "$res.tmp/" && echo "$sha" > "$res.tmp/checkpoints.sha256"
+  rm -rf "$res" && mv "$res.tmp" "$res"
+}
+
 # measure NAME LIMIT TASK [OPTION...]: one `tidar-bench run` per checkpoint (each against its own ar)
 measure() {
   local name=$1 limit=$2 task=$3; shift 3
   local common=(--tasks "$task" --limit "$limit" --device cpu --dtype float32 --seed 0 "${RUN_ARGS[@]}" "$@")
-  log_run run $TB run --model "$MODEL" --draft "$WORK/eagle" --decoders "ar,hf,eagle,dflash(draft=$WORK/dflash)" \
-    "${common[@]}" --out "$WORK/runs/${name}_base"
-  log_run run $TB run --model "$WORK/tidar" --decoders "ar,tidar(max_blocks=3)" "${common[@]}" --out "$WORK/runs/${name}_tidar"
-  log_run run $TB run --model "$WORK/bd" --decoders "ar,bd" "${common[@]}" --out "$WORK/runs/${name}_bd"
+  one_run "${name}_base" "$MODEL,$WORK/eagle,$WORK/dflash" --model "$MODEL" --draft "$WORK/eagle" \
+    --decoders "ar,hf,eagle,dflash(draft=$WORK/dflash)" "${common[@]}"
+  one_run "${name}_tidar" "$WORK/tidar" --model "$WORK/tidar" --decoders "ar,tidar(max_blocks=3)" "${common[@]}"
+  one_run "${name}_bd" "$WORK/bd" --model "$WORK/bd" --decoders "ar,bd" "${common[@]}"
 }
 
 stage_run() {
@@ -231,10 +283,6 @@ stage_run() {
   # The smoke leaves gsm8k out: its 5-shot chat prefills take minutes per decoder eager on a shared CPU.
   if [ $MODE = full ]; then measure gsm8k $GSM_LIMIT gsm8k --apply-chat-template; fi
   measure humaneval $HE_LIMIT humaneval --allow-code-exec
-  for d in "$WORK"/runs/*/; do  # keep tables, provenance and per-item samples (the lossless check per item)
-    local n; n=$(basename "$d"); mkdir -p "$RES/runs/$n"
-    cp "$d"/summary.csv "$d"/run.json "$d"/results_*.json "$d"/samples_*.jsonl "$RES/runs/$n/" 2>/dev/null || true
-  done
 }
 
 stage_profile() {

@@ -82,3 +82,46 @@ def test_report_tables_come_from_the_stored_files(tmp_path):
     assert "| gsm8k | tidar | 0.500 | 0.500 | 1 | 1 | 1 | 2 | 4 |" in md
     assert "`gsm8k_bd`: not finished" in md
     assert "| eagle | tau | 10: 20,480 → 1.37 | -10.000 (step 20, 40,960 tokens) |" in md
+
+
+def test_finished_runs_are_reused_only_for_the_same_weights(tmp_path):
+    """A fresh machine has no cache: `run` copies a committed run folder's per-item cache back only when
+    the checkpoints it measured have the sha256 recorded beside it; otherwise it measures again. A fake
+    `tidar-bench` records whether the cache was there when it was called."""
+    import os
+
+    cache, res = tmp_path / "cache", tmp_path / "res"
+    tidar = cache / "smollm2-pipeline" / "tidar"
+    tidar.mkdir(parents=True)
+    (tidar / "model.safetensors").write_bytes(b"weights-1")
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "tidar-bench"
+    fake.write_text(f"""#!/bin/bash
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+if [ -d "$out/cache" ]; then echo cached >> {calls}; else echo decoded >> {calls}; fi
+mkdir -p "$out/cache/ar" && echo '{{"key": "k"}}' > "$out/cache/ar/gsm8k.jsonl"
+echo 'task,decoder' > "$out/summary.csv" && echo '{{}}' > "$out/run.json"
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "TIDAR_BENCH_CACHE": str(cache), "SMOLLM2_RESULTS": str(res),
+           "TB": str(fake), "PY": sys.executable}
+
+    def run_stage():
+        r = subprocess.run(["bash", str(SCRIPT), "--stage", "run", "--runs", "gsm8k_tidar"], capture_output=True,
+                           text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    run_stage()  # first machine: decodes, keeps the finished folder with its cache and the weights' sha256
+    kept = res / "runs" / "gsm8k_tidar"
+    assert (kept / "cache" / "ar" / "gsm8k.jsonl").exists() and (kept / "summary.csv").exists()
+    assert (kept / "checkpoints.sha256").read_text().split()[1] == "tidar"
+    import shutil
+
+    shutil.rmtree(cache / "smollm2-pipeline" / "runs")  # a fresh machine, the same weights: reused
+    assert "its cache reused" in run_stage()
+    shutil.rmtree(cache / "smollm2-pipeline" / "runs")  # other weights: measured again
+    (tidar / "model.safetensors").write_bytes(b"weights-2")
+    assert "measuring again" in run_stage()
+    assert calls.read_text().split() == ["decoded", "cached", "decoded"]
+    assert [p.name for p in (res / "runs").iterdir()] == ["gsm8k_tidar"]  # --runs: no other run was started
