@@ -66,6 +66,8 @@ class ARDecoder(RowDecoder):
     def step(self, rows: list[Row | None]) -> list[list[int] | None]:
         sp, cache = self._sp, self.caches["target"]
         starts = [r.length if r is not None else 0 for r in rows]
+        if None in rows:  # an empty slot (no prompt left to refill it) stays at slot 0, as its start says:
+            self._pos[[s for s, r in enumerate(rows) if r is None]] = 0  # else it drifts past window and cache
         if self._ahead:
             row = rows[0]
             self._host.copy_(self._tok.view(-1), non_blocking=True)

@@ -107,6 +107,21 @@ def test_a_row_stopping_early_changes_nobody(tidar_ctx, base_ctx, name):
         assert [g.tokens for g in got[1:]] == full[1:]  # the others run on, untouched
 
 
+@pytest.mark.parametrize("name", ["ar", "tidar"])
+def test_an_empty_slot_at_the_end_stays_inert(tidar_ctx, name):
+    """More slots than prompts left: after two long rows finish together, the last (short) prompt runs
+    alone for as many steps while the other slot stays empty. The empty slot must not drift past the
+    cache or the attention window (it did in `ar`: its position kept advancing, and a compiled batch-8
+    SmolLM2 distill aborted with an inductor index-out-of-bounds at the end of its prompts)."""
+    ar = build_decoder("ar", tidar_ctx, {"compile": "off"})
+    dec = build_decoder(name, tidar_ctx, {"compile": "off"})
+    long_ = prompts_of(tidar_ctx.tokenizer, 2)
+    prompts = [long_[0], long_[0][:-1], long_[1][:3]]
+    cfg = GenerationConfig(max_new_tokens=150)  # no stop id: both long rows finish at the same step
+    want = batch1(ar, prompts, cfg)
+    assert [g.tokens for g in generate_batch(dec, prompts, cfg, 2)] == want
+
+
 TREE = {"depth": "4", "top_k": "3", "total_tokens": "10"}
 
 
