@@ -255,14 +255,14 @@ one_run() {
   sha=$(weights_sha $ckpts)
   if [ ! -d "$work/cache" ] && [ -d "$res/cache" ]; then
     if [ "$sha" = "$(cat "$res/checkpoints.sha256" 2>/dev/null)" ]; then
-      mkdir -p "$work" && cp -r "$res/cache" "$work/" && echo "[run] $name: finished earlier, its cache reused" >&2
+      mkdir -p "$work" && cp -r "$res/cache" "$res/run_spec.json" "$work/" && echo "[run] $name: finished earlier, its cache reused" >&2
     else
       echo "[run] $name: the committed run measured other weights (runs/$name/checkpoints.sha256): measuring again" >&2
     fi
   fi
   log_run run $TB run "$@" --out "$work"
   rm -rf "$res.tmp" && mkdir -p "$res.tmp"  # the tables, provenance, per-item samples and cache: the lossless check per item
-  cp "$work"/summary.csv "$work"/run.json "$work"/results_*.json "$work"/samples_*.jsonl "$res.tmp/" 2>/dev/null || true
+  cp "$work"/summary.csv "$work"/run.json "$work"/run_spec.json "$work"/results_*.json "$work"/samples_*.jsonl "$res.tmp/" 2>/dev/null || true
   cp -r "$work/cache" "$res.tmp/" && echo "$sha" > "$res.tmp/checkpoints.sha256"
   rm -rf "$res" && mv "$res.tmp" "$res"
 }

@@ -98,9 +98,11 @@ def test_finished_runs_are_reused_only_for_the_same_weights(tmp_path):
     fake = tmp_path / "tidar-bench"
     fake.write_text(f"""#!/bin/bash
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+# as tidar-bench run: a non-empty --out must be a run folder (run_spec.json)
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/run_spec.json" ]; then echo "error: not a run folder" >&2; exit 2; fi
 if [ -d "$out/cache" ]; then echo cached >> {calls}; else echo decoded >> {calls}; fi
 mkdir -p "$out/cache/ar" && echo '{{"key": "k"}}' > "$out/cache/ar/gsm8k.jsonl"
-echo 'task,decoder' > "$out/summary.csv" && echo '{{}}' > "$out/run.json"
+echo 'task,decoder' > "$out/summary.csv" && echo '{{}}' > "$out/run.json" && echo '{{}}' > "$out/run_spec.json"
 """)
     fake.chmod(0o755)
     env = {**os.environ, "HOME": str(tmp_path), "TIDAR_BENCH_CACHE": str(cache), "SMOLLM2_RESULTS": str(res),
