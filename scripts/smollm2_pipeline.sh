@@ -16,8 +16,10 @@
 # samples already in its folder. So the same command, re-run after any interruption, finishes the job.
 # Across machines (a fresh machine has no cache): the distilled data and every finished run folder, its
 # per-item cache included, are kept in results/smollm2/ (git). A fresh machine copies the distilled data
-# back (training then reproduces the same weights: training is deterministic at 1 thread, checked by the
-# sha256 each training stage records in training/<stage>/model.sha256) and reuses a committed run folder
+# back (training then reproduces the same weights on the same CPU model: training is deterministic at 1
+# thread, checked by the sha256 each training stage records in training/<stage>/model.sha256; on another
+# CPU model, e.g. Intel Xeon vs AMD EPYC, the losses agree to ~1e-5 but the weights differ, measured
+# 2026-12-02) and reuses a committed run folder
 # only when the checkpoints it measured have those same sha256 (runs/<name>/checkpoints.sha256); a run
 # folder is committed only once it finished, so every paired ratio in it comes from one process.
 # Outputs outside git: $TIDAR_BENCH_CACHE/smollm2-pipeline (default ~/.cache/tidar-bench/...):
@@ -112,9 +114,12 @@ def children_cpu(f):  # second line of bash `times`: "XmY.YYYs XmY.YYYs" (user, 
 
 c0, c1 = children_cpu(f0), children_cpu(f1)
 iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
+    if os.path.exists("/proc/cpuinfo") else None  # training is bit-identical only on the same CPU model
 rec = {"stage": stage, "mode": mode, "command": shlex.join(cmd), "start": iso(t0), "end": iso(t1),
        "wall_s": round(float(t1) - float(t0), 1), "cpu_s": round(float(c1) - float(c0), 1),
-       "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1min_at_end": os.getloadavg()[0], "rc": int(rc)}
+       "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1min_at_end": os.getloadavg()[0], "cpu": cpu,
+       "rc": int(rc)}
 with open(log, "a") as f:
     f.write(json.dumps(rec) + "\n")
 EOF
@@ -134,7 +139,8 @@ train() {
   cp "$out"/eval_log.jsonl "$RES/training/$stage/" 2>/dev/null || true
   local sha; sha=$(weights_sha "$out")
   if [ -f "$RES/training/$stage/model.sha256" ] && [ "$(cat "$RES/training/$stage/model.sha256")" != "$sha" ]; then
-    echo "[$stage] warning: the trained weights differ from the committed sha256 (training/$stage/model.sha256);" \
+    echo "[$stage] warning: the trained weights differ from the committed sha256 (training/$stage/model.sha256;" \
+      "training is bit-identical only on the same CPU model: see stages.jsonl's cpu);" \
       "the committed runs of this checkpoint will be measured again" >&2
   fi
   echo "$sha" > "$RES/training/$stage/model.sha256"

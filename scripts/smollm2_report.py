@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tidar_bench.harness.runner import file_label  # noqa: E402
 from tidar_bench.profiling import quartiles  # noqa: E402
 from tidar_bench.provenance import write_atomic  # noqa: E402
 
@@ -46,10 +49,16 @@ def fmt(x, spec=".2f", none="–"):
 def samples(run: Path, decoder: str) -> dict:
     """doc_id -> (first filter's record) for one decoder of a run (lm-eval writes one record per filter)."""
     out: dict = {}
-    for f in sorted(run.glob(f"samples_{decoder}_*.jsonl")):
+    for f in sorted(run.glob(f"samples_{glob.escape(file_label(decoder))}_*.jsonl")):
         for r in jsonl(f):
             out.setdefault(r["doc_id"], r)
     return out
+
+
+def short(decoder: str) -> str:
+    """A decoder label for a table: option paths shortened to their last part (`draft=…/dflash`); the
+    command above the table has them in full."""
+    return re.sub(r"=(/[^,)]*/)([^,)/]+)", r"=…/\2", decoder)
 
 
 def item_ratios(run: Path, decoder: str) -> list[float]:
@@ -109,7 +118,7 @@ def task_tables(res: Path) -> list[str]:
                 else:
                     mm = r.get("mismatches_vs_ar") or "–"
                 comp = "yes" if r.get("ar_compiled") == "True" else "no"
-                lines.append(f"| {d} | {fmt(r['score'], '.3f')} ± {fmt(r['stderr'], '.3f')} (n {r['n']}) | "
+                lines.append(f"| {short(d)} | {fmt(r['score'], '.3f')} ± {fmt(r['stderr'], '.3f')} (n {r['n']}) | "
                              f"{fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_ar'])}x | {spread} | "
                              f"{fmt(r['ar_tokens_per_s'])} ({comp}) | {fmt(r['tokens_per_nfe'])} | "
                              f"{fmt(r['mean_accepted_length'])} | {mm} |")

@@ -121,3 +121,20 @@ def test_default_run_bad_input_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown task" in err and "no decoder of the embedded suite takes it" in err and "need --model" in err
     assert not out.exists()
+
+
+def test_a_decoder_option_with_a_path_stays_one_file_name(tmp_path):
+    """`dflash(draft=/a/b)` as a decoder label: its cache, results and samples are single files of the run
+    folder (the label percent-encoded), not folders nested along the path (they were, before file_label)."""
+    from tidar_bench.harness.runner import file_label
+
+    label = f"dflash(draft={ROOT / 'dflash'})"
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(ROOT / "base"), "--decoders", f"ar,{label}", "--tasks", "mini_gsm", "--limit", "1",
+                 "--device", "cpu", "--compile", "off", "--out", str(out)]) == 0
+    name = file_label(label)
+    assert "/" not in name and name.startswith("dflash(draft=%2F")
+    assert (out / f"results_{name}.json").is_file() and (out / f"samples_{name}_tb_mini_gsm.jsonl").is_file()
+    assert (out / "cache" / name / "tb_mini_gsm.jsonl").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["cache"]
+    assert file_label("tidar(max_blocks=3)") == "tidar(max_blocks=3)"  # labels without a path keep their names

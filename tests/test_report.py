@@ -261,3 +261,16 @@ def test_pareto_figure_reads_without_a_legend(tmp_path, monkeypatch):
         assert len(boxes) == 5 and all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     speed_texts = [t.get_text() for t in fig.axes[0].texts]
     assert any(t.startswith("tidar(max_blocks=3) [tidar]  2.60×") for t in speed_texts)
+
+
+def test_a_figure_draws_one_point_per_decoder_setting(tmp_path):
+    """gsm8k's summary has a strict-match and a flexible-extract row per decoder: the figure draws the
+    first (one point, one label), the report's table keeps both."""
+    from tidar_bench.report import one_row_per_setting, read_run
+
+    two = [r for row in ROWS[:3] for r in (row, [*row[:2], "exact_match,flexible-extract", *row[3:]])]
+    run = read_run(make_run(tmp_path / "run", two))
+    kept = one_row_per_setting(run.rows)
+    assert [(r["decoder"], r["metric"]) for r in kept] == [(d, "exact_match,strict-match") for d in ("ar", "tidar", "bd")]
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "report.md").read_text().count("flexible-extract") == 3

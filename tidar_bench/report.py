@@ -190,6 +190,19 @@ def _place_labels(ax, points: list[tuple[float, float, str, str]], lines: list[t
         _place(ax, cands, obstacles, renderer, leader=True)
 
 
+def one_row_per_setting(rows: list[dict]) -> list[dict]:
+    """The rows a figure draws: one per (run, checkpoint, decoder setting), its task's first metric and
+    filter (gsm8k writes strict-match and flexible-extract rows for each decoder: drawn both, every
+    point would carry its label twice). The report's table keeps every row."""
+    seen, kept = set(), []
+    for r in rows:
+        key = (r.get("run"), r.get("ckpt"), r["decoder"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
 def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) -> list[Path]:
     """Two panels for one task: score vs tokens/s and score vs T/NFE. One colour per decoder family,
     one marker per setting or checkpoint within it, filled when the decoder is lossless (its greedy
@@ -202,6 +215,7 @@ def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = one_row_per_setting(rows)
     ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
     ar_rows = {}
     for r in rows:
@@ -269,7 +283,7 @@ def plot_task(task: str, rows: list[dict], metas: list[dict], out_base: Path) ->
         if main in ar_rows and ar_rows[main][xkey] is not None:
             ax.axvline(ar_rows[main][xkey], ls="--", lw=0.8, color="black", alpha=0.4, zorder=2)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{rows[0]['metric'].split(',')[0]} (higher is better)")
+        ax.set_ylabel(f"{rows[0]['metric'].replace(',', ', ')} (higher is better)")
         ax.grid(alpha=0.25)
         ax.margins(x=0.18, y=0.16)
         if xkey == "tokens_per_nfe":

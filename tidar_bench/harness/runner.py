@@ -3,7 +3,8 @@
 For each decoder, lm-eval builds the same requests (same task configs, few-shot, seeds, limit), and
 `TidarBenchLM` decodes them at batch 1 (one warm-up generate first), or with `--batch-size B` B at a
 time through `batched.generate_batch` (one untimed warm-up call), caching each decoded
-request in `cache/<decoder>/<task>.jsonl`. The run folder then gets:
+request in `cache/<decoder>/<task>.jsonl`. The run folder then gets (`<decoder>` as in --decoders, with
+`%`, `/` and backslash percent-encoded, so `dflash(draft=/a/b)` stays one file name, see `file_label`):
 
     run_spec.json                    identity of the command (written first; guards the folder)
     results_<decoder>.json           lm-eval results
@@ -35,6 +36,13 @@ SPEC_FILE = "run_spec.json"
 # sampling. `tidar-bench run` uses them so its prompts are byte-identical to `lm_eval --model hf`'s;
 # --seed is only the sampling seed of the decoders.
 LM_EVAL_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+
+
+def file_label(decoder: str) -> str:
+    """The decoder label as one file-name part: `%`, `/` and `\\` percent-encoded (a decoder option may
+    hold a path, e.g. `dflash(draft=/ckpt/dflash)`, which would otherwise nest folders); other labels
+    are unchanged, so existing run folders and caches keep their names."""
+    return decoder.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
 
 
 @dataclass
@@ -358,7 +366,7 @@ def run(spec: RunSpec) -> dict:
         if dist.world > 1:  # shard pass: decode this rank's share
             with _progress() as progress:
                 for d in spec.decoders:
-                    store = SampleCache(cache_dir / d, suffix=f".rank{dist.rank}")
+                    store = SampleCache(cache_dir / file_label(d), suffix=f".rank{dist.rank}")
                     _, lm = _evaluate(plan, d, ctx, store, (dist.rank, dist.world), progress)
                     decoded[d] = lm.decoded
                     del lm
@@ -366,11 +374,11 @@ def run(spec: RunSpec) -> dict:
             if dist.rank != 0:
                 return None
             for d in spec.decoders:
-                SampleCache.merge_shards(cache_dir / d)
+                SampleCache.merge_shards(cache_dir / file_label(d))
         results, records, lms = {}, {}, {}
         with _progress() as progress:
             for d in spec.decoders:
-                res, lm = _evaluate(plan, d, ctx, SampleCache(cache_dir / d), (0, 1), progress)
+                res, lm = _evaluate(plan, d, ctx, SampleCache(cache_dir / file_label(d)), (0, 1), progress)
                 results[d], lms[d] = res, lm
                 records[d] = {}
                 for r in lm.records:
@@ -416,9 +424,9 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
     decoders = spec.decoders
     for d in decoders:
         res = results[d]
-        write_json(out / f"results_{d}.json", {k: v for k, v in res.items() if k != "samples"})
+        write_json(out / f"results_{file_label(d)}.json", {k: v for k, v in res.items() if k != "samples"})
         for task in res.get("samples", {}):
-            write_jsonl(out / f"samples_{d}_{task}.jsonl", _sample_rows(res, task, records[d].get(task, [])))
+            write_jsonl(out / f"samples_{file_label(d)}_{task}.jsonl", _sample_rows(res, task, records[d].get(task, [])))
     rows = summary_rows(results, records, decoders, spec.batch_size)
     write_csv(out / "summary.csv", rows)
     all_recs = {d: [r for rs in records[d].values() for r in rs] for d in decoders}
