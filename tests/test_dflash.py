@@ -180,8 +180,8 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         return drafts.shape[0], int(sample(target_probs[-1], generator))
 
     monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
-    for ds, n in ((True, 300), (False, 100)):
-        p, _ = run(ds, n)
+    for ds in (True, False):  # 300 samples: with fewer, every cell can fall under 5 expected counts (no test left)
+        p, _ = run(ds, 300)
         assert p < 1e-6, ds
 
 
