@@ -20,7 +20,6 @@ import argparse
 import csv
 import glob
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tidar_bench.harness.runner import file_label  # noqa: E402
 from tidar_bench.profiling import quartiles  # noqa: E402
+from tidar_bench.report import read_run  # noqa: E402
 from tidar_bench.provenance import write_atomic  # noqa: E402
 
 # the eval metric each trainer logs with --eval-every: EAGLE's and DFlash's tau, TiDAR's and bd's T/NFE
@@ -53,12 +53,6 @@ def samples(run: Path, decoder: str) -> dict:
         for r in jsonl(f):
             out.setdefault(r["doc_id"], r)
     return out
-
-
-def short(decoder: str) -> str:
-    """A decoder label for a table: option paths shortened to their last part (`draft=…/dflash`); the
-    command above the table has them in full."""
-    return re.sub(r"=(/[^,)]*/)([^,)/]+)", r"=…/\2", decoder)
 
 
 def item_ratios(run: Path, decoder: str) -> list[float]:
@@ -91,6 +85,7 @@ def task_tables(res: Path) -> list[str]:
                 continue
             info = json.loads((run / "run.json").read_text())
             rows = list(csv.DictReader(summ.open()))
+            label = {r["decoder"]: r["label"] for r in read_run(run).rows}  # as `plot` labels it: draft=dflash
             first = {}
             for r in rows:  # one row per decoder: the first metric/filter (gsm8k: strict-match)
                 first.setdefault(r["decoder"], r)
@@ -118,7 +113,7 @@ def task_tables(res: Path) -> list[str]:
                 else:
                     mm = r.get("mismatches_vs_ar") or "–"
                 comp = "yes" if r.get("ar_compiled") == "True" else "no"
-                lines.append(f"| {short(d)} | {fmt(r['score'], '.3f')} ± {fmt(r['stderr'], '.3f')} (n {r['n']}) | "
+                lines.append(f"| {label[d]} | {fmt(r['score'], '.3f')} ± {fmt(r['stderr'], '.3f')} (n {r['n']}) | "
                              f"{fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_ar'])}x | {spread} | "
                              f"{fmt(r['ar_tokens_per_s'])} ({comp}) | {fmt(r['tokens_per_nfe'])} | "
                              f"{fmt(r['mean_accepted_length'])} | {mm} |")
