@@ -155,6 +155,8 @@ class DFlashLayer(Block):
         ks = apply_rope(ks.transpose(1, 2), cos, sin)
         if cache is not None:
             ks, vs = cache.write(layer, start, ks, vs)
+            if isinstance(start, torch.Tensor) and mask.shape[-1] < ks.shape[2]:  # static step, kv_len
+                ks, vs = ks[:, :, : mask.shape[-1]], vs[:, :, : mask.shape[-1]]
         out = attn(qs, ks, vs, mask)
         x = x + a.o_proj(out.transpose(1, 2).reshape(B, q, a.n_heads * a.head_dim))
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -255,7 +257,7 @@ class DFlashDrafter(nn.Module):
 
     def forward(self, noise_emb: torch.Tensor, target_feats: torch.Tensor, position_ids: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None, start: torch.Tensor | None = None,
-                window: torch.Tensor | None = None) -> torch.Tensor:
+                window: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """noise_emb [B, q] block rows (the target's embedding of the block tokens); target_feats
         [B, c, F] concatenated target features of c context positions (c may be 0); position_ids
         [c + q] or [B, c + q] for [context | block]. The c + q fed entries are written to the cache
@@ -264,14 +266,15 @@ class DFlashDrafter(nn.Module):
         mask: bool over [cached | fed] keys, with rows for the block ([q, ...]) or for all fed
         entries ([c + q, ...], the form of `compiled.Steps`: only the last q rows are used); None =
         every key. Eager (start None) as in the model core; start a long tensor = a static compiled
-        step (`mask` is then the local mask of the fed entries, `masks.static_step`). Returns the
+        step (`mask` is then the local mask of the fed entries, `masks.static_step`, over the
+        cache's first `kv_len` slots: the attention window `compiled.Steps` passes). Returns the
         normed block states [B, q, H]; logits = target.lm_head(states)."""
         B, q, _ = noise_emb.shape
         ctx = self.hidden_norm(self.fc(target_feats))
         n = ctx.shape[1] + q
         static = start is not None
         if static:
-            mask = masks.static_step(start, mask, n, cache.max_len, window)
+            mask = masks.static_step(start, mask, n, kv_len or cache.max_len, window)
         elif cache is not None:
             start, _ = cache.reserve(n)
         else:

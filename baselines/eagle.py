@@ -254,10 +254,10 @@ class EagleHead(nn.Module):
     def forward(self, ids: torch.Tensor, target_feats: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: torch.Tensor | None = None,
-                window: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                window: torch.Tensor | None = None, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, q] target token ids; the q pairs' features are [target_feats ; hidden] along the
         sequence: target features (projected by fc in EAGLE-3) for the first part, the head's own
-        output states for the rest. mask/positions/cache/start/window as in the model core
+        output states for the rest. mask/positions/cache/start/window/kv_len as in the model core
         (`prepare_step`: start given = a static compiled step). Returns
         (hidden [B, q, H] (the next feature's estimate), logits [B, q, V_draft] float32)."""
         parts = []
@@ -268,7 +268,7 @@ class EagleHead(nn.Module):
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         q = ids.shape[1]
         static = start is not None
-        start, position_ids, mask = prepare_step(ids, position_ids, mask, cache, start, window)
+        start, position_ids, mask = prepare_step(ids, position_ids, mask, cache, start, window, kv_len)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
         emb = self.embed_tokens(ids)
         if self.form == "eagle3":

@@ -40,13 +40,13 @@ torch.set_num_threads(1)
 from tidar_bench.registry import DecoderContext, build_decoder, eos_token_ids, load_tokenizer
 from tidar_bench.decoding import GenerationConfig
 from tidar_bench.harness.suite import EMBEDDED_DIR as E
-n, max_new = int(sys.argv[1]), int(sys.argv[2])
+n, max_new, only = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 rows = [json.loads(l) for l in open("tasks/data/mini/gsm.jsonl")][:n]
 SETTINGS = [("ar", "base", None, {}), ("tidar", "tidar", None, {"max_blocks": "3"}),
             ("eagle", "base", "eagle", {}), ("dflash", "base", None, {"draft": str(E / "dflash")}),
             ("bd", "bd", None, {})]
 decs = {}
-for name, ckpt, draft, opts in SETTINGS:
+for name, ckpt, draft, opts in [s for s in SETTINGS if s[0] in only]:
     ctx = DecoderContext(E / ckpt, device="cpu", dtype="float32", draft_path=(E / draft) if draft else None)
     tok = load_tokenizer(E / ckpt)
     dec = build_decoder(name, ctx, {**opts, "compile": "on"})
@@ -86,8 +86,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="runs of each prompt per version and decoder x 2, "
                     "a multiple of 4: ABBA, ABBA ABBA, ...")
     ap.add_argument("--workers", type=int, default=3, help="worker processes per version")
+    ap.add_argument("--decoders", default=",".join(DECODERS), help="comma-separated subset of " + ",".join(DECODERS))
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    decoders = a.decoders.split(",")
+    if not decoders or set(decoders) - set(DECODERS):
+        sys.exit(f"error: --decoders takes a comma-separated subset of {','.join(DECODERS)}, got {a.decoders!r}")
     if a.rounds % 4 or a.rounds < 4:
         sys.exit("error: --rounds must be a positive multiple of 4 (ABBA)")
     trees = {"old": a.old.resolve(), "new": a.new.resolve()}
@@ -101,7 +105,7 @@ def main() -> None:
             print(f"starting {w} worker {j + 1}/{a.workers} ({trees[w]}): build, compile and warm up every decoder",
                   file=sys.stderr, flush=True)
             workers[w, j] = subprocess.Popen([str(trees[w] / ".venv/bin/python"), "-c", WORKER, str(a.prompts),
-                                              str(a.max_new_tokens)], cwd=trees[w], env=env, stdin=subprocess.PIPE,
+                                              str(a.max_new_tokens), ",".join(decoders)], cwd=trees[w], env=env, stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, bufsize=1)
             line = workers[w, j].stdout.readline()
             if not line:
@@ -118,7 +122,7 @@ def main() -> None:
     order = ["old", "new", "new", "old"]
     load = [os.getloadavg()[0]]
     summary, per_prompt = {}, {}
-    for name in DECODERS:
+    for name in decoders:
         ratios, tot, same, rows = [], {"old": [0, 0.0], "new": [0, 0.0]}, True, []
         for i in range(a.prompts):
             ref = None

@@ -6,6 +6,7 @@ import torch
 from tidar_bench.decoding import (GenerationConfig, SamplingParams, StopChecker, greedy_verify,
                                   speculative_verify, warp_probs)
 from tidar_bench.errors import UserError
+from tidar_bench.testing import chi2_pvalue
 from tidar_bench.registry import DecoderContext, build_decoder
 
 
@@ -150,3 +151,22 @@ def test_decoder_settings_parse_and_label():
                      ("zzz", "unknown decoder")]:
         with pytest.raises(UserError, match=msg):
             parse_settings(bad)
+
+
+def test_chi2_pvalue_pools_small_cells_by_expectation_and_refuses_a_test_that_cannot_fail():
+    """Every cell expecting under 5 counts (400 draws over 256 cells): the cells are pooled into
+    bins of >= 5 expected, so the right distribution passes and a wrong one fails; 6 draws leave one
+    bin (df 0), which is an error, not a p-value."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.full((256,), 1 / 256)
+    wrong = probs.clone()
+    wrong[:128] *= 1.8
+    wrong[128:] *= 0.2
+
+    def draw(p, n):
+        return torch.bincount(torch.multinomial(p, n, replacement=True, generator=g), minlength=256).float()
+
+    assert chi2_pvalue(draw(probs, 400), probs) > 1e-3
+    assert chi2_pvalue(draw(wrong, 400), probs) < 1e-6
+    with pytest.raises(ValueError, match="df 0"):
+        chi2_pvalue(draw(probs, 6), probs)

@@ -69,19 +69,39 @@ def make_sdar_replica(path: str | Path, seed: int = 0, vocab_size: int = 96, blo
     return model
 
 
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit of `counts` to `probs`; cells with expected count < 5
-    are pooled (the statistical tests of the sampling rules)."""
-    n = counts.sum()
-    exp = probs * n
-    small = exp < 5
-    obs_c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
-    exp_c = torch.cat([exp[~small], exp[small].sum().reshape(1)])
-    keep = exp_c > 0
-    obs_c, exp_c = obs_c[keep], exp_c[keep]
-    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
-    df = obs_c.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit of `counts` to `probs` (the statistical tests of the
+    sampling rules). A cell expecting `min_expected` counts or more is its own bin; the others are
+    pooled by their expected counts alone (never by what was observed), from the most to the least
+    likely, into consecutive bins of at least `min_expected` each; a remainder short of it joins the
+    last bin. Raises ValueError when that leaves fewer than two bins: with one bin (df 0) the test
+    cannot fail, so the caller must draw more samples."""
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    exp = probs * counts.sum()
+    order = torch.sort(exp, descending=True, stable=True).indices.tolist()  # ties: in cell order
+    obs_b, exp_b = [], []  # the bins
+    o = e = 0.0  # the bin being filled from the small cells
+    for i in order:
+        if exp[i] >= min_expected:
+            obs_b.append(float(counts[i])), exp_b.append(float(exp[i]))
+            continue
+        o, e = o + float(counts[i]), e + float(exp[i])
+        if e >= min_expected:
+            obs_b.append(o), exp_b.append(e)
+            o = e = 0.0
+    if o or e:  # the remainder: the last bin absorbs it (it must still count, e.g. draws of a zero-probability cell)
+        if obs_b and e < min_expected:
+            obs_b[-1], exp_b[-1] = obs_b[-1] + o, exp_b[-1] + e
+        else:
+            obs_b.append(o), exp_b.append(e)
+    if len(obs_b) < 2:
+        raise ValueError(f"chi-square over {counts.numel()} cells and {int(counts.sum())} samples leaves "
+                         f"{len(obs_b)} bin of {min_expected:g} expected counts (df 0: the test cannot fail); "
+                         "draw more samples")
+    obs_t, exp_t = torch.tensor(obs_b, dtype=torch.float64), torch.tensor(exp_b, dtype=torch.float64)
+    stat = ((obs_t - exp_t) ** 2 / exp_t).sum()
+    df = len(obs_b) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
 
 
 class CharTok:
