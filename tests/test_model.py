@@ -190,3 +190,18 @@ def test_flex_attention_matches_sdpa(tiny_llama):
     except Exception as e:  # noqa: BLE001 - eager flex may be unsupported on this CPU build
         pytest.skip(f"FlexAttention not runnable here: {e}")
     assert torch.allclose(got, attention.sdpa(q, k, v, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("qn", [1, 5])
+def test_math_attention_matches_sdpa(qn):
+    """The compiled CPU steps' attention (`attention.math`, with its own 1-token form) against SDPA:
+    grouped heads, two rows with their own masks, a row-shared mask, no mask."""
+    from tidar_bench import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((6, qn), (2, 11), (2, 11)))
+    rows = torch.rand(2, 1, qn, 11, generator=g) < 0.6
+    rows[..., 0] = True  # every query sees a key
+    for mask in (rows, rows[:1], None):
+        want = attention.sdpa(q, k, v, mask)
+        assert (attention.math(q, k, v, mask) - want).abs().max().item() < 1e-5

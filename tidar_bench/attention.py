@@ -52,16 +52,25 @@ def math(q, k, v, mask):
     """Plain attention (matmul, masked softmax in fp32, matmul) with grouped heads folded into the
     query rows. What compiled static steps use on CPU: there inductor fuses it into a few kernels,
     while SDPA's CPU flash kernel costs hundreds of microseconds per call for a 1-token query over
-    the whole static cache. mask: None, or bool [B|1, 1, q, T]."""
+    the whole static cache. A 1-token query (every `ar` step) is written as products summed over
+    D (scores) and over the keys (output) instead of two matmuls: inductor then fuses each into one
+    loop that reads the cache's keys and values in place, where the matmuls were library calls on a
+    copy of them (SmolLM2-135M on CPU: compiled steps 1.11x -> 1.14x eager). mask: None, or bool
+    [B|1, 1, q, T]."""
     B, H, qn, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     rep = H // Hkv
-    scores = (q.reshape(B, Hkv, rep * qn, D) @ k.transpose(-1, -2)).float() * D ** -0.5
+    qg = q.reshape(B, Hkv, rep * qn, D)
+    if qn == 1:
+        scores = (qg[:, :, :, None, :] * k[:, :, None]).float().sum(-1) * D ** -0.5
+    else:
+        scores = (qg @ k.transpose(-1, -2)).float() * D ** -0.5
     if mask is not None:
         if isinstance(mask, str):
             mask = _dense(mask, qn, T, q.device)
         scores = scores.view(B, Hkv, rep, qn, T).masked_fill(~mask[:, :, None], float("-inf")).view(B, Hkv, rep * qn, T)
-    out = scores.softmax(-1).to(v.dtype) @ v
+    probs = scores.softmax(-1).to(v.dtype)
+    out = (probs[..., None] * v[:, :, None]).sum(-2) if qn == 1 else probs @ v
     return out.view(B, H, qn, D)
 
 
