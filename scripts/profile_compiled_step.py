@@ -19,7 +19,8 @@ from tidar_bench.model import load_model
 from tidar_bench.provenance import environment
 
 inductor_config.cpp.enable_kernel_profile = True
-OPTIONS = {"cpp_wrapper": True}  # what tidar_bench.compiled.Steps uses on CPU
+OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "scalar_asserts": False,  # what tidar_bench.compiled.Steps uses on CPU
+           "aot_inductor.compile_wrapper_opt_level": "O0"}
 
 
 def per_call_ms(fn, n: int) -> float:

@@ -1,5 +1,5 @@
 """Compilation a user can see and afford (tidar_bench/compiled.py): every compile prints one line,
-and the CPU size rules pick eager / no C++ wrapper / C++ wrapper and the attention window by model
+and the CPU size rules pick eager / C++ wrapper and the attention window by model
 size (the rules are tested on meta-device models: nothing big is allocated)."""
 
 import json
@@ -36,8 +36,7 @@ def test_cpu_size_rules_by_model():
     base = _meta_model(json.loads((Path(tidar_bench.__file__).parent / "embedded" / "base" / "config.json").read_text()))
     assert n_params(big) > 1.5e9 and 1.3e8 < n_params(smol) < 1.4e8 and n_params(base) < 5e6
     assert cpu_rule(n_params(big)) == "eager"
-    assert cpu_rule(n_params(smol)) == "python-wrapper"
-    assert cpu_rule(n_params(base)) == "cpp-wrapper"  # the embedded suite keeps the C++ wrapper
+    assert cpu_rule(n_params(smol)) == cpu_rule(n_params(base)) == "cpp-wrapper"
     # attention windows: 512 slots for SmolLM2 (fp32: 538 MB of weights, 46 KB of KV per slot), 128 for the suite
     # and narrower windows at batch > 1, where every row's padding is read
     for m, batch, want in ((smol, 1, 512), (smol, 4, 128), (base, 1, 128)):
@@ -68,8 +67,8 @@ def test_every_compile_prints_one_line(monkeypatch, capfd):
                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     torch.manual_seed(0)
     m = Transformer(ModelConfig.from_dict(cfg)).eval()
-    # counted as 100M parameters: no C++ wrapper, the faster build (tens of seconds less on 2 busy cores)
-    steps = Steps(m, "cpu", compiled=True, name="tiny step", params=100_000_000)
+    monkeypatch.setenv("TIDAR_BENCH_CPP_WRAPPER", "off")  # the faster build (seconds less on 2 busy cores)
+    steps = Steps(m, "cpu", compiled=True, name="tiny step", params=100_000_000)  # counted as 100M: the widest window
     cache = m.new_cache(16)
     with torch.inference_mode():
         m(torch.tensor([[1, 2, 3]]), cache=cache)

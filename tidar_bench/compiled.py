@@ -33,10 +33,12 @@ from .errors import UserError
 
 CHOICES = ("auto", "on", "off")
 KV_BUCKET = 128  # compiled steps of the model core attend over the cache in windows of at least this many slots
-# CPU size rules (README, "Compiled decoding"; measured by scripts/compile_cost.py): compiled steps of
+# CPU size rule (README, "Compiled decoding"; measured by scripts/compile_cost.py): compiled steps of
 # a big model are memory-bound, so compiling buys little per step and costs minutes per graph
-CPP_WRAPPER_MAX_PARAMS = 50_000_000  # above: no C++ wrapper (its build of a deep graph takes minutes)
 AUTO_EAGER_PARAMS = 500_000_000  # above: compile=auto is eager on CPU
+# inductor's C++ wrapper is built at -O0: it is straight-line calls into the (-O3) kernels, and at
+# inductor's default -O1 its build was most of a deep graph's compile time (SmolLM2-135M: 95 s -> 75 s)
+CPP_WRAPPER_OPT_LEVEL = "O0"
 KV_PAD_FRACTION = 0.05  # widen the attention window while its padding reads at most this much of the weights
 _ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
@@ -75,10 +77,8 @@ def n_params(module) -> int:
 
 def cpu_rule(params: int) -> str:
     """How `compile=auto` compiles a model of `params` parameters on CPU: "eager" above
-    AUTO_EAGER_PARAMS, "python-wrapper" above CPP_WRAPPER_MAX_PARAMS, else "cpp-wrapper"."""
-    if params > AUTO_EAGER_PARAMS:
-        return "eager"
-    return "python-wrapper" if params > CPP_WRAPPER_MAX_PARAMS else "cpp-wrapper"
+    AUTO_EAGER_PARAMS, else "cpp-wrapper" (TIDAR_BENCH_CPP_WRAPPER=off: inductor's Python wrapper)."""
+    return "eager" if params > AUTO_EAGER_PARAMS else "cpp-wrapper"
 
 
 @functools.cache
@@ -174,18 +174,21 @@ class Steps:
             _configure_dynamo()
             mode = "reduce-overhead" if self._cuda else None
             # CPU: inductor's C++ wrapper calls the kernels without a Python wrapper per step (its
-            # tensor views and size/stride asserts cost about a quarter of a small model's step); a
-            # big model's step is memory-bound and the wrapper's build takes minutes per deep graph.
-            # Without it, the Python wrapper checks every input's size and stride on each call (a few
-            # hundred parameters and cache buffers): dynamo's guards have checked the same before the
-            # graph runs, so those asserts are off (SmolLM2-135M: compiled steps 1.14x -> 1.17x eager)
+            # tensor views and per-kernel calls cost about a quarter of a small model's step, 8% of
+            # SmolLM2-135M's), built at CPP_WRAPPER_OPT_LEVEL; a model that `auto` leaves eager
+            # (cpu_rule), compiled because asked (`on`), gets the Python wrapper, the faster build.
+            # TIDAR_BENCH_CPP_WRAPPER=on|off overrides. The Python wrapper runs without its
+            # size/stride asserts on every input (a few hundred parameters and cache buffers per
+            # call): dynamo's guards check the same before the graph runs
             options = None
             if not self._cuda:
-                cpp = os.environ.get("TIDAR_BENCH_CPP_WRAPPER") or ("on" if cpu_rule(self.params) == "cpp-wrapper" else "off")
-                options = {"cpp_wrapper": normalize(cpp) == "on", "size_asserts": False, "scalar_asserts": False}
-                if not options["cpp_wrapper"] and "TIDAR_BENCH_CPP_WRAPPER" not in os.environ:
-                    note(f"compile: no C++ wrapper on CPU, the model has {self.params / 1e6:.0f}M parameters "
-                         f"(> {CPP_WRAPPER_MAX_PARAMS / 1e6:.0f}M: its build costs more than it saves)")
+                rule = "on" if cpu_rule(self.params) == "cpp-wrapper" else "off"
+                cpp = normalize(os.environ.get("TIDAR_BENCH_CPP_WRAPPER") or rule) == "on"
+                options = {"cpp_wrapper": cpp, "size_asserts": False, "scalar_asserts": False}
+                import torch._inductor.config as inductor_config
+
+                if cpp and hasattr(inductor_config.aot_inductor, "compile_wrapper_opt_level"):  # torch >= 2.6
+                    options["aot_inductor.compile_wrapper_opt_level"] = CPP_WRAPPER_OPT_LEVEL
             # dynamic=False: one static graph per step shape (decoders have a handful); profile-latency
             # sweeps dozens of shapes and passes None (torch's automatic dynamic shapes)
             self._fn = torch.compile(forward, fullgraph=True, dynamic=dynamic, mode=mode, options=options)
