@@ -37,7 +37,7 @@ KV_BUCKET = 128  # compiled steps of the model core attend over the cache in win
 # a big model are memory-bound, so compiling buys little per step and costs minutes per graph
 AUTO_EAGER_PARAMS = 500_000_000  # above: compile=auto is eager on CPU
 # inductor's C++ wrapper is built at -O0: it is straight-line calls into the (-O3) kernels, and at
-# inductor's default -O1 its build was most of a deep graph's compile time (SmolLM2-135M: 95 s -> 75 s)
+# inductor's default -O1 its build was most of a deep graph's compile time
 CPP_WRAPPER_OPT_LEVEL = "O0"
 KV_PAD_FRACTION = 0.05  # widen the attention window while its padding reads at most this much of the weights
 _ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
@@ -174,8 +174,8 @@ class Steps:
             _configure_dynamo()
             mode = "reduce-overhead" if self._cuda else None
             # CPU: inductor's C++ wrapper calls the kernels without a Python wrapper per step (its
-            # tensor views and per-kernel calls cost about a quarter of a small model's step, 8% of
-            # SmolLM2-135M's), built at CPP_WRAPPER_OPT_LEVEL; a model that `auto` leaves eager
+            # tensor views and per-kernel calls cost about a quarter of a small model's step and
+            # several percent of SmolLM2-135M's), built at CPP_WRAPPER_OPT_LEVEL; a model that `auto` leaves eager
             # (cpu_rule), compiled because asked (`on`), gets the Python wrapper, the faster build.
             # TIDAR_BENCH_CPP_WRAPPER=on|off overrides. The Python wrapper runs without its
             # size/stride asserts on every input (a few hundred parameters and cache buffers per
