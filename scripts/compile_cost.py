@@ -81,7 +81,7 @@ def main() -> None:
         import torch
 
         sys.path.insert(0, str(ROOT))
-        from tidar_bench.compiled import cpu_rule, kv_bucket, n_params
+        from tidar_bench.compiled import cpu_inductor_options, cpu_rule, kv_bucket, n_params
         from tidar_bench.decoding import GenerationConfig
         from tidar_bench.provenance import environment, write_atomic
         from tidar_bench.registry import DecoderContext, build_decoder, resolve_model
@@ -127,8 +127,7 @@ def main() -> None:
             "model": str(a.model), "params": params, "dtype": str(ctx.model.dtype), "threads": torch.get_num_threads(),
             "cpu_rule": cpu_rule(params), "kv_bucket": kv_bucket(params * cache.k[0].element_size(), cache),
             "cpp_wrapper_env": os.environ.get("TIDAR_BENCH_CPP_WRAPPER"),
-            "wrapper": ("cpp-wrapper" if os.environ.get("TIDAR_BENCH_CPP_WRAPPER", "").lower() in ("on", "1", "true", "yes")
-                        else "python-wrapper" if "TIDAR_BENCH_CPP_WRAPPER" in os.environ else cpu_rule(params)),
+            "wrapper": "cpp-wrapper" if cpu_inductor_options(params)["cpp_wrapper"] else "python-wrapper",
             "prompts": f"{len(prompts)} GSM8K few-shot prompts (tasks/data/gsm8k), shots chosen for ~{a.target_len} tokens",
             "prompt_tokens": [len(p) for p in prompts], "max_new_tokens": a.max_new_tokens, "ignore_eos": True,
             "cold_compile_s": compile_s, "first_call_wall_s": first_call_s,

@@ -15,12 +15,12 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
+from tidar_bench.compiled import cpu_inductor_options
 from tidar_bench.model import load_model
 from tidar_bench.provenance import environment
 
 inductor_config.cpp.enable_kernel_profile = True
-OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "scalar_asserts": False,  # what tidar_bench.compiled.Steps uses on CPU
-           "aot_inductor.compile_wrapper_opt_level": "O0"}
+OPTIONS = cpu_inductor_options(0)  # what tidar_bench.compiled.Steps uses on CPU for the embedded models
 
 
 def per_call_ms(fn, n: int) -> float:

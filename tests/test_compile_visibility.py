@@ -11,7 +11,7 @@ import torch
 import tidar_bench
 from tidar_bench import compiled
 from tidar_bench.cache import KVCache
-from tidar_bench.compiled import Steps, cpu_rule, kv_bucket, n_params, resolve, unavailable_reason
+from tidar_bench.compiled import Steps, cpu_inductor_options, cpu_rule, kv_bucket, n_params, resolve, unavailable_reason
 from tidar_bench.model import ModelConfig, Transformer
 from tidar_bench.profiling import shipped_config
 
@@ -37,6 +37,9 @@ def test_cpu_size_rules_by_model():
     assert n_params(big) > 1.5e9 and 1.3e8 < n_params(smol) < 1.4e8 and n_params(base) < 5e6
     assert cpu_rule(n_params(big)) == "eager"
     assert cpu_rule(n_params(smol)) == cpu_rule(n_params(base)) == "cpp-wrapper"
+    # the C++ wrapper where auto compiles; the Python wrapper for a big model compiled because asked
+    assert cpu_inductor_options(n_params(smol))["cpp_wrapper"]
+    assert not cpu_inductor_options(n_params(big))["cpp_wrapper"]
     # attention windows: 512 slots for SmolLM2 (fp32: 538 MB of weights, 46 KB of KV per slot), 128 for the suite
     # and narrower windows at batch > 1, where every row's padding is read
     for m, batch, want in ((smol, 1, 512), (smol, 4, 128), (base, 1, 128)):

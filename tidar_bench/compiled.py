@@ -81,6 +81,28 @@ def cpu_rule(params: int) -> str:
     return "eager" if params > AUTO_EAGER_PARAMS else "cpp-wrapper"
 
 
+def cpu_inductor_options(params: int) -> dict:
+    """torch.compile options of compiled steps on CPU for a model of `params` parameters. Inductor's
+    C++ wrapper calls the kernels without a Python wrapper per step (its tensor views and per-kernel
+    calls cost about a quarter of a small model's step and several percent of SmolLM2-135M's), built
+    at CPP_WRAPPER_OPT_LEVEL; a model that `auto` leaves eager (cpu_rule), compiled because asked
+    (`on`), gets the Python wrapper, the faster build. TIDAR_BENCH_CPP_WRAPPER=on|off|auto overrides. The
+    Python wrapper runs without its size/stride asserts on every input (a few hundred parameters and
+    cache buffers per call): dynamo's guards check the same before the graph runs."""
+    import torch._inductor.config as inductor_config
+
+    env = os.environ.get("TIDAR_BENCH_CPP_WRAPPER", "auto")
+    try:
+        env = normalize(env)
+    except UserError:
+        raise UserError(f"TIDAR_BENCH_CPP_WRAPPER must be on, off or auto, got {env!r}") from None
+    cpp = env == "on" or (env == "auto" and cpu_rule(params) == "cpp-wrapper")
+    options = {"cpp_wrapper": cpp, "size_asserts": False, "scalar_asserts": False}
+    if cpp and hasattr(inductor_config.aot_inductor, "compile_wrapper_opt_level"):  # torch >= 2.6
+        options["aot_inductor.compile_wrapper_opt_level"] = CPP_WRAPPER_OPT_LEVEL
+    return options
+
+
 @functools.cache
 def note(line: str) -> None:
     """Print a line about compilation to stderr once per process (TIDAR_BENCH_COMPILE_LOG=off: never)."""
@@ -173,22 +195,7 @@ class Steps:
         if compiled:
             _configure_dynamo()
             mode = "reduce-overhead" if self._cuda else None
-            # CPU: inductor's C++ wrapper calls the kernels without a Python wrapper per step (its
-            # tensor views and per-kernel calls cost about a quarter of a small model's step and
-            # several percent of SmolLM2-135M's), built at CPP_WRAPPER_OPT_LEVEL; a model that `auto` leaves eager
-            # (cpu_rule), compiled because asked (`on`), gets the Python wrapper, the faster build.
-            # TIDAR_BENCH_CPP_WRAPPER=on|off overrides. The Python wrapper runs without its
-            # size/stride asserts on every input (a few hundred parameters and cache buffers per
-            # call): dynamo's guards check the same before the graph runs
-            options = None
-            if not self._cuda:
-                rule = "on" if cpu_rule(self.params) == "cpp-wrapper" else "off"
-                cpp = normalize(os.environ.get("TIDAR_BENCH_CPP_WRAPPER") or rule) == "on"
-                options = {"cpp_wrapper": cpp, "size_asserts": False, "scalar_asserts": False}
-                import torch._inductor.config as inductor_config
-
-                if cpp and hasattr(inductor_config.aot_inductor, "compile_wrapper_opt_level"):  # torch >= 2.6
-                    options["aot_inductor.compile_wrapper_opt_level"] = CPP_WRAPPER_OPT_LEVEL
+            options = None if self._cuda else cpu_inductor_options(self.params)
             # dynamic=False: one static graph per step shape (decoders have a handful); profile-latency
             # sweeps dozens of shapes and passes None (torch's automatic dynamic shapes)
             self._fn = torch.compile(forward, fullgraph=True, dynamic=dynamic, mode=mode, options=options)
