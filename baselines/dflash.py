@@ -25,11 +25,11 @@ absorbs the prompt's context but its last position). Each step runs over B rows 
      the block's drafter KV is dropped at once (only context entries stay);
   2. ONE target forward over [x, d_1..d_{B-1}] (causal, positions P..P+B-1, hidden states at the
      feature layers): row i verifies d_{i+1}, row B-1 gives the bonus;
-  3. greedy: longest prefix equal to the target argmax + the target's token there
-     (on the device, all rows, one host read); sampling, per row with its own generator:
-     `decoding.speculative_verify` with the proposal the drafts came from (the drafter's warped
-     distribution, or a point mass on its argmax, as in the reference code, which drafts argmax at
-     any temperature);
+  3. `decoding.verify_chain` over all rows on the device, one host read: greedy, the longest prefix
+     equal to the target argmax + the target's token there; sampling (each row with its own
+     generator), exact speculative sampling with the proposal the drafts came from (the drafter's
+     warped distribution, or a point mass on its argmax, as in the reference code, which drafts
+     argmax at any temperature);
   4. the row's target length becomes P+j+1 (x + the j accepted drafts); their features (rows 0..j)
      are the next step's pending context; commit d_1..d_j + the target's token.
 Stats: nfe (target forwards), draft_forwards (one per step), accepted lengths = accepted + 1.
@@ -62,7 +62,7 @@ from tidar_bench import masks
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import GenerationConfig, next_token, sample, speculative_verify, warp_probs
+from tidar_bench.decoding import GenerationConfig, next_token, sample, verify_chain, warp_probs
 from tidar_bench.engine import Row, RowDecoder
 from tidar_bench.errors import UserError
 from tidar_bench.formats import DFLASH_FORMATS, aux_to_model_core, flat_config
@@ -522,19 +522,15 @@ class DFlashDecoder(RowDecoder):
         # 2. one target forward over [x, drafts] of every row at its own offset
         out = self.target_steps(torch.cat([anchor[:, None], drafts], 1), DP[1][:, None] + self._ar_ver,
                                 cache=self.caches["target"], hidden_layers=self.layers, starts=P, start=DP[1])
-        # 3. verification per row: n accepted drafts + the target's token
-        if q is None:  # greedy: all rows on the device, one host read
-            tgt = out.logits.argmax(-1)  # [B, nv]
-            n = (tgt[:, :-1] == drafts).int().cumprod(1).sum(1, keepdim=True)
-            nxt = tgt.gather(1, n)
-            host = torch.cat([n, nxt, drafts], 1).tolist()
-            self._block[:, :1] = nxt
+        # 3. verification of every row on the device (`decoding.verify_chain`: greedy, or speculative
+        # sampling with each row's own generator): n accepted drafts + the target's token, one host read
+        if q is None:
+            n, nxt = verify_chain(drafts, out.logits)
         else:
-            d_host, host = drafts.tolist(), [None] * len(rows)
-            for s, row in live:
-                k, t = speculative_verify(drafts[s], q[s], warp_probs(out.logits[s], sp), row.gen)
-                host[s] = [k, t, *d_host[s]]
-            self._block[:, 0] = torch.tensor([h[1] if h else 0 for h in host], device=self._block.device)
+            n, nxt = verify_chain(drafts, warp_probs(out.logits, sp), q,
+                                  generators=[r.gen if r is not None else None for r in rows])
+        host = torch.cat([n[:, None], nxt[:, None], drafts], 1).tolist()
+        self._block[:, 0] = nxt
         self._ctx = target_context(out.hidden_states, self.layers)  # the next step's pending context
         committed: list[list[int] | None] = [None] * len(rows)
         for s, row in live:
@@ -560,7 +556,7 @@ class DFlashDecoder(RowDecoder):
         None when greedy) from the block rows' draft logits [B, r, Vd]. With a Markov head row k's
         logits are biased by the token before the one it predicts, so the drafts are chosen left to
         right; a sampled draft's row is the exact distribution it was drawn from (what
-        speculative_verify needs), drawn with its row's own generator."""
+        verify_chain needs), drawn with its row's own generator."""
         d, sp = self.drafter, self._sp
         sampled = not sp.greedy and self.draft_sample
 

@@ -43,15 +43,17 @@ argmax, and append the target argmax where the walk stops (bonus). Sampling: at 
 children (deterministic candidates, best first) are tried in turn: candidate t is accepted with
 probability p(t), else p(t) is zeroed and p renormalised (speculative sampling with a point-mass
 proposal, exact for any draft-chosen candidate set); when all are rejected the token is drawn from
-the residual p. Chains sampled from the head use `decoding.speculative_verify`. The accepted path's
+the residual p. Chains (`tree=False`, greedy or sampled from the head) are verified for every row at
+once by `decoding.verify_chain`, the acceptance rule TiDAR and DFlash use. The accepted path's
 target KV is compacted with `cache.keep`. Stats: nfe (target forwards), draft_forwards (the
 prompt's pairs in the prefill, then `depth` per step), accepted lengths = accepted drafts + 1 (EAGLE's tau).
 
 Written once over B rows (`tidar_bench.engine`; batch 1 is B = 1): each row has its own target
 length, head length and pending pairs; every row has top_k frontier nodes after depth 1, so each
 expand step is one head forward over [B, top_k] (per-row key windows over the row's tree slots);
-the rerank and the verification walk are per row on the host; verification is [B, total_tokens]
-(padded with inert nodes), and each row keeps its own accepted path (`KVCache.keep(row=)`).
+the rerank and the tree walk are per row on the host (chains: `verify_chain`, all rows on the
+device); verification is [B, total_tokens] (padded with inert nodes), and each row keeps its own
+accepted path (`KVCache.keep(row=)`).
 Compiled (and at B > 1) the three step shapes are fixed: absorb depth + 1 pairs, expand top_k
 nodes, verify total_tokens; eager batch 1 runs exact shapes.
 """
@@ -68,7 +70,7 @@ from torch import nn
 from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import GenerationConfig, next_token, sample, speculative_verify, warp_probs
+from tidar_bench.decoding import GenerationConfig, next_token, sample, stack_rows, verify_chain, warp_probs
 from tidar_bench.engine import Row, RowDecoder
 from tidar_bench.errors import UserError
 from tidar_bench.formats import EAGLE_FORMATS, aux_to_model_core, flat_config
@@ -547,15 +549,20 @@ class EagleDecoder(RowDecoder):
             pos[s] = [r.length] + [r.length + d for d in t.depths] + [r.length] * (n - m)
         local = tree_masks(torch.tensor(parents)).to(dev)
         starts = [r.length if r is not None else 0 for r in rows]
-        out = self.target_steps(torch.tensor(fed, device=dev), torch.tensor(pos, device=dev), cache=cache,
+        fed_t = torch.tensor(fed, device=dev)
+        out = self.target_steps(fed_t, torch.tensor(pos, device=dev), cache=cache,
                                 local_mask=local, hidden_layers=self.layers, starts=starts)
-        best = out.logits.argmax(-1).tolist() if sp.greedy else None
+        chains = None if self.tree else self._verify_chains(rows, trees, fed_t, out.logits)
+        best = out.logits.argmax(-1).tolist() if sp.greedy and self.tree else None
         feats = target_features(self.model, out.hidden_states, self.head.form, self.layers)
         committed: list[list[int] | None] = [None] * B
         for s in live:
             row, x, t = rows[s], st[s], trees[s]
             fed_tokens = fed[s][: len(t.tokens) + 1]
-            path, tok = self._verify(out.logits[s], best[s] if best else None, fed_tokens, t, row.gen)
+            if chains is not None:  # a chain: its first n drafts, then the target's token
+                path, tok = list(range(chains[s][0] + 1)), chains[s][1]
+            else:
+                path, tok = self._verify(out.logits[s], best[s] if best else None, fed_tokens, t, row.gen)
             if path[-1] != len(path) - 1:  # a branch, not the fed prefix: move its KV behind the cache
                 cache.keep([row.length + i for i in path], row=s)
             accepted = [fed_tokens[i] for i in path[1:]] + [tok]
@@ -691,19 +698,30 @@ class EagleDecoder(RowDecoder):
                          depths=[depths[i] for i in keep],
                          draft_probs=torch.stack(q_rows) if q_rows is not None else None)
 
+    def _verify_chains(self, rows: list[Row | None], trees: list[DraftTree | None], fed: torch.Tensor,
+                       logits: torch.Tensor) -> list[list[int]]:
+        """Chains (tree=False), every row at once: `decoding.verify_chain` (greedy, or speculative
+        sampling against the head's proposal rows with each row's own generator) on the device, one
+        host read. fed [B, n] = [root | chain | padding]; logits [B, n, V]. Per row [n accepted, token]."""
+        sp = self._sp
+        drafts = fed[:, 1:]
+        nv = [len(t.tokens) if t is not None else 0 for t in trees]
+        if sp.greedy:
+            n, tok = verify_chain(drafts, logits, n_valid=nv)
+        else:
+            q = stack_rows([t.draft_probs if t is not None else None for t in trees], drafts.shape[1])
+            n, tok = verify_chain(drafts, warp_probs(logits, sp), q, n_valid=nv,
+                                  generators=[r.gen if r is not None else None for r in rows])
+        return torch.stack([n, tok], 1).tolist()
+
     def _verify(self, logits: torch.Tensor, best: list[int] | None, fed_tokens: list[int], tree: DraftTree,
                 gen) -> tuple[list[int], int]:
-        """One row: (accepted path of fed indices, starting with the root; the target's next token).
-        logits [n, V] of the fed nodes (padding after them); best: their argmax (greedy)."""
-        sp = self._sp
-        if tree.draft_probs is not None:  # a chain sampled from the head: standard speculative sampling
-            m = len(fed_tokens)
-            n, tok = speculative_verify(torch.tensor(tree.tokens, device=logits.device), tree.draft_probs,
-                                        warp_probs(logits[:m], sp), gen)
-            return list(range(n + 1)), tok
+        """One row of a tree: (accepted path of fed indices, starting with the root; the target's next
+        token). logits [n, V] of the fed nodes (padding after them); best: their argmax (greedy). The
+        tree walk is its own rule (several candidates per node), not `decoding.verify_chain`."""
         children = tree.children()
         if best is None:
-            return tree_sample_walk(fed_tokens, children, warp_probs(logits, sp), gen)
+            return tree_sample_walk(fed_tokens, children, warp_probs(logits, self._sp), gen)
         path = [0]
         while True:
             nxt = next((c for c in children[path[-1]] if fed_tokens[c] == best[path[-1]]), None)

@@ -161,8 +161,12 @@ def main() -> None:
     if a.out:
         sys.path.insert(0, str(trees["new"]))
         from tidar_bench.provenance import environment, write_atomic
+        try:
+            from tidar_bench.provenance import portable_command  # paths as outputs show them (no machine path)
+        except ImportError:  # a --new tree from before portable paths
+            portable_command = " ".join
 
-        rec = {"command": "python " + " ".join(sys.argv), "old_commit": git_commit(trees["old"]),
+        rec = {"command": "python " + portable_command(sys.argv), "old_commit": git_commit(trees["old"]),
                "new_commit": git_commit(trees["new"]), "order_per_prompt": order * (a.rounds // 4),
                "prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "compile": "on", "dtype": "float32",
                "threads": 1, "workers_per_version": a.workers, "warmup_s": warmup, "load_average_after_each_decoder": load, "summary": summary,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from tidar_bench.corpus import make_splits, train_tokenizer, write_jsonl  # noqa: E402
 from tidar_bench.model import ModelConfig, Transformer, init_weights, save_model  # noqa: E402
-from tidar_bench.provenance import environment  # noqa: E402
+from tidar_bench.provenance import environment, portable_command  # noqa: E402
 
 ARCH = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 192, "intermediate_size": 576,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
@@ -78,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="tidar_embedded_"))
     work.mkdir(parents=True, exist_ok=True)
-    log: dict = {"script": "python scripts/build_embedded.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    log: dict = {"script": portable_command(["python", "scripts/build_embedded.py", *sys.argv[1:]]),
                  "seed": args.seed, "arch": ARCH, "steps": [], "environment": environment()}
 
     previous = {}
@@ -86,7 +85,7 @@ def main() -> None:
         previous = {s["name"]: s for s in json.loads((args.out / "BUILD.json").read_text())["steps"]}
 
     def run(name: str, cmd: list[str]) -> None:
-        shown = "tidar-bench " + " ".join(shlex.quote(str(c)) for c in cmd)
+        shown = portable_command(["tidar-bench", *cmd])  # BUILD.json: no machine path
         if args.reuse and (work / name / "config.json").is_file() and name in previous:
             print("reusing", work / name, flush=True)
             log["steps"].append(dict(previous[name], reused=True))

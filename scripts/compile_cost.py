@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What compiled `ar` costs and buys on a real model on CPU: cold compilation seconds and the paired
-compiled / eager tokens/s ratio (README, "Compiled decoding"; issue 26).
+compiled / eager tokens/s ratio (docs/speed.md, "Compiled decoding"; issue 26).
 
     python scripts/compile_cost.py                 # SmolLM2-135M (scripts/smollm2.py), 8 prompts
     python scripts/compile_cost.py --model DIR --prompts 8 --target-len 760 --max-new-tokens 64
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -83,7 +82,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from tidar_bench.compiled import cpu_inductor_options, cpu_rule, kv_bucket, n_params
         from tidar_bench.decoding import GenerationConfig
-        from tidar_bench.provenance import environment, write_atomic
+        from tidar_bench.provenance import environment, portable_command, portable_path, write_atomic
         from tidar_bench.registry import DecoderContext, build_decoder, resolve_model
 
         ctx = DecoderContext(resolve_model(a.model), "cpu", "auto", None)
@@ -121,10 +120,10 @@ def main() -> None:
         params = n_params(ctx.model)
         cache = ctx.model.new_cache(max(map(len, prompts)) + a.max_new_tokens + 2)
         rec = {
-            "command": shlex.join(["python", "scripts/compile_cost.py", *sys.argv[1:]]),
+            "command": portable_command(["python", "scripts/compile_cost.py", *sys.argv[1:]]),
             "environment": environment(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "machine_note": "shared 2-core CPU (other engineers' jobs running)",
-            "model": str(a.model), "params": params, "dtype": str(ctx.model.dtype), "threads": torch.get_num_threads(),
+            "model": portable_path(a.model), "params": params, "dtype": str(ctx.model.dtype), "threads": torch.get_num_threads(),
             "cpu_rule": cpu_rule(params), "kv_bucket": kv_bucket(params * cache.k[0].element_size(), cache),
             "cpp_wrapper_env": os.environ.get("TIDAR_BENCH_CPP_WRAPPER"),
             "wrapper": "cpp-wrapper" if cpu_inductor_options(params)["cpp_wrapper"] else "python-wrapper",

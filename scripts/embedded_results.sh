@@ -34,7 +34,7 @@ for d in "$WORK"/*/; do
 done
 
 # 4. figures from the stored tables (redraw alone: these two lines): the compiled default on its own (the
-#    README's figure), and every eager setting (TiDAR all blocks, bd thresholds, EAGLE chain) together
+#    the figure in docs/results.md), and every eager setting (TiDAR all blocks, bd thresholds, EAGLE chain) together
 #    (the compiled default is re-measured with `tidar-bench run --out results/embedded/runs/default_compiled`)
 $TB plot results/embedded/runs/default_compiled results/latency/cpu/cpu-5m --out "$OUT/figures"
 E=results/embedded/runs

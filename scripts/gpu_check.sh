@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (README, "GPU figures"): one command for a lent H100/H200 that writes
+# The prepared GPU check (docs/gpu.md): one command for a lent H100/H200 that writes
 # results/gpu/<gpu-name>/ with every command and the environment beside its figures:
 #   1. GPU tests: bf16 parity with transformers, lossless decoders on CUDA (eager and compiled)
 #   2. profile-latency, compiled: qwen2.5-1.5b and qwen3-8b shapes, context 512 and 4096, causal

@@ -32,10 +32,10 @@ def old_decoder_class():
 
 def main() -> None:
     from tidar_bench.baselines.hf import HFDecoder
-    from tidar_bench.cli.core import read_prompts
+    from tidar_bench.speed import read_prompts
     from tidar_bench.decoding import GenerationConfig
     from tidar_bench.harness.results import write_json
-    from tidar_bench.provenance import environment
+    from tidar_bench.provenance import environment, portable_command, portable_path
     from tidar_bench.registry import DecoderContext
 
     ap = argparse.ArgumentParser()
@@ -65,8 +65,8 @@ def main() -> None:
             tps[n].append(sum(len(g.tokens) for g in gens) / dt)
             print(f"round {r} {n}: {tps[n][-1]:.1f} tok/s", flush=True)
     ratios = [x / y for x, y in zip(tps["after"], tps["before"])]
-    rec = {"command": "python scripts/hf_batch1_before_after.py " + " ".join(sys.argv[1:]),
-           "environment": environment(), "before_commit": BEFORE, "model": a.model, "prompts": a.prompts,
+    rec = {"command": portable_command(["python", "scripts/hf_batch1_before_after.py", *sys.argv[1:]]),
+           "environment": environment(), "before_commit": BEFORE, "model": portable_path(a.model), "prompts": a.prompts,
            "max_new_tokens": a.max_new_tokens, "compile": a.compile, "threads": torch.get_num_threads(),
            "tokens_per_s": tps, "ratios_after_over_before": ratios, "median_ratio": statistics.median(ratios),
            "identical_tokens": tokens["before"] == tokens["after"],

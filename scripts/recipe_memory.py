@@ -1,7 +1,7 @@
-"""Memory per GPU of README's TiDAR-1.7b-sd-doc-attn-prompt-mask-sft-style recipe, computed the way
-README's table is (parameter count of the config on the meta device x 16 bytes for fp32 weights,
+"""Memory per GPU of docs/training.md's TiDAR-1.7b-sd-doc-attn-prompt-mask-sft-style recipe, computed the way
+docs/training.md's table is (parameter count of the config on the meta device x 16 bytes for fp32 weights,
 fp32 gradients and the two AdamW moments, over 1 and 8 GPUs; bf16 sizes of what FSDP gathers at
-once), plus the 8K-context activations named in the README. Computed, not measured.
+once), plus the 8K-context activations named in docs/training.md. Computed, not measured.
 
 Qwen3-1.7B shape: hidden 2048, intermediate 6144, 16 heads / 8 KV heads, head_dim 128, rope_theta
 1e6, vocabulary 151936, tied embeddings (../shared/reference/checkpoint-layouts.md); 28 layers is

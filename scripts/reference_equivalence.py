@@ -64,8 +64,10 @@ def main() -> None:
         r.update(case=name, reference=f"{pkg} {version(pkg)}", passed=r["max_abs_logits"] <= t.TOL, lossless=True)
         rows.append(r)
         print(f"{name:55s} max |dlogits| {r['max_abs_logits']:.2e}")
-    out = {"command": "OMP_NUM_THREADS=1 " + " ".join([Path(sys.executable).name, *sys.argv]),
-           "python_executable": sys.executable,
+    from tidar_bench.provenance import portable_command, portable_path
+
+    out = {"command": "OMP_NUM_THREADS=1 " + portable_command([Path(sys.executable).name, *sys.argv]),
+           "python_executable": portable_path(sys.executable),
            "tolerance": t.TOL, "dtype": "float32", "device": "cpu", "machine": platform.platform(),
            "python": platform.python_version(), "seed": "fixed per check (see tests/test_reference_formats.py)",
            "versions": {p: version(p) for p in ("torch", "transformers", "speculators", "dflash")}, "checks": rows}

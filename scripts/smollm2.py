@@ -185,11 +185,13 @@ def main() -> None:
         print(f"converted {gguf.name} -> {out}")
     else:
         print(f"up to date: {out} (sha256 of every file matches provenance.json)")
-    record = {"checkpoint": str(out), **prov}
+    from tidar_bench.provenance import portable_command, portable_path
+
+    record = {"checkpoint": portable_path(out), **prov}  # no machine path in results/
     if args.check:
         from tidar_bench.provenance import environment
 
-        record["check"] = {**check(out), "command": " ".join(["python", "scripts/smollm2.py", *sys.argv[1:]]),
+        record["check"] = {**check(out), "command": portable_command(["python", "scripts/smollm2.py", *sys.argv[1:]]),
                            "environment": environment()}
         print(json.dumps(record["check"], indent=2))
     if args.record:

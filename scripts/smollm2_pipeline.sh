@@ -106,7 +106,9 @@ log_run() {
   t1=$(date +%s.%N)
   times > "$WORK/.times1.$$"
   $PY - "$LOG" "$stage" "$t0" "$t1" "$WORK/.times0.$$" "$WORK/.times1.$$" "$rc" "$MODE" "$@" <<'EOF'
-import json, os, re, shlex, sys, time
+import json, os, re, sys, time
+sys.path.insert(0, os.getcwd())
+from tidar_bench.provenance import portable_command  # no machine path in stages.jsonl: ~/.cache/..., relative
 log, stage, t0, t1, f0, f1, rc, mode, *cmd = sys.argv[1:]
 
 def children_cpu(f):  # second line of bash `times`: "XmY.YYYs XmY.YYYs" (user, sys of children)
@@ -116,7 +118,7 @@ c0, c1 = children_cpu(f0), children_cpu(f1)
 iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
     if os.path.exists("/proc/cpuinfo") else None  # training is bit-identical only on the same CPU model
-rec = {"stage": stage, "mode": mode, "command": shlex.join(cmd), "start": iso(t0), "end": iso(t1),
+rec = {"stage": stage, "mode": mode, "command": portable_command(cmd), "start": iso(t0), "end": iso(t1),
        "wall_s": round(float(t1) - float(t0), 1), "cpu_s": round(float(c1) - float(c0), 1),
        "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1min_at_end": os.getloadavg()[0], "cpu": cpu,
        "rc": int(rc)}

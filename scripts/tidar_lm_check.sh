@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The released TiDAR checkpoints (Hugging Face org TiDAR-LM) on a GPU machine with hub access, one command
-# (README "Released TiDAR checkpoints"); budget: 15 minutes on one H100 (unmeasured here: no GPU with hub
+# (docs/checkpoints.md, "Released TiDAR checkpoints"); budget: 15 minutes on one H100 (unmeasured here: no GPU with hub
 # access was available; each section prints its wall time in log.txt):
 #   1. download TiDAR-LM/TiDAR-1.7b-<VARIANT> and Qwen/Qwen3-1.7B; where mask id / block size come from and the
 #      convention check (prefill block offset-0 argmax vs AR argmax) -> tidar_options.json

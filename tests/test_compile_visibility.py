@@ -5,11 +5,13 @@ size (the rules are tested on meta-device models: nothing big is allocated)."""
 import json
 from pathlib import Path
 
+import logging
+
 import pytest
 import torch
 
 import tidar_bench
-from tidar_bench import compiled
+from tidar_bench import compiled, setup_logging
 from tidar_bench.cache import KVCache
 from tidar_bench.compiled import Steps, cpu_inductor_options, cpu_rule, kv_bucket, n_params, resolve, unavailable_reason
 from tidar_bench.model import ModelConfig, Transformer
@@ -48,14 +50,14 @@ def test_cpu_size_rules_by_model():
         assert kv_bucket(4 * n_params(m), cache) == want
 
 
-def test_auto_is_eager_on_cpu_above_the_size_rule(monkeypatch, capfd):
+def test_auto_is_eager_on_cpu_above_the_size_rule(monkeypatch, caplog):
     if unavailable_reason("cpu"):
         pytest.skip(unavailable_reason("cpu"))
     monkeypatch.delenv("TIDAR_BENCH_COMPILE", raising=False)
-    monkeypatch.delenv("TIDAR_BENCH_COMPILE_LOG", raising=False)
     compiled.note.cache_clear()
-    assert resolve("auto", "cpu", params=2_000_000_000) is False
-    assert "compile auto: eager on CPU, the model has 2.00B parameters" in capfd.readouterr().err
+    with caplog.at_level(logging.INFO, logger="tidar_bench.compiled"):
+        assert resolve("auto", "cpu", params=2_000_000_000) is False
+    assert "compile auto: eager on CPU, the model has 2.00B parameters" in caplog.text
     assert resolve("on", "cpu", params=2_000_000_000) is True  # asked for: compiled anyway
     assert resolve("auto", "cpu", params=1_000_000) is True
     monkeypatch.setenv("TIDAR_BENCH_COMPILE", "off")
@@ -63,9 +65,15 @@ def test_auto_is_eager_on_cpu_above_the_size_rule(monkeypatch, capfd):
 
 
 def test_every_compile_prints_one_line(monkeypatch, capfd):
+    """Through the CLI's handler (tidar_bench.setup_logging): one stderr line per compiled shape."""
     if unavailable_reason("cpu"):
         pytest.skip(unavailable_reason("cpu"))
     monkeypatch.delenv("TIDAR_BENCH_COMPILE_LOG", raising=False)
+    log = logging.getLogger("tidar_bench")
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "propagate", True)
+    monkeypatch.setattr(logging.getLogger("tidar_bench.compiled"), "level", logging.NOTSET)
+    setup_logging()
     cfg = dict(SMOLLM2_135M, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     torch.manual_seed(0)
@@ -81,7 +89,7 @@ def test_every_compile_prints_one_line(monkeypatch, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("compiled tiny step [1x1, kv 256] in ")  # 100M "parameters": the widest window, the whole cache and err[0].endswith(" s")
     assert float(err[0].split(" in ")[1][:-2]) == pytest.approx(steps.compile_s, abs=0.06)
-    monkeypatch.setenv("TIDAR_BENCH_COMPILE_LOG", "off")  # tests and scripts can silence it
+    logging.getLogger("tidar_bench.compiled").setLevel(logging.WARNING)  # a user silences it with logging
     compiled.note.cache_clear()
     steps._seen.clear()
     with torch.inference_mode():

@@ -176,10 +176,13 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         assert accept_rate > 0.15, ds  # token 2 often is an accepted draft
         assert p > 1e-3, ds
 
-    def always_accept(drafts, draft_probs, target_probs, generator):
-        return drafts.shape[0], int(sample(target_probs[-1], generator))
+    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
+        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
+        gens = generators if isinstance(generators, list) else [generators] * len(nv)
+        return (torch.tensor(nv, device=drafts.device),
+                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
 
-    monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
+    monkeypatch.setattr(dflash_mod, "verify_chain", always_accept)
     for ds in (True, False):  # 300 samples: with fewer, every cell can fall under 5 expected counts (no test left)
         p, _ = run(ds, 300)
         assert p < 1e-6, ds
@@ -504,10 +507,13 @@ def test_batched_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         assert accept_rate > 0.08, ds  # drafts are often accepted (token 2 is then a draft)
         assert p_joint > 1e-3 and p_first > 1e-3, ds
 
-    def always_accept(drafts, draft_probs, target_probs, generator):
-        return drafts.shape[0], int(sample(target_probs[-1], generator))
+    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
+        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
+        gens = generators if isinstance(generators, list) else [generators] * len(nv)
+        return (torch.tensor(nv, device=drafts.device),
+                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
 
-    monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
+    monkeypatch.setattr(dflash_mod, "verify_chain", always_accept)
     for ds in (True, False):  # token 2 is then always the first draft: its marginal shows it at once
         _, p_first, _ = run(ds, 60)
         assert p_first < 1e-6, ds

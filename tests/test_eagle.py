@@ -202,11 +202,14 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
             path.append(children[path[-1]][0])
         return path, int(sample(probs[path[-1]], generator))
 
-    def always_accept(drafts, draft_probs, target_probs, generator):
-        return drafts.shape[0], int(sample(target_probs[-1], generator))
+    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
+        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
+        gens = generators if isinstance(generators, list) else [generators] * len(nv)
+        return (torch.tensor(nv, device=drafts.device),
+                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
 
     monkeypatch.setattr(eagle_mod, "tree_sample_walk", first_child)
-    monkeypatch.setattr(eagle_mod, "speculative_verify", always_accept)
+    monkeypatch.setattr(eagle_mod, "verify_chain", always_accept)
     for opts in (tree, chain):
         p, _ = run(opts, 300)
         assert p < 1e-6, opts

@@ -117,23 +117,29 @@ def test_default_run_bad_input_writes_nothing(tmp_path, capsys):
     out = tmp_path / "emb"
     assert main(["run", "--tasks", "nope", "--limit", "1", "--out", str(out)]) == 2
     assert main(["run", "--tasks", "mini_gsm", "--decoder-arg", "no_such_option=1", "--out", str(out)]) == 2
+    assert main(["run", "--tasks", "mini_gsm", "--decoder-arg", "tidar.no_such_option=1", "--out", str(out)]) == 2
+    assert main(["run", "--tasks", "mini_gsm", "--decoder-arg", "nope.block_size=1", "--out", str(out)]) == 2
     assert main(["run", "--decoders", "ar,tidar", "--tasks", "mini_gsm", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "unknown task" in err and "no decoder of the embedded suite takes it" in err and "need --model" in err
+    assert "unknown task" in err and "several decoders" in err and "has no option 'no_such_option'" in err
+    assert "names decoder 'nope'" in err and "need --model" in err
     assert not out.exists()
 
 
 def test_a_decoder_option_with_a_path_stays_one_file_name(tmp_path):
-    """`dflash(draft=/a/b)` as a decoder label: its cache, results and samples are single files of the run
-    folder (the label percent-encoded), not folders nested along the path (they were, before file_label)."""
+    """`dflash(draft=/a/b)` as a decoder setting: its label shows the path in portable form (relative to the
+    working folder, or `<name>-<hash>`), so its cache, results and samples are single files of the run
+    folder (the label percent-encoded), not folders nested along the path, and hold no absolute path."""
     from tidar_bench.harness.runner import file_label
+    from tidar_bench.provenance import label_value
 
-    label = f"dflash(draft={ROOT / 'dflash'})"
+    setting = f"dflash(draft={ROOT / 'dflash'})"
+    label = f"dflash(draft={label_value(str(ROOT / 'dflash'))})"
     out = tmp_path / "run"
-    assert main(["run", "--model", str(ROOT / "base"), "--decoders", f"ar,{label}", "--tasks", "mini_gsm", "--limit", "1",
+    assert main(["run", "--model", str(ROOT / "base"), "--decoders", f"ar,{setting}", "--tasks", "mini_gsm", "--limit", "1",
                  "--device", "cpu", "--compile", "off", "--out", str(out)]) == 0
     name = file_label(label)
-    assert "/" not in name and name.startswith("dflash(draft=%2F")
+    assert "/" not in name and not name.startswith("dflash(draft=%2F")
     assert (out / f"results_{name}.json").is_file() and (out / f"samples_{name}_tb_mini_gsm.jsonl").is_file()
     assert (out / "cache" / name / "tb_mini_gsm.jsonl").is_file()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["cache"]

@@ -217,9 +217,12 @@ def test_dspark_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         assert accept_rate > rate, ds  # token 2 often is an accepted draft
         assert p > 1e-3, ds
 
-    def always_accept(drafts, draft_probs, target_probs, generator):
-        return drafts.shape[0], int(sample(target_probs[-1], generator))
+    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
+        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
+        gens = generators if isinstance(generators, list) else [generators] * len(nv)
+        return (torch.tensor(nv, device=drafts.device),
+                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
 
-    monkeypatch.setattr(dflash_mod, "speculative_verify", always_accept)
+    monkeypatch.setattr(dflash_mod, "verify_chain", always_accept)
     p, _ = run(True, 300)
     assert p < 1e-5

@@ -25,4 +25,5 @@ def test_gpu_check_quick_cpu(tmp_path):
     assert speed["decoders"]["hf(compile=false)"]["lossless_mismatches"] == 0
     for name in ("base", "tidar"):
         emb = json.loads((out / "embedded" / f"{name}.json").read_text())
-        assert all(d["lossless_mismatches"] == 0 for d in emb["decoders"].values())
+        # every setting but the reference (its own check is `reference`) is checked and agrees
+        assert all(d["lossless_mismatches"] == 0 for n, d in emb["decoders"].items() if n != emb["reference"])

@@ -10,7 +10,7 @@ format and saves it; our loader reads the saved directory; our draft logits equa
 - z-lab `dflash` (PyPI, the authors' package): `DFlashDraftModel(Qwen3Config)`, `save_pretrained`.
 
 speculators and dflash are not in the dev extra: speculators pulls PyPI's torchvision, whose CUDA build
-breaks `transformers` imports next to the CPU torch wheel (README "Reference checks"); install it
+breaks `transformers` imports next to the CPU torch wheel (docs/checkpoints.md, "Reference checks"); install it
 with `scripts/install_references.sh`. Each test skips with that reason when its package is absent.
 `scripts/reference_equivalence.py` runs the same checks and stores the figures."""
 

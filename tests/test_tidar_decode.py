@@ -171,10 +171,13 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     assert mean_acc > 1.3  # drafts really were accepted, so their verification is what is tested
     assert min(p12, p3) > 1e-3
 
-    def always_accept(drafts, draft_probs, target_probs, generator):
-        return drafts.shape[0], int(sample(target_probs[-1], generator))
+    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
+        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
+        gens = generators if isinstance(generators, list) else [generators] * len(nv)
+        return (torch.tensor(nv, device=drafts.device),
+                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
 
-    monkeypatch.setattr(tidar_mod, "speculative_verify", always_accept)
+    monkeypatch.setattr(tidar_mod, "verify_chain", always_accept)
     p12, p3, _ = pvalues(600)
     assert min(p12, p3) < 1e-6
 

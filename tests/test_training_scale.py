@@ -278,8 +278,8 @@ def test_distill_eval_and_throughput(base, tmp_path):
 
 
 @pytest.mark.parametrize("name,label", [("qwen2.5-1.5b", "Qwen2.5-1.5B"), ("llama-3.1-8b", "Llama-3.1-8B")])
-def test_readme_memory_figures_are_computed(name, label):
-    """The README's per-GPU memory table = parameter counts of the shipped configs (meta device) x
+def test_docs_memory_figures_are_computed(name, label):
+    """docs/training.md's per-GPU memory table = parameter counts of the shipped configs (meta device) x
     16 bytes (fp32 weights, fp32 grads, AdamW m and v), over 1 and 8 GPUs; bf16 gathered sizes."""
     from tidar_bench.model import ModelConfig, Transformer
 
@@ -290,7 +290,7 @@ def test_readme_memory_figures_are_computed(name, label):
     n = sum(p.numel() for p in m.parameters())
     emb = m.model.embed_tokens.weight.numel() * (1 if cfg.tie_word_embeddings else 2)
     block = sum(p.numel() for p in m.model.layers[0].parameters())
-    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith(f"| {label} |"))
+    row = next(line for line in (root / "docs" / "training.md").read_text().splitlines() if line.startswith(f"| {label} |"))
     for figure in (f"{n / 1e9:.2f} B", f"{n * 16 / 2**30:.1f} GiB", f"{n * 16 / 8 / 2**30:.1f} GiB",
                    f"{emb * 2 / 2**30:.2f} GiB", f"{block * 2 / 2**30:.2f} GiB"):
         assert figure in row, (figure, row)

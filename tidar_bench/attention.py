@@ -55,7 +55,7 @@ def math(q, k, v, mask):
     the whole static cache. A 1-token query (every `ar` step) is written as products summed over
     D (scores) and over the keys (output) instead of two matmuls: inductor then fuses each into one
     loop that reads the cache's keys and values in place, where the matmuls were library calls on a
-    copy of them (README, "Compiled decoding"). mask: None, or bool [B|1, 1, q, T]."""
+    copy of them (docs/speed.md, "Compiled decoding"). mask: None, or bool [B|1, 1, q, T]."""
     B, H, qn, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     rep = H // Hkv

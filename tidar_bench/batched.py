@@ -82,7 +82,7 @@ def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConf
                 a["decode_s"] += dt
                 a["nfe"] += sum(g.stats.nfe for g in gens)
                 a["lat"] += [g.stats.wall_time_s for g in gens]
-                a["tps"].append(toks / dt)
+                a["tps"].append(toks / dt if dt > 0 else 0.0)
                 if ref_tokens is None and n == ref_name:
                     ref_tokens = [g.tokens for g in gens]  # the reference at the first batch size
                 if dec.lossless:
@@ -94,12 +94,14 @@ def speed_batch(decoders: dict, prompts: list[list[int]], config: GenerationConf
         for n, dec in decoders.items():
             a = acc[n]
             med, q1, q3 = quartiles(a["lat"])
-            tps = a["tokens"] / a["decode_s"]
+            tps = a["tokens"] / a["decode_s"] if a["decode_s"] > 0 else 0.0
+            ref_tps = ref["tokens"] / ref["decode_s"] if ref["decode_s"] > 0 else 0.0
             cells[n] = {"tokens": a["tokens"], "decode_s": a["decode_s"], "nfe": a["nfe"], "tokens_per_s": tps,
                         "tokens_per_nfe": a["tokens"] / a["nfe"] if a["nfe"] else 0.0,
                         "per_sequence_latency_s": {"median": med, "q1": q1, "q3": q3},
-                        "speedup_vs_reference": tps / (ref["tokens"] / ref["decode_s"]),
-                        "paired_ratios": [x / y for x, y in zip(a["tps"], ref["tps"])],
+                        # no tokens from the reference (every prompt EOS first): no ratio, never a division by 0
+                        "speedup_vs_reference": tps / ref_tps if ref_tps > 0 else None,
+                        "paired_ratios": [x / y for x, y in zip(a["tps"], ref["tps"]) if y > 0],
                         "lossless_mismatches": a["mismatch"] if dec.lossless else None,
                         "compile_s_excluded": a["compile_s"]}
         section[str(B)] = cells

@@ -2,7 +2,9 @@
 
 Fails (one line per reason) when:
 - a required file of the run folder is missing;
-- a lossless decoder's greedy outputs differ from its checkpoint's `ar` (mismatches_vs_ar > 0);
+- a lossless decoder's greedy outputs differ from its run's reference, the first decoder setting
+  (`ar` in the shipped runs; mismatches_vs_ar > 0), or a lossless decoder was left unchecked (no
+  lossless reference to compare with);
 - a (task, checkpoint, decoder setting) of the baseline is missing from the run;
 - a score drops below baseline - tolerance, tolerance = `score_se` x the baseline's standard error
   (default 2), or the absolute `score_abs` when given;
@@ -64,8 +66,11 @@ def check(folder: Path, baseline: dict, tol: Tolerance) -> list[str]:
     failures = []
     for r in run.rows:
         m = r.get("mismatches_vs_ar")
+        ref = r.get("reference") or "ar"
         if m not in (None, "", "0"):
-            failures.append(f"lossless: {_key(r)}: {m} greedy outputs differ from ar")
+            failures.append(f"lossless: {_key(r)}: {m} greedy outputs differ from {ref}")
+        if str(r.get("lossless_check") or "").startswith("unchecked"):
+            failures.append(f"lossless: {_key(r)}: {r['lossless_check']}")
     got = {_key(r): r for r in run.rows}
     for b in baseline.get("rows", []):
         r = got.get(b["key"])

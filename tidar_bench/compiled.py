@@ -20,6 +20,7 @@ Prefills (variable prompt length) stay eager in both modes, as in gpt-fast.
 from __future__ import annotations
 
 import functools
+import logging
 import inspect
 import os
 import shutil
@@ -33,7 +34,7 @@ from .errors import UserError
 
 CHOICES = ("auto", "on", "off")
 KV_BUCKET = 128  # compiled steps of the model core attend over the cache in windows of at least this many slots
-# CPU size rule (README, "Compiled decoding"; measured by scripts/compile_cost.py): compiled steps of
+# CPU size rule (docs/speed.md, "Compiled decoding"; measured by scripts/compile_cost.py): compiled steps of
 # a big model are memory-bound, so compiling buys little per step and costs minutes per graph
 AUTO_EAGER_PARAMS = 500_000_000  # above: compile=auto is eager on CPU
 # inductor's C++ wrapper is built at -O0: it is straight-line calls into the (-O3) kernels, and at
@@ -103,11 +104,14 @@ def cpu_inductor_options(params: int) -> dict:
     return options
 
 
+log = logging.getLogger(__name__)
+
+
 @functools.cache
 def note(line: str) -> None:
-    """Print a line about compilation to stderr once per process (TIDAR_BENCH_COMPILE_LOG=off: never)."""
-    if os.environ.get("TIDAR_BENCH_COMPILE_LOG", "on").lower() not in ("off", "0", "false", "no"):
-        print(line, file=sys.stderr, flush=True)
+    """Log a line about compilation once per process (INFO on `tidar_bench.compiled`: the CLI prints it
+    on stderr; TIDAR_BENCH_COMPILE_LOG=off or that logger's level silences it)."""
+    log.info(line)
 
 
 def resolve(setting: str | bool, device: torch.device | str, params: int | None = None) -> bool:

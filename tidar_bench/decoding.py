@@ -8,8 +8,10 @@ A decoder turns prompt token ids into new token ids:
 Shared here so that AR, TiDAR, EAGLE and block diffusion apply them identically:
 - sampling warps (temperature, top-k, top-p) -> `warp_probs`, `sample`;
 - stop handling (stop token ids, stop strings, max_new_tokens) -> `StopChecker`;
-- verification of drafted tokens: `greedy_verify` (argmax match) and `speculative_verify`
-  (rejection sampling that keeps the target distribution exactly).
+- verification of a chain of drafted tokens: `verify_chain`, batched over rows, on the device (greedy
+  argmax match, or rejection sampling that keeps the target distribution exactly); the one lossless
+  acceptance rule (EAGLE's tree walk is its own, in baselines/eagle.py; the TiDAR authors' lossy
+  `ratio_verify` is kept apart).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
     With temperature 0 this is the one-hot of the argmax, so greedy decoding is the special case
     of sampling from this distribution and verification rules need no separate greedy branch for
-    correctness (decoders still use `greedy_verify` for speed)."""
+    correctness (decoders still take `verify_chain`'s greedy branch, an argmax match, for speed)."""
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -186,63 +188,115 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 # ----------------------------------------------------------------------------- verification
 
 
-def greedy_verify(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """drafts [k] token ids; target_logits [k+1, V]: row i is the target's prediction for the
-    position of drafts[i] (row k predicts the bonus position).
+def verify_chain(drafts: torch.Tensor, target: torch.Tensor, draft_probs: torch.Tensor | None = None,
+                 n_valid: Sequence[int] | None = None,
+                 generators: torch.Generator | None | Sequence[torch.Generator | None] = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE acceptance rule of every lossless decoder that verifies a chain of drafts (TiDAR, DFlash,
+    EAGLE's chains): B rows at once, on the device, no host sync inside.
 
-    Returns (n_accepted, next_token): the longest prefix of drafts equal to the target argmax, and
-    the target argmax at the first mismatch (or the bonus position). One host sync."""
-    k = drafts.shape[0]
-    target = target_logits.argmax(-1)
-    if k == 0:
-        return 0, int(target[0])
-    match = (target[:k] == drafts).int()
-    row = torch.cat([match.cumprod(0).sum().reshape(1), target])
-    row = row.tolist()
-    n = row[0]
-    return n, row[1 + n]
+    drafts [B, k] token ids; target [B, k+1, V]: row i is the target's prediction for the position
+    of drafts[:, i] (row k, or row n_valid[b] of row b, predicts the bonus position); n_valid: how
+    many drafts of each row are real (the rest is padding, never accepted; default k for every row).
+    Returns (n_accepted [B], next_token [B]), long tensors on the device: the caller reads them
+    (with whatever else its step needs) in ONE host read per step.
 
-
-def speculative_verify(
-    drafts: torch.Tensor,
-    draft_probs: torch.Tensor,
-    target_probs: torch.Tensor,
-    generator: torch.Generator | None,
-) -> tuple[int, int]:
-    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
-
-    drafts [k] were sampled from draft_probs [k, V]; target_probs [k+1, V] are the (warped) target
-    distributions at the same positions plus the bonus position. Draft i is accepted with
-    probability min(1, p(x)/q(x)); at the first rejection the token is resampled from
-    norm(max(p - q, 0)); if all are accepted a bonus token is drawn from target_probs[k].
-    The returned tokens are distributed exactly as sampling from the target one token at a time."""
-    k = drafts.shape[0]
-    if k:
-        idx = torch.arange(k, device=drafts.device)
-        p = target_probs[idx, drafts]
-        q = draft_probs[idx, drafts]
-        u = torch.rand(k, generator=generator, device=drafts.device)
-        # accept iff u * q < p  (== u < p/q for q > 0; a draft with q == 0 is never produced)
-        accepted = (u * q < p).int().cumprod(0)
-        n = int(accepted.sum())
+    - draft_probs None: GREEDY. target: logits (or probabilities). Accepted = the longest prefix of
+      drafts equal to the target argmax; next token = the target argmax at the first mismatch (or
+      at the bonus position). Exactly AR greedy's tokens.
+    - draft_probs [B, k, V] given: EXACT SPECULATIVE SAMPLING (Leviathan et al. 2023; Chen et al.
+      2023). target: the warped target probabilities; drafts[:, i] was drawn from draft_probs[:, i]
+      (a point mass for argmax drafts). Draft i is accepted iff u_i * q(d_i) < p(d_i), u_i ~ U(0,1)
+      (i.e. with probability min(1, p/q)); at the first rejection the next token is drawn from the
+      residual norm(max(p - q, 0)), after all n_valid from the bonus row p. The emitted tokens are
+      distributed exactly as sampling the target one token at a time. generators: one per row (row
+      b draws n_valid[b] uniforms, then one token, from its own generator, so a row's draws do not
+      depend on the batch; a None entry marks an empty slot, which draws nothing), or a single
+      generator (None: torch's default) for every row. The token is drawn as torch.multinomial
+      draws one (argmax of probs / Exp(1) noise, same stream), without its host-side checks.
+    """
+    B, k = drafts.shape
+    dev = drafts.device
+    if target.shape[:2] != (B, k + 1):
+        raise ValueError(f"target {tuple(target.shape)} does not match drafts {tuple(drafts.shape)}: need [B, k+1, V]")
+    nv = [k] * B if n_valid is None else [int(v) for v in n_valid]
+    if n_valid is not None and not all(0 <= v <= k for v in nv):
+        raise ValueError(f"n_valid {nv} outside [0, k={k}]")
+    if n_valid is None or all(v == k for v in nv):
+        nv_t, valid = k, None
     else:
-        n = 0
-    if n < k:
-        residual = (target_probs[n] - draft_probs[n]).clamp_min(0)
-        total = residual.sum()
+        nv_t = _to_device(nv, dev)  # [B]
+        valid = torch.arange(k, device=dev) < nv_t[:, None]
+    greedy = draft_probs is None
+    if not greedy:
+        per_row = isinstance(generators, (list, tuple))
+        gens = list(generators) if per_row else [generators] * B
+        u = torch.ones(B, k, device=dev)
+        noise = torch.ones_like(target[:, 0], dtype=torch.float32)
+        for b in range(B):
+            if per_row and gens[b] is None:
+                continue  # an empty slot: nothing drawn
+            u[b, : nv[b]] = torch.rand(nv[b], generator=gens[b], device=dev)
+            noise[b].exponential_(1, generator=gens[b])
+    if greedy:
+        tgt = target.argmax(-1)  # [B, k+1]
+        ok = tgt[:, :k] == drafts
+    else:
+        p = target[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+        q = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+        ok = u * q < p  # == u < p/q for q > 0; a draft with q == 0 is never produced
+    if valid is not None:
+        ok = ok & valid
+    n = accepted_prefix(ok)  # [B]
+    if greedy:
+        return n, tgt.gather(1, n[:, None]).squeeze(1)
+    V = target.shape[-1]
+    p_n = target.gather(1, n.view(B, 1, 1).expand(B, 1, V)).squeeze(1).float()  # [B, V]
+    dist = p_n  # all n_valid accepted: the bonus row
+    if k:  # a rejection at n < n_valid: the residual norm(max(p - q, 0)) there
+        q_n = draft_probs.gather(1, n.clamp(max=k - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)
+        residual = (p_n - q_n).clamp_min(0)
+        total = residual.sum(-1, keepdim=True)
         # p == q exactly leaves no residual mass; then rejection had probability 0 anyway
-        dist = residual / total if float(total) > 0 else target_probs[n]
-        tok = int(sample(dist, generator))
-    else:
-        tok = int(sample(target_probs[k], generator))
-    return n, tok
+        dist = torch.where((n < nv_t)[:, None] & (total > 0), residual / total, p_n)
+    return n, (dist / noise).argmax(-1)
+
+
+def stack_rows(rows: Sequence[torch.Tensor | None], n: int) -> torch.Tensor:
+    """Per-row tensors [n_b <= n, ...] (None: an empty slot) as one [B, n, ...] tensor, zero
+    padded: e.g. each row's draft distributions for `verify_chain`. No copy at all for one full
+    row, one stack when every row is full."""
+    like = next(r for r in rows if r is not None)
+    if all(r is not None and r.shape[0] == n for r in rows):
+        return rows[0][None] if len(rows) == 1 else torch.stack(list(rows))
+    out = like.new_zeros(len(rows), n, *like.shape[1:])
+    for b, r in enumerate(rows):
+        if r is not None:
+            out[b, : r.shape[0]] = r
+    return out
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor on `device` without a host sync: on CUDA through pinned memory,
+    non-blocking (a plain torch.tensor(..., device=cuda) waits for the stream, i.e. for the forward
+    the verification follows)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
+    """How many leading entries of each row of `ok` [..., k] (bool: draft i passes its test) are
+    True: the drafts a chain accepts, stopping at the first rejection. [...] long."""
+    return ok.int().cumprod(-1).sum(-1)
 
 
 def ratio_verify(drafts: torch.Tensor, draft_q: torch.Tensor, target_probs: torch.Tensor,
                  generator: torch.Generator | None) -> int:
     """The ratio test of TiDAR's release worker (LOSSY): draft i is accepted iff p(d_i)/q(d_i) >= u_i,
     u_i ~ U(0,1), stopping at the first rejection; nothing is resampled (no residual), so unlike
-    `speculative_verify` the output does not follow the target distribution. drafts [m];
+    `verify_chain` the output does not follow the target distribution. drafts [m];
     draft_q [m] the probability each draft had under its draft row; target_probs [>=m, V].
     Returns the number accepted."""
     m = drafts.shape[0]
@@ -250,7 +304,7 @@ def ratio_verify(drafts: torch.Tensor, draft_q: torch.Tensor, target_probs: torc
         return 0
     p = target_probs[torch.arange(m, device=drafts.device), drafts]
     u = torch.rand(m, generator=generator, device=drafts.device)
-    return int((u * draft_q <= p).int().cumprod(0).sum())
+    return int(accepted_prefix(u * draft_q <= p))
 
 
 def repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -193,7 +193,9 @@ def parse_options(spec: DecoderSpec, raw: dict[str, str]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Setting:
     """One entry of --decoders: `tidar(block_size=4,max_blocks=3)` = decoder `tidar` with those
-    options, labelled as written (the label keys its results, rows and plot points)."""
+    options, labelled as written except that a path value shows relative to the working folder or as
+    `<name>-<hash>` (`provenance.label_value`; the label keys its results, rows and plot points and
+    never holds an absolute path; `options` keep the real value)."""
 
     label: str
     name: str
@@ -235,7 +237,8 @@ def parse_settings(value: str, what: str = "--decoders") -> list[Setting]:
         if name not in specs:
             raise UserError(f"unknown decoder {name!r}; valid: {', '.join(sorted(specs))}")
         parse_options(specs[name], dict(opts))  # validates names and values now, before anything runs
-        label = name + (f"({','.join(f'{k}={v}' for k, v in opts)})" if opts else "")
+        from .provenance import label_value  # a path value shows relative to the working folder or as name-hash
+        label = name + (f"({','.join(f'{k}={label_value(v)}' for k, v in opts)})" if opts else "")
         out.append(Setting(label, name, tuple(opts)))
     if not out:
         raise UserError(f"{what} is empty")
@@ -243,6 +246,71 @@ def parse_settings(value: str, what: str = "--decoders") -> list[Setting]:
     dup = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dup:
         raise UserError(f"{what} lists {', '.join(dup)} twice")
+    return out
+
+
+@dataclass(frozen=True)
+class ResolvedSetting:
+    """One decoder setting with its options resolved: `given` as the user gave them (the setting's
+    parentheses and --decoder-arg, parsed), `options` the factory's defaults with --compile and
+    `given` applied (what the decoder is built with)."""
+
+    label: str
+    name: str
+    given: dict
+    options: dict
+
+
+def split_decoder_arg(item: str, names: list[str], what: str = "--decoder-arg") -> tuple[str | None, str, str]:
+    """`DECODER.key=value` or bare `key=value` -> (DECODER or None, key, value)."""
+    key, eq, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not eq or not key:
+        raise UserError(f"{what} expects DECODER.key=value (or key=value with one decoder), got {item!r}")
+    scope, _, key = key.rpartition(".")
+    if scope and scope not in names:
+        raise UserError(f"{what} {item!r} names decoder {scope!r}, which is not among the decoders given "
+                        f"({', '.join(names)})")
+    return scope or None, key, value
+
+
+def resolve_settings(decoders_: str, decoder_args: list[str] | None = None, compile: str = "auto",
+                     what: str = "--decoders") -> list[ResolvedSetting]:
+    """The one resolver of decoder settings, used by `generate`, `speed`, `run` and `distill`.
+
+    `decoders_` is a settings string (`ar,ar(compile=false),tidar(block_size=4)`); each
+    `--decoder-arg` is `DECODER.key=value` (every setting of that decoder), or a bare `key=value`
+    when the settings name one decoder only. Precedence, lowest first: the factory's defaults,
+    `--compile` (the default of every `compile` option), `--decoder-arg`, the setting's own options.
+    Every option is validated against its decoder's factory: unknown names and bad values are
+    UserErrors. The first setting is the reference that the others are compared with."""
+    from .compiled import normalize
+
+    settings = parse_settings(decoders_, what)
+    specs = decoders()
+    names = list(dict.fromkeys(st.name for st in settings))
+    scoped: dict[str, dict[str, str]] = {n: {} for n in names}
+    for item in decoder_args or []:
+        scope, key, value = split_decoder_arg(item, names)
+        if scope is None:
+            if len(names) > 1:
+                raise UserError(f"--decoder-arg {item!r}: several decoders are given ({', '.join(names)}); "
+                                f"write DECODER.{key}={value}")
+            scope = names[0]
+        if key not in specs[scope].option_types():
+            parse_options(specs[scope], {key: value})  # raises: lists the decoder's options
+        scoped[scope][key] = value
+    compile = normalize(compile)
+    out = []
+    for st in settings:
+        spec = specs[st.name]
+        given = parse_options(spec, {**scoped[st.name], **dict(st.options)})
+        params = inspect.signature(spec.factory).parameters
+        defaults = {n: p.default for n, p in params.items()
+                    if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+        if "compile" in spec.option_types():
+            defaults["compile"] = compile
+        out.append(ResolvedSetting(st.label, st.name, given, {**defaults, **given}))
     return out
 
 

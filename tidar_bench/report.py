@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .provenance import portable_path, portable_text
 
 NUMERIC = ("score", "stderr", "tokens_per_s", "tokens_per_nfe", "mean_accepted_length", "speedup_vs_ar")
 
@@ -84,7 +85,8 @@ def read_run(folder: Path) -> RunRows:
             label = name + (f"({opts})" if opts else "") + (f" [{sub}]" if sub and sub != "base" else "")
             r["label"], r["run"], r["ckpt"] = label, folder.name, sub or model
             rows.append(r)
-    meta = {"model": model, "device": device, "date": _date(info_file), "command": info.get("command", "")}
+    # a command an older version recorded with absolute paths shows them in portable form
+    meta = {"model": model, "device": device, "date": _date(info_file), "command": portable_text(info.get("command", ""))}
     return RunRows(folder, rows, meta)
 
 
@@ -329,7 +331,7 @@ def plot_latency(folder: Path, out_base: Path) -> list[Path]:
     batches = sorted({p.batch for p in points})
     knees = {int(k): v for k, v in (meta.get("knee") or {}).items()}
     env = meta.get("environment") or {}
-    title = f"{meta.get('model', '?')} · {env.get('device_name') or meta.get('label', '')} · {meta.get('dtype', '')}"
+    title = f"{portable_text(str(meta.get('model', '?')))} · {env.get('device_name') or meta.get('label', '')} · {meta.get('dtype', '')}"
     tolerance = float(meta.get("tolerance", 0.1))
     plot([p for p in points if p.batch == batches[0]], knees, tolerance, f"{title} · batch {batches[0]}", out_base)
     written = [out_base.with_suffix(".png"), out_base.with_suffix(".svg")]
@@ -407,7 +409,7 @@ def plot_speed_batch(rec: dict, out_base: Path) -> list[Path]:
     right.set_ylabel(f"speedup over {ref} at the same batch size")
     env = rec.get("environment") or {}
     device = env.get("gpu") or f"CPU {env.get('cpu') or ''}".strip()
-    fig.suptitle(f"{rec.get('model', '?')} — {device} — {rec.get('prompts', '')}", fontsize=9)
+    fig.suptitle(f"{portable_text(str(rec.get('model', '?')))} — {device} — {rec.get('prompts', '')}", fontsize=9)
     fig.tight_layout()
     paths = _savefig(fig, out_base)
     plt.close(fig)
@@ -487,18 +489,18 @@ def make_report(folders: list[Path], out: Path, together: bool = False, command:
     for i, d in enumerate(latency):
         base = out / f"latency_{d.name or i}"
         written += plot_latency(d, base)
-        md += [f"## Forward latency: {d}", "", f"![latency]({base.name}.png)", ""]
+        md += [f"## Forward latency: {portable_path(d)}", "", f"![latency]({base.name}.png)", ""]
         if (out / f"{base.name}_batch.png") in written:
             md += [f"![latency vs batch size]({base.name}_batch.png)", ""]
     for d, rec in speeds:
         base = out / f"speed_batch_{d.stem if d.is_file() else d.name}"
         written += plot_speed_batch(rec, base)
-        md += [f"## Throughput and speedup vs batch size: {d}", "", f"![speed vs batch]({base.name}.png)", "",
-               _speed_batch_table(rec), "", f"Command: `{rec.get('command', '')}`", ""]
+        md += [f"## Throughput and speedup vs batch size: {portable_path(d)}", "", f"![speed vs batch]({base.name}.png)", "",
+               _speed_batch_table(rec), "", f"Command: `{portable_text(rec.get('command', ''))}`", ""]
     if rows:
         md += ["## Summary", "", _md_table(rows, multi), "", "Speedup: tokens/s over the reference `ar` on the same task. "
                "Lossless mismatches: greedy outputs of a lossless decoder that differ from its checkpoint's `ar`.", ""]
-        md += ["## Sources", ""] + [f"- `{run.folder}`: `{run.meta['command']}`" for run in runs] + [""]
+        md += ["## Sources", ""] + [f"- `{portable_path(run.folder)}`: `{run.meta['command']}`" for run in runs] + [""]
     if command:
         md += [f"Figures and this report: `{command}`", ""]
     tmp = out / ".report.md.tmp"

@@ -33,9 +33,9 @@ set them as the release worker (B) / the older greedy worker (A) does; options g
 Written once over B rows (`tidar_bench.engine.RowDecoder`; batch 1 is B = 1): every row keeps its
 own cache length, drafts and outcomes; a step feeds all rows at their own offsets. Batch 1 eager
 feeds each step's exact layout; compiled, or at B > 1, every row feeds the padded layout
-(`_padded_shape`: one shape, so rows stack and one graph serves every step). Greedy verification
-reads the whole batch back once per step (`_verify_argmax`); sampling verifies each row with its
-own generator (exact speculative sampling per row).
+(`_padded_shape`: one shape, so rows stack and one graph serves every step). Verification is
+`decoding.verify_chain` over the whole batch on the device (greedy, or exact speculative sampling
+with each row's own generator), read back once per step (`_verify`).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import torch
 
 from .checkpoint import TidarConfig
 from .compiled import steps_for
-from .decoding import (GenerationConfig, next_token, ratio_verify, repetition_penalty, sample, speculative_verify,
-                       warp_probs)
+from .decoding import (GenerationConfig, next_token, ratio_verify, repetition_penalty, sample, stack_rows,
+                       verify_chain, warp_probs)
 from .engine import Row, RowDecoder, inert_local
 from .errors import UserError
 from .masks import TidarStepLayout, tidar_first_step, tidar_step
@@ -140,8 +140,8 @@ class TidarDecoder(RowDecoder):
         self.first_token, self.prefill_rule, self.ar_ratio = rv["first_token"], rv["prefill"], rv["ar_ratio"]
         self.accept, self.draft_penalty, self.t0_as_t1 = rv["accept"], rv["draft_penalty"], rv["t0_as_t1"]
         self.seed = seed
-        # exact: the original step, untouched; else `_verify_options` (offset-0 rows needed when the
-        # first token or the verification target comes from the blocks)
+        # exact: every rule option at its exact value (prefill=two changes the timing only); offset-0
+        # rows are needed when the first token or the verification target comes from the blocks
         self._plain = rv == RULES["exact"] | {"prefill": rv["prefill"]}
         self._offset0 = int(self.first_token == "diffusion" or self.ar_ratio < 1.0)
         if self._offset0 and max_blocks is not None:
@@ -340,20 +340,7 @@ class TidarDecoder(RowDecoder):
         ar = logits[:, : shape.causal_rows]
         nb = self.n_blocks if self._padded else len(plans[0][1])
         blocks = logits[:, shape.causal_rows :].view(B, nb, k - 1 + o0, V)
-        argmax = sp.greedy or self.accept == "match"
-        if argmax and self.accept != "ratio":
-            verdicts = self._verify_argmax(rows, plans, ids, ar, blocks)
-        else:
-            verdicts = {}
-            for s in live:
-                st, m = rows[s].state, plans[s][0]
-                if self._plain:
-                    target = self._mixed_target(ar[s, : m + 1], st.draft_logits) if self.beta < 1.0 and m else ar[s, : m + 1]
-                    n, t = speculative_verify(st.drafts, st.draft_probs, warp_probs(target, sp), rows[s].gen)
-                else:
-                    n, t = self._verify_options(ar[s, : m + 1], blocks[s], st.drafts, st.draft_logits, st.draft_probs,
-                                                sp, rows[s].gen)
-                verdicts[s] = (n, t, st.drafts[:n].tolist(), None)
+        verdicts = self._verify(rows, plans, ids, ar, blocks)
         out: list[list[int] | None] = [None] * B
         for s in live:
             row, st, (m, outcomes, sh) = rows[s], rows[s].state, plans[s]
@@ -377,40 +364,72 @@ class TidarDecoder(RowDecoder):
             cache.length = rows[0].length
         return out
 
-    def _verify_argmax(self, rows, plans, ids, ar, blocks) -> dict:
-        """Greedy verification of every row with ONE host read for the whole batch: the fed drafts,
-        the target's argmax at every causal row (the AR rows, or the mixed target under beta /
-        ar_ratio), block offset 0's argmax (first_token=diffusion) and each block's draft
-        confidences (max_blocks), then per-row Python on host lists. The rule is `greedy_verify`'s:
-        the longest draft prefix equal to the target argmax, then the target's token there (or,
-        with first_token=diffusion, block n's offset-0 argmax, unverified)."""
-        k, o0 = self.k, self._offset0
+    def _verify(self, rows, plans, ids, ar, blocks) -> dict:
+        """Verification of every row: per row (n accepted, the token kept after them, the accepted
+        drafts, the blocks' draft confidences or None). The rule is `decoding.verify_chain` over the
+        whole batch on the device (greedy or accept=match: argmax match; sampling: exact speculative
+        sampling with each row's generator), then ONE host read of n, the token, the fed drafts,
+        block offset 0's argmax (first_token=diffusion) and each block's draft confidences (argmax
+        drafts under max_blocks: what `_draft` ranks outcomes by, read now, not next step).
+        Target (`_target`): AR, or the options' mixes (beta, ar_ratio; lossy). The authors' LOSSY
+        choices stay apart: accept=ratio (`decoding.ratio_verify`, per row, no residual) and
+        first_token=diffusion (the token kept is block n's offset-0 argmax, never verified)."""
+        k, o0, sp = self.k, self._offset0, self._sp
         B, c, nb = ar.shape[0], ar.shape[1], blocks.shape[1]
-        if self.ar_ratio < 1.0:  # the authors' logit mix with each outcome's block offset 0 (all blocks present)
-            target = (self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[:, :c, 0]).argmax(-1)
+        target = self._target(rows, plans, ar, blocks)  # [B, c, V]
+        if self.accept == "ratio":
+            return self._verify_ratio(rows, plans, target, blocks)
+        drafts = ids[:, 1:c]  # the fed drafts (padding after each row's m)
+        nv = [plans[s][0] if s in plans else 0 for s in range(B)]
+        argmax = sp.greedy or self.accept == "match"
+        if argmax:
+            n, t = verify_chain(drafts, target, n_valid=nv)
         else:
-            target = ar.argmax(-1)
-            if self.beta < 1.0:  # probability mix with each row's drafting rows
-                for s, (m, _, _) in plans.items():
-                    if m:
-                        target[s, : m + 1] = self._mixed_target(ar[s, : m + 1], rows[s].state.draft_logits).argmax(-1)
-        pieces = [ids[:, 1:c], target]
+            q = stack_rows([rows[s].state.draft_probs if s in plans else None for s in range(B)], c - 1)
+            n, t = verify_chain(drafts, warp_probs(target, sp), q, n_valid=nv,
+                                generators=[r.gen if r is not None else None for r in rows])
+        pieces = [n[:, None], t[:, None], drafts]
         if self.first_token == "diffusion":
             pieces.append(blocks[:, :, 0].argmax(-1))
-        confs = self.max_blocks is not None and self.draft_penalty == 1.0
-        if confs:  # what `_draft` ranks outcomes by, for every block: read now, not next step
+        confs = argmax and self.max_blocks is not None and self.draft_penalty == 1.0
+        if confs:
             pieces.append(blocks[:, :, o0:].softmax(-1).amax(-1).flatten(1))
         host = torch.cat([p.double() for p in pieces], 1).tolist()  # [B, ...]; token ids are exact in float64
         verdicts = {}
-        for s, (m, _, _) in plans.items():
+        for s in plans:
             h = host[s]
-            drafts, tgt, rest = [int(x) for x in h[:m]], h[c - 1 : 2 * c - 1], h[2 * c - 1 :]
-            n = 0
-            while n < m and drafts[n] == tgt[n]:
-                n += 1
-            t = int(rest[n]) if self.first_token == "diffusion" else int(tgt[n])
+            n_s, rest = int(h[0]), h[1 + c :]
+            t_s = int(rest[n_s]) if self.first_token == "diffusion" else int(h[1])
             conf = [rest[b * (k - 1) : (b + 1) * (k - 1)] for b in range(nb)] if confs else None
-            verdicts[s] = (n, t, drafts[:n], conf)
+            verdicts[s] = (n_s, t_s, [int(x) for x in h[2 : 2 + n_s]], conf)
+        return verdicts
+
+    def _target(self, rows, plans, ar: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The verification logits [B, c, V]: the AR rows (the exact rule), or under the lossy options
+        r*AR + (1-r)*(block j offset 0) logits (ar_ratio; row j <-> the block of outcome j: both
+        predict position P+j+1, the block sees one more committed token than the row that drafted
+        d_{j+1}), or each row's beta mix with its drafting rows (`_mixed_target`)."""
+        if self.ar_ratio < 1.0:  # the authors' logit mix with each outcome's block offset 0 (all blocks present)
+            return self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[:, : ar.shape[1], 0]
+        if self.beta == 1.0:
+            return ar
+        target = ar.clone()
+        for s, (m, _, _) in plans.items():
+            if m:
+                target[s, : m + 1] = self._mixed_target(ar[s, : m + 1], rows[s].state.draft_logits)
+        return target
+
+    def _verify_ratio(self, rows, plans, target, blocks) -> dict:
+        """accept=ratio, the authors' release worker (LOSSY, per row): `decoding.ratio_verify` (p/q >= u,
+        no residual); the token kept is a sample of the target there (no residual) or, with
+        first_token=diffusion, block n's offset-0 argmax."""
+        verdicts = {}
+        for s, (m, _, _) in plans.items():
+            st, gen = rows[s].state, rows[s].gen
+            p = warp_probs(target[s, : m + 1], self._sp)
+            n = ratio_verify(st.drafts, st.draft_probs, p, gen)
+            t = int(blocks[s, n, 0].argmax()) if self.first_token == "diffusion" else int(sample(p[n], gen))
+            verdicts[s] = (n, t, st.drafts[:n].tolist(), None)
         return verdicts
 
     def _prefill_two(self, cache, prompt: list[int]) -> torch.Tensor:
@@ -424,30 +443,6 @@ class TidarDecoder(RowDecoder):
         blk = self.model(ids, torch.arange(L, L + k, device=dev), mask, cache,
                          logits_index=torch.arange(1 - self._offset0, k, device=dev))
         return torch.cat([ar.logits[0], blk.logits[0]])
-
-    def _verify_options(self, ar, blocks, drafts, draft_logits, draft_probs, sp, gen) -> tuple[int, int]:
-        """Verification under the authors' options (lossy unless they compose back to the exact
-        rule). Target: r*AR + (1-r)*(block j offset 0) logits, row j <-> the block of outcome j (both
-        predict position P+j+1, the block sees one more committed token than the row that drafted
-        d_{j+1}). accept=ratio: p/q >= u, no residual; match: argmax match. The token kept after the
-        n accepted drafts: the AR target's (a sample from the target: no residual) or, with
-        first_token=diffusion, block n's offset-0 argmax, never verified. The argmax rules (greedy,
-        accept=match) are `_verify_argmax`'s, for the whole batch at once."""
-        m = drafts.shape[0]
-        target = ar
-        if self.ar_ratio < 1.0:
-            target = self.ar_ratio * ar + (1.0 - self.ar_ratio) * blocks[: m + 1, 0]
-        elif self.beta < 1.0 and m:
-            target = self._mixed_target(ar, draft_logits)
-        if self.accept == "ratio":
-            p = warp_probs(target, sp)
-            n = ratio_verify(drafts, draft_probs, p, gen)
-            t = None if self.first_token == "diffusion" else int(sample(p[n], gen))
-        else:
-            n, t = speculative_verify(drafts, draft_probs, warp_probs(target, sp), gen)
-        if self.first_token == "diffusion":
-            t = int(blocks[n, 0].argmax())
-        return n, t
 
     def _draft(self, block_logits: torch.Tensor, sp, gen, first: int | None = None):
         """Drafts from a pre-draft block's logits at offsets 1..k-1 [k-1, V]: argmax (greedy) or

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -15,14 +16,8 @@ from .app import app
 from ..errors import UserError
 
 
-def parse_kv(items: list[str] | None, what: str = "--decoder-arg") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UserError(f"{what} expects key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+DECODER_ARG_HELP = ("decoder option DECODER.key=value, for every setting of that decoder (repeatable); a bare "
+                    "key=value when one decoder is given; options in a setting's parentheses win")
 
 
 def parse_list(value: str, what: str) -> list[str]:
@@ -73,7 +68,7 @@ def generate_cmd(
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
     stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable)"),
-    decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option key=value (repeatable)"),
+    decoder_arg: Optional[list[str]] = typer.Option(None, help=DECODER_ARG_HELP),
     compile: str = typer.Option("auto", "--compile", help="compiled decoding: auto (on where torch.compile works), on, off"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
@@ -83,18 +78,18 @@ def generate_cmd(
 ) -> None:
     """Decode one prompt with one decoder and print the output and its stats."""
     from ..decoding import GenerationConfig, SamplingParams
-    from ..registry import DecoderContext, build_decoder, resolve_model
+    from ..registry import DecoderContext, build_decoder, resolve_model, resolve_settings
+    from ..speed import fit_context
 
-    ctx = DecoderContext(resolve_model(model), device, dtype, draft)
-    chosen = decoder_settings(decoder, [f"{decoder.split('(')[0].strip()}.{a}" for a in decoder_arg or []],
-                              compile, "generate")
-    if len(chosen) != 1:
-        raise UserError("generate takes one decoder (use `speed` to compare several)")
-    setting, opts = chosen[0]
-    dec = build_decoder(setting.name, ctx, opts)
-    tok = ctx.tokenizer
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give exactly one of --prompt or --prompt-ids")
+    chosen = resolve_settings(decoder, decoder_arg, compile, "--decoder")
+    if len(chosen) != 1:
+        raise UserError("generate takes one decoder (use `speed` to compare several)")
+    setting = chosen[0]
+    ctx = DecoderContext(resolve_model(model), device, dtype, draft)
+    dec = build_decoder(setting.name, ctx, setting.options)
+    tok = ctx.tokenizer
     if prompt is not None:
         if tok is None:
             raise UserError(f"{model} has no tokenizer: use --prompt-ids")
@@ -106,6 +101,11 @@ def generate_cmd(
             raise UserError("--prompt-ids must be comma-separated integers")
     if not ids:
         raise UserError("the prompt is empty")
+    context = ctx.model.config.max_position_embeddings
+    (ids,), truncated = fit_context([ids], max_new_tokens, context)
+    if truncated:
+        print(f"note: the prompt was left-truncated to its last {len(ids)} tokens (context {context} - "
+              f"--max-new-tokens {max_new_tokens})", file=sys.stderr)
     vocab = ctx.model.config.vocab_size
     if any(not 0 <= i < vocab for i in ids):
         raise UserError(f"prompt token ids must be in [0, {vocab})")
@@ -127,56 +127,9 @@ def generate_cmd(
           f"finish={g.finish_reason}")
 
 
-def read_prompts(path: Path, limit: int) -> list[str]:
-    """The first `limit` `prompt` fields of a JSONL file."""
-    if not Path(path).is_file():
-        raise UserError(f"--prompts-file {path} not found")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"--prompts-file {path}:{i}: expected a JSON object with a `prompt` field")
-            if len(out) == limit:
-                break
-    if not out:
-        raise UserError(f"--prompts-file {path} holds no prompts")
-    return out
-
-
 COMPILE_HELP = ("compiled decoding (gpt-fast style static-shape steps under torch.compile; CUDA graphs on GPU): "
                 "auto = on where torch.compile works here, on, off; a decoder setting such as ar(compile=false) "
                 "overrides it")
-
-
-def decoder_settings(decoders_: str, decoder_arg: list[str] | None, compile: str, what: str = "speed"):
-    """--decoders settings + --decoder-arg DECODER.key=value + --compile -> [(setting, options)]:
-    --decoder-arg applies to every setting of that decoder, options in parentheses win over both."""
-    from ..compiled import normalize
-    from ..registry import decoders, parse_settings
-
-    settings = parse_settings(decoders_)
-    names = {st.name for st in settings}
-    scoped: dict[str, dict[str, str]] = {n: {} for n in names}
-    for k, v in parse_kv(decoder_arg).items():
-        if "." not in k or k.split(".", 1)[0] not in scoped:
-            raise UserError(f"--decoder-arg for {what} must be DECODER.key=value with DECODER in "
-                            f"{sorted(names)}, got {k!r}")
-        d, key = k.split(".", 1)
-        scoped[d][key] = v
-    compile = normalize(compile)
-    specs = decoders()
-    out = []
-    for st in settings:
-        opts = dict(scoped[st.name])
-        if "compile" in specs[st.name].option_types():
-            opts["compile"] = compile
-        opts.update(dict(st.options))
-        out.append((st, opts))
-    return out
 
 
 # datasheet peak memory bandwidth (GB/s) by device-name fragment: the denominator of the achieved
@@ -214,7 +167,7 @@ def speed_cmd(
                                      "decoding stops at EOS; default: random token ids, no stop"),
     prompt_len: int = typer.Option(64, min=1),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default 128 (512 with --workload authors)"),
-    decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option decoder.key=value (repeatable)"),
+    decoder_arg: Optional[list[str]] = typer.Option(None, help=DECODER_ARG_HELP),
     compile: str = typer.Option("auto", "--compile", help=COMPILE_HELP),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
@@ -242,7 +195,9 @@ def speed_cmd(
     from rich.table import Table
 
     from ..decoding import GenerationConfig
-    from ..registry import DecoderContext, build_decoder, resolve_model
+    from ..registry import DecoderContext, build_decoder, resolve_model, resolve_settings
+    from ..provenance import environment, portable_command, portable_path, portable_value, write_atomic
+    from ..speed import fit_context, lossless_status, ratio, read_prompts, speed_paired
 
     if threads:
         torch.set_num_threads(threads)
@@ -253,13 +208,14 @@ def speed_cmd(
     if workload and prompts_file is not None:
         raise UserError("give --workload or --prompts-file, not both")
     max_new_tokens = max_new_tokens or (512 if workload else 128)
-    settings = decoder_settings(decoders_, decoder_arg, compile)
-    labels = [st.label for st, _ in settings]
+    settings = resolve_settings(decoders_, decoder_arg, compile)
+    labels = [st.label for st in settings]
     batch_sizes = _batch_sizes(batch_size) if batch_size is not None else None
+    texts = read_prompts(prompts_file, prompts or 8) if prompts_file is not None else None  # before loading
     with tempfile.TemporaryDirectory() as tmp:
         path = model if model is not None else random_checkpoint(config, Path(tmp) / config, seed)
         ctx = DecoderContext(resolve_model(path), device, dtype, draft)
-        decs = [build_decoder(st.name, ctx, opts) for st, opts in settings]
+        decs = [build_decoder(st.name, ctx, st.options) for st in settings]
         per_task = None
         if workload:
             from ..harness.workload import authors_prompts
@@ -272,44 +228,32 @@ def speed_cmd(
             source = (f"the TiDAR authors' workload ({', '.join(f'{len(v)} {k}' for k, v in per_task.items())}), "
                       "EOS ignored")
         elif prompts_file is not None:
-            texts = read_prompts(prompts_file, prompts or 8)
+            if ctx.tokenizer is None:
+                raise UserError("--prompts-file needs a checkpoint with a tokenizer (--model)")
             batch = [ctx.tokenizer.encode(t) for t in texts]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=() if ignore_eos else ctx.stop_token_ids)
-            source = f"{len(batch)} prompts of {prompts_file}" + (", EOS ignored" if ignore_eos else "")
+            source = f"{len(batch)} prompts of {portable_path(prompts_file)}" + (", EOS ignored" if ignore_eos else "")
         else:
             vocab = ctx.model.config.vocab_size
             rng = torch.Generator().manual_seed(seed)
             batch = [torch.randint(0, vocab, (prompt_len,), generator=rng).tolist() for _ in range(prompts or 8)]
             cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # no stop: every decoder makes the same count
             source = f"{prompts or 8} random prompts of {prompt_len} tokens"
+        if any(not p for p in batch):
+            raise UserError(f"prompt {next(i for i, p in enumerate(batch) if not p)} of {source} is empty")
+        batch, truncated = fit_context(batch, max_new_tokens, ctx.model.config.max_position_embeddings)
+        if truncated:
+            source += (f", {truncated} left-truncated to fit the context of "
+                       f"{ctx.model.config.max_position_embeddings} tokens")
         if batch_sizes is not None:
             return _speed_batched(dict(zip(labels, decs)), batch, cfg, batch_sizes, rounds, source, max_new_tokens,
                                   out, model, config, seed, ctx)
-        longest = max(batch, key=len)
-        rows = {n: {"tokens": 0, "time": 0.0, "nfe": 0, "ratios": [], "mismatch": 0, "compile_s": 0.0,
-                    "decode_fwd": 0, "steps": [], "e2e": [], "tpot": []} for n in labels}
-        for n, d in zip(labels, decs):
-            g = d.generate(longest, cfg)  # warm-up: kernels, allocator, caches, compilation
-            rows[n]["compile_s"] += g.stats.compile_s
-        for p in batch:
-            ref = None
-            for n, d in zip(labels, decs):
-                g = d.generate(p, cfg)
-                r = rows[n]
-                r["tokens"] += g.stats.new_tokens
-                r["time"] += g.stats.wall_time_s
-                r["nfe"] += g.stats.nfe
-                r["compile_s"] += g.stats.compile_s
-                r["decode_fwd"] += g.stats.nfe - g.stats.prefill_forwards
-                r["steps"] += g.stats.accepted_lengths
-                r["e2e"].append(g.stats.wall_time_s)
-                # the authors' TPOT: (latency - time to first token) / output tokens
-                r["tpot"].append((g.stats.wall_time_s - g.stats.prefill_time_s) / max(1, g.stats.new_tokens))
-                if ref is None:
-                    ref = g
-                else:
-                    r["ratios"].append(g.stats.tokens_per_s / ref.stats.tokens_per_s)
-                    r["mismatch"] += g.tokens != ref.tokens  # a failure for lossless decoders, reported for lossy
+        from rich.progress import Progress
+
+        err = Console(stderr=True)
+        with Progress(transient=True, console=err, disable=not err.is_terminal) as bar:
+            task = bar.add_task("paired decoding (ABBA)", total=len(batch) * len(decs))
+            sums, zero_token = speed_paired(dict(zip(labels, decs)), batch, cfg, progress=lambda: bar.advance(task))
         wbytes = weight_bytes(ctx.model)
     dev = ctx.model.device
     peak = peak_bandwidth
@@ -317,7 +261,7 @@ def speed_cmd(
     if peak is None and dev_name:
         peak = next((v for frag, v in PEAK_BANDWIDTH_GBS if frag in dev_name), None)
     compiled = {n: bool(d.options().get("compile", False)) for n, d in zip(labels, decs)}
-    ref_tps = rows[labels[0]]["tokens"] / rows[labels[0]]["time"]
+    ref_tps = sums[labels[0]].tokens_per_s
     t = Table(title=f"speed: {source}, up to {max_new_tokens} new tokens, "
                     f"{'random ' + config if config else path}, {dev_name or dev}, {ctx.model.dtype}, "
                     f"{torch.get_num_threads()} threads")
@@ -329,56 +273,69 @@ def speed_cmd(
         t.add_column(col)
     record_decs = {}
     for n, d in zip(labels, decs):
-        r = rows[n]
-        tps = r["tokens"] / r["time"]
-        rs = r["ratios"]
+        r = sums[n]
+        tps = r.tokens_per_s
+        speedup = ratio(tps, ref_tps)
+        rs = r.ratios
         spread = f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]" if rs else "-"
-        mm = "-" if n == labels[0] else (str(r["mismatch"]) if d.lossless else f"{r['mismatch']} lossy")
-        tau = statistics.fmean(r["steps"]) if r["steps"] else None
-        acc = r["tokens"] / r["decode_fwd"] if r["decode_fwd"] else None
-        e2e, tpot = statistics.median(r["e2e"]), statistics.median(r["tpot"])
+        if r.no_ratio and n != labels[0]:
+            spread += f" ({r.no_ratio} with 0 tokens: no ratio)"
+        status = lossless_status(n, labels[0], d.lossless, decs[0].lossless, len(labels) == 1)
+        mm = {"checked": str(r.mismatch), "lossy": f"{r.mismatch} lossy", "reference": "-"}.get(status, "unchecked")
+        tau = statistics.fmean(r.accepted_lengths) if r.accepted_lengths else None
+        acc = r.tokens / r.decode_forwards if r.decode_forwards else None
+        e2e, tpot = statistics.median(r.e2e), statistics.median(r.tpot)
         # a decode step reads every weight once per forward: bytes x forwards/s
-        gbs = wbytes * (r["nfe"] / r["time"]) / 1e9
-        cells = [n, "yes" if compiled[n] else "no", f"{tps:.1f}", f"{r['tokens'] / r['nfe']:.2f}",
+        gbs = wbytes * (ratio(r.nfe, r.time) or 0.0) / 1e9
+        cells = [n, "yes" if compiled[n] else "no", f"{tps:.1f}", f"{r.tokens / r.nfe:.2f}",
                  "-" if tau is None else f"{tau:.2f}", "-" if acc is None else f"{acc:.2f}",
-                 f"{e2e:.3f} / {1000 * tpot:.2f}", f"{tps / ref_tps:.3f}x", spread, f"{r['compile_s']:.1f}", mm]
+                 f"{e2e:.3f} / {1000 * tpot:.2f}", "n/a (0 tokens)" if speedup is None else f"{speedup:.3f}x", spread,
+                 f"{r.compile_s:.1f}", mm]
         if dev.type == "cuda":
             cells.insert(3, f"{gbs:.0f}" + (f" ({100 * gbs / peak:.0f}%)" if peak else ""))
         t.add_row(*cells)
-        record_decs[n] = {"decoder": d.name, "options": d.options(), "compiled": compiled[n],
-                          "tokens": r["tokens"], "decode_s": r["time"], "nfe": r["nfe"], "tokens_per_s": tps,
-                          "speedup_vs_first": tps / ref_tps, "paired_ratios": rs, "compile_s": r["compile_s"],
-                          "lossless": d.lossless, "tokens_per_nfe": r["tokens"] / r["nfe"], "tau": tau,
-                          "accept_length": acc, "decode_forwards": r["decode_fwd"],
-                          "e2e_latency_s": r["e2e"], "tpot_s": r["tpot"],
-                          "lossless_mismatches": r["mismatch"] if d.lossless else None,
-                          "lossy_mismatches": None if d.lossless else r["mismatch"],
+        record_decs[n] = {"decoder": d.name, "options": portable_value(d.options()), "compiled": compiled[n],
+                          "tokens": r.tokens, "decode_s": r.time, "nfe": r.nfe, "tokens_per_s": tps,
+                          "speedup_vs_first": speedup, "paired_ratios": rs,
+                          "prompts_without_ratio": r.no_ratio, "compile_s": r.compile_s,
+                          "lossless": d.lossless, "tokens_per_nfe": r.tokens / r.nfe, "tau": tau,
+                          "accept_length": acc, "decode_forwards": r.decode_forwards,
+                          "e2e_latency_s": r.e2e, "tpot_s": r.tpot,
+                          "lossless_mismatches": r.mismatch if status == "checked" else None,
+                          "lossy_mismatches": r.mismatch if status == "lossy" else None, "lossless_check": status,
                           "weight_bandwidth_GBs": gbs if dev.type == "cuda" else None}
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # piped output: never fold the table
     console.print(t)
     console.print(f"reference: {labels[0]} ({'compiled' if compiled[labels[0]] else 'eager'}) at {ref_tps:.1f} tokens/s; "
-                  f"paired ratio = a setting's tokens/s over the reference's on the same prompt ({len(batch)} prompts); "
+                  f"paired ratio = a setting's tokens/s over the reference's on the same prompt ({len(batch)} prompts, "
+                  "ABBA order); "
                   "compile s = first-use compilation, excluded from tokens/s; T/NFE = tokens per forward (prefill "
                   "counted), τ = EAGLE's tokens per decoding step, acc.len = the TiDAR authors' tokens per decode forward "
                   "(prefill forwards excluded); e2e = per-request decode time, TPOT = (e2e - prefill) / new tokens; "
                   f"≠{labels[0]}: prompts whose tokens differ from the reference's (lossless: must be 0; "
                   "`lossy`: reported)", style="dim")
+    if zero_token:
+        console.print(f"prompts with 0 new tokens (EOS first), prompt index: settings: "
+                      + "; ".join(f"{i}: {', '.join(n for j, n in zero_token if j == i)}"
+                                  for i in sorted({i for i, _ in zero_token}))
+                      + " (such a prompt has no tokens/s ratio)")
     if out is not None:
-        import sys
-
-        from ..provenance import environment, write_atomic
-
-        record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
-                  "model": str(model) if model else f"random weights, config {config}", "seed": seed,
+        record = {"command": portable_command(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
+                  "model": portable_path(model) if model else f"random weights, config {config}", "seed": seed,
                   "prompts": source, "n_prompts": len(batch), "max_new_tokens": max_new_tokens,
                   "workload": workload, "ignore_eos": bool(ignore_eos or workload),
                   "dtype": str(ctx.model.dtype), "device": str(dev), "device_name": dev_name,
                   "compile": compile, "reference": labels[0], "reference_tokens_per_s": ref_tps,
-                  "weight_bytes": wbytes, "peak_bandwidth_GBs": peak, "decoders": record_decs}
+                  "weight_bytes": wbytes, "peak_bandwidth_GBs": peak, "decoders": record_decs,
+                  "zero_token_prompts": [{"prompt": i, "decoder": n} for i, n in zero_token]}
         write_atomic(out, json.dumps(record, indent=2) + "\n")
-    if any(rows[n]["mismatch"] for n, d in zip(labels, decs) if d.lossless):
+    unchecked = [f"{n} ({v['lossless_check'].partition(': ')[2]})" for n, v in record_decs.items()
+                 if v["lossless_check"].startswith("unchecked")]
+    if unchecked:
+        console.print(f"lossless check not done for: {', '.join(unchecked)}", style="bold yellow")
+    if any(v["lossless_mismatches"] for v in record_decs.values()):
         raise UserError("a lossless decoder's greedy tokens differ from the reference decoder's")
 
 
@@ -422,8 +379,9 @@ def _speed_batched(decs: dict, prompts: list, cfg, batch_sizes: list[int], round
         for label, c in res["batch"][str(b)].items():
             lat, rs = c["per_sequence_latency_s"], c["paired_ratios"]
             t.add_row(str(b), label, f"{c['tokens_per_s']:.1f}", f"{c['tokens_per_nfe']:.2f}",
-                      f"{lat['median']:.3f} [{lat['q1']:.3f}-{lat['q3']:.3f}]", f"{c['speedup_vs_reference']:.3f}x",
-                      f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]",
+                      f"{lat['median']:.3f} [{lat['q1']:.3f}-{lat['q3']:.3f}]",
+                      "n/a (0 tokens)" if c["speedup_vs_reference"] is None else f"{c['speedup_vs_reference']:.3f}x",
+                      f"{statistics.median(rs):.3f} [{min(rs):.3f}-{max(rs):.3f}]" if rs else "-",
                       "-" if c["lossless_mismatches"] is None else str(c["lossless_mismatches"]))
     console.print(t)
     console.print(f"tokens/s = all new tokens / decode wall time of the whole prompt set (prefills included) at that "
@@ -431,15 +389,13 @@ def _speed_batched(decs: dict, prompts: list, cfg, batch_sizes: list[int], round
                   f"{batch_sizes[0]}; each decoder runs its batched steps with its own compile setting "
                   f"(compiled by default: one graph per batch size and step shape)", style="dim")
     if out is not None:
-        import sys
+        from ..provenance import environment, portable_command, portable_path, portable_value, write_atomic
 
-        from ..provenance import environment, write_atomic
-
-        record = {"command": " ".join(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
-                  "model": str(model) if model else f"random weights, config {config}", "seed": seed,
+        record = {"command": portable_command(["tidar-bench", *sys.argv[1:]]), "environment": environment(),
+                  "model": portable_path(model) if model else f"random weights, config {config}", "seed": seed,
                   "prompts": source, "n_prompts": len(prompts), "max_new_tokens": max_new_tokens,
                   "dtype": str(ctx.model.dtype), "device": str(dev), "rounds": rounds,
-                  "decoders": {n: {"decoder": d.name, "options": d.options(), "lossless": d.lossless}
+                  "decoders": {n: {"decoder": d.name, "options": portable_value(d.options()), "lossless": d.lossless}
                                for n, d in decs.items()}, **res}
         write_atomic(out, json.dumps(record, indent=2) + "\n")
     if any(c["lossless_mismatches"] for cells in res["batch"].values() for c in cells.values()):

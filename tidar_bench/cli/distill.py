@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .core import parse_kv
+from .core import DECODER_ARG_HELP
 from ..errors import UserError
 
 
@@ -33,7 +33,7 @@ def distill_cmd(
     decoder: str = typer.Option("ar", help="decoder name (see `tidar-bench decoders`); lossless ones give the "
                                            "target's own outputs"),
     draft: Optional[Path] = typer.Option(None, help="draft checkpoint for decoders that need one"),
-    decoder_arg: Optional[list[str]] = typer.Option(None, help="decoder option key=value (repeatable)"),
+    decoder_arg: Optional[list[str]] = typer.Option(None, help=DECODER_ARG_HELP),
     max_new_tokens: int = typer.Option(256, min=1),
     batch_size: int = typer.Option(1, min=1, help="sequences in flight (tidar_bench.batched: every decoder, "
                                                   "greedy or sampled; hf: padded chunks)"),
@@ -52,7 +52,7 @@ def distill_cmd(
 
     from ..decoding import GenerationConfig, SamplingParams
     from ..model import read_config
-    from ..registry import DecoderContext, build_decoder
+    from ..registry import DecoderContext, build_decoder, resolve_settings
     from ..training.data import iter_records
 
     read_config(model)
@@ -74,7 +74,10 @@ def distill_cmd(
     chats = [_as_chat(r, chat, prompts) for r in records]
     if any(c is not None for c in chats) and not getattr(tok, "chat_template", None):
         raise UserError(f"chat prompts need a tokenizer with a chat template; {model}'s has none")
-    dec = build_decoder(decoder, ctx, parse_kv(decoder_arg))
+    chosen = resolve_settings(decoder, decoder_arg, "auto", "--decoder")
+    if len(chosen) != 1:
+        raise UserError("distill takes one decoder")
+    dec = build_decoder(chosen[0].name, ctx, chosen[0].options)
     eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
     gen = GenerationConfig(max_new_tokens, (), eos, sampling)
     prompt_texts = [rec if msgs is None else tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -147,7 +147,9 @@ def profile_latency(
         from ..model import load_model
 
         m = load_model(model, dt, dev)
-    name = config or str(model)
+    from ..provenance import portable_command, portable_path
+
+    name = config or portable_path(model)  # latency.json's model and the figure titles: no machine path
     compiled = resolve(compile, dev, n_params(m))  # the CPU size rule: eager above AUTO_EAGER_PARAMS
     if warmup is None:
         warmup = 1 if dev.type == "cpu" and not compiled else 3
@@ -182,11 +184,11 @@ def profile_latency(
     w.writeheader()
     w.writerows(asdict(p) for p in points)
     write_atomic(out / "latency.csv", buf.getvalue())
-    argv = ["tidar-bench", "profile-latency", *(["--model", str(model)] if model else ["--config", config]),
+    argv = ["tidar-bench", "profile-latency", *(["--model", name] if model else ["--config", config]),
             "--context", ",".join(map(str, contexts)), "--slots", slots, "--mask", mask, "--block-size", block_size,
             *(["--batch", batch] if batches != [1] else []), "--dtype", dtype, "--device", device, "--repeats", str(repeats), "--warmup", str(warmup),
             "--tolerance", str(tolerance), *(["--cuda-graphs"] if cuda_graphs else []), "--compile", normalize(compile),
-            *(["--tnfe", tnfe] if tnfe else []), "--seed", str(seed), "--out", str(out)]
+            *(["--tnfe", tnfe] if tnfe else []), "--seed", str(seed), "--out", portable_path(out)]
     dtype_name = str(dt).replace("torch.", "")
     label = "GPU" if dev.type == "cuda" else "CPU"
     # the attention backend of the eager forward (TIDAR_BENCH_ATTN, tidar_bench/attention.py); compiled
@@ -194,7 +196,7 @@ def profile_latency(
     attn = os.environ.get("TIDAR_BENCH_ATTN", "sdpa")
     env_prefix = f"TIDAR_BENCH_ATTN={shlex.quote(attn)} " if "TIDAR_BENCH_ATTN" in os.environ else ""
     record = {
-        "command": env_prefix + shlex.join(argv), "attention": attn, "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
+        "command": env_prefix + portable_command(argv), "attention": attn, "model": name, "dtype": dtype_name, "device": str(dev), "label": label,
         "timer": info["timer"], "cuda_graphs": cuda_graphs, "compiled": compiled,
         "params": n_params(m), "cpu_compile_rule": cpu_rule(n_params(m)) if dev.type == "cpu" else None, "repeats": repeats, "warmup": warmup,
         "tolerance": tolerance, "seed": seed, "mask": mask, "block_sizes": ks, "batch_sizes": batches, "notes": notes,
@@ -231,7 +233,7 @@ def profile_latency(
             console.print((f"batch {a.batch}, " if batches != [1] else "") + f"context {a.context}: predicted speedup over AR "
                           + ", ".join(f"k={k}: {v:.2f}x" for k, v in a.predicted_speedup.items())
                           + f" -> recommended block size {a.recommended_block_size}")
-    console.print(f"wrote {out}/latency.csv, latency.json, latency.png, latency.svg"
+    console.print(f"wrote {portable_path(out)}/latency.csv, latency.json, latency.png, latency.svg"
                   + (", latency_batch.png, latency_batch.svg" if len(batches) > 1 else ""))
 
 

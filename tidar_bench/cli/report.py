@@ -26,11 +26,10 @@ def plot_cmd(
     setting, labels on the points, AR's score as the line lossless decoders sit on, speedups annotated),
     latency curves (and latency vs batch size), speedup vs batch size per decoder, and a report.md with
     the figures and the summary tables."""
-    import shlex
-
+    from ..provenance import portable_command
     from ..report import make_report
 
-    command = shlex.join(["tidar-bench", "plot", *map(str, folders), "--out", str(out)] + ["--together"] * together)
+    command = portable_command(["tidar-bench", "plot", *folders, "--out", out] + ["--together"] * together)
     written = make_report(folders, out, together, command=command)
     print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .core import COMPILE_HELP, parse_list
+from .core import COMPILE_HELP, DECODER_ARG_HELP, parse_list
 from ..errors import UserError
 
 
@@ -22,7 +22,8 @@ def run_cmd(
                               "omitted: the embedded model suite on the mini tasks (see README)"),
     decoders_: str = typer.Option(
         "ar", "--decoders", help="comma-separated decoder settings (see `tidar-bench decoders`), e.g. "
-                                 "ar,ar(compile=false),hf(compile=true),tidar(block_size=4); speedups are against `ar`"),
+                                 "ar,ar(compile=false),hf(compile=true),tidar(block_size=4); the first is the reference: speedups and "
+                                 "the lossless check are against it"),
     tasks: Optional[str] = typer.Option(
         None, "--tasks", help="comma-separated tasks: humaneval, mbpp, gsm8k, gsm8k_cot, minerva_math, "
                               "mini_gsm, mini_code, mini_math (required with --model)"),
@@ -35,8 +36,7 @@ def run_cmd(
     dtype: str = typer.Option("auto"),
     seed: int = typer.Option(0, help="sampling seed of the decoders (lm-eval's own seeds keep its defaults: "
                                      "random 0, numpy 1234, torch 1234, few-shot 1234)"),
-    decoder_arg: Optional[list[str]] = typer.Option(
-        None, "--decoder-arg", help="decoder option key=value (all decoders having it) or decoder.key=value (repeatable)"),
+    decoder_arg: Optional[list[str]] = typer.Option(None, "--decoder-arg", help=DECODER_ARG_HELP),
     allow_code_exec: bool = typer.Option(False, "--allow-code-exec", help="allow tasks that execute generated code"),
     hub_datasets: bool = typer.Option(False, "--hub-datasets", help="load task data from the HF Hub instead of the shipped files"),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="use your own lm-eval task YAMLs from DIR"),
@@ -56,7 +56,7 @@ def run_cmd(
                                 "ar are then throughput over the batch"),
 ) -> None:
     """Evaluate decoders on lm-eval tasks at batch 1 (or --batch-size B): scores, tokens/s, T/NFE,
-    accepted length, speedup vs ar, lossless check. Re-running the same command resumes; works under
+    accepted length, speedup vs the first decoder setting, lossless check against it. Re-running the same command resumes; works under
     torchrun. Without --model: the embedded default (shipped tiny models, mini tasks, every decoder)."""
     from ..harness.runner import RunSpec, run
 
@@ -76,10 +76,14 @@ def run_cmd(
     from ..registry import resolve_model
 
     from ..compiled import normalize
+    from ..harness.runner import setting_text
+    from ..provenance import portable_path
     from ..registry import parse_settings
 
-    labels = [st.label for st in parse_settings(decoders_)]
-    spec = RunSpec(model=resolve_model(model), decoders=labels, tasks=parse_list(tasks, "--tasks"), compile=normalize(compile),
+    # the settings as typed (a path option keeps its real value: the decoder loads it); labels, file
+    # names and outputs show it in portable form (RunSpec.labels, provenance.portable_path)
+    settings = [setting_text(st) for st in parse_settings(decoders_)]
+    spec = RunSpec(model=resolve_model(model), decoders=settings, tasks=parse_list(tasks, "--tasks"), compile=normalize(compile),
                    out=out, draft=draft and resolve_model(draft, "--draft"), limit=limit, device=device, dtype=dtype,
                    seed=seed, decoder_args=list(decoder_arg or []), allow_code_exec=allow_code_exec,
                    hub_datasets=hub_datasets, include_path=include_path, apply_chat_template=apply_chat_template,
@@ -89,7 +93,7 @@ def run_cmd(
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return
     info, rows = result["info"], result["rows"]
-    console = _print_table(rows, f"tidar-bench run -> {out}  (batch {batch_size}, seed {seed}, "
+    console = _print_table(rows, f"tidar-bench run -> {portable_path(out)}  (batch {batch_size}, seed {seed}, "
                                  f"world size {info['world_size']})", batch_size)
     overhead = info["overhead_fraction"]
     console.print(f"decoded now: {sum(d['decoded_this_invocation'] for d in info['decoders'].values())} requests; "
@@ -97,7 +101,7 @@ def run_cmd(
                   f"wall {info['wall_s_this_invocation']:.1f} s")
     bad = {d: n for d, n in info["mismatches_vs_ar"].items() if n}
     if bad:
-        console.print(f"[bold red]lossless decoders differ from ar on greedy outputs: {bad}[/bold red]")
+        console.print(f"[bold red]lossless decoders differ from {info['reference']} on greedy outputs: {bad}[/bold red]")
 
 
 def metric_label(key: str) -> str:
@@ -116,7 +120,10 @@ def _fmt(x, spec=".3f"):
 
 
 def _mismatch_cell(r: dict) -> str:
-    """≠ar: a lossless decoder's count (must be 0), or a lossy one's marked `lossy` (reported only)."""
+    """≠ref: a lossless decoder's count (must be 0), a lossy one's marked `lossy` (reported only), or
+    `unchecked` for a lossless decoder with nothing to be checked against."""
+    if str(r.get("lossless_check") or "").startswith("unchecked"):
+        return "unchecked"
     if r.get("mismatches_vs_ar") not in (None, ""):
         return str(r["mismatches_vs_ar"])
     lossy = r.get("lossy_mismatches_vs_ar")
@@ -137,8 +144,10 @@ def _print_table(rows: list[dict], title: str, batch_size: int = 1):
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     with_model = any("model" in r for r in rows)
     with_batch = batch_size > 1
+    refs = {r.get("reference") or "ar" for r in rows}
+    ref = refs.pop() if len(refs) == 1 else "ref"
     cols = ["task"] + ["model"] * with_model + ["decoder"] + ["batch"] * with_batch + [
-        "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE", "τ", "acc.len", "vs ar", "n", "≠ar"]
+        "metric (filter)", "score ± se", "tok/s", "compiled", "T/NFE", "τ", "acc.len", f"vs {ref}", "n", f"≠{ref}"]
     for col in cols:
         t.add_column(col, no_wrap=True, justify="left" if col in ("task", "model", "decoder") else "right")
     for r in rows:
@@ -151,20 +160,25 @@ def _print_table(rows: list[dict], title: str, batch_size: int = 1):
                   _mismatch_cell(r))
     console.print(t)
     if batch_size > 1:
-        speed = (f"tok/s: throughput over the batch, all new tokens / wall time of the batched calls ({batch_size} "
+        speed = ("tok/s: throughput over the batch, all new tokens / wall time of the batched calls (" + str(batch_size) + " "
                  "sequences in flight, continuous refill; not per sequence); T/NFE: new tokens per target forward "
                  "a sequence took part in; τ: tokens committed per decoding step; acc.len: new tokens per decode forward; vs ar: that throughput over "
-                 "ar's batched throughput on the same task (and checkpoint) at the same batch size; compiled: each "
+                 "the reference's batched throughput on the same task (and checkpoint) at the same batch size; compiled: each "
                  "decoder's own compile setting (one graph per batch size and step shape; hf: padded chunks of the "
                  "batch size, no refill)")
     else:
         speed = ("tok/s: new tokens per second of decode time; T/NFE: new tokens per target forward (prefill "
                  "included); τ: EAGLE's, tokens committed per decoding step; acc.len: the TiDAR authors' accept length, "
-                 "new tokens per decode forward (prefill forwards excluded); vs ar: tokens/s over the tok/s of the ar row of the same task "
-                 "(and checkpoint), whose compiled column gives the baseline's compile mode; compiled: static-shape "
+                 "new tokens per decode forward (prefill forwards excluded); vs ar: tokens/s over the tok/s of the reference "
+                 "(the first decoder setting) on the same task (and checkpoint), whose compiled column gives the baseline's compile mode; compiled: static-shape "
                  "steps under torch.compile (compile time excluded from tok/s)")
-    console.print(f"{speed}; ≠ar: greedy outputs of a lossless decoder that differ from ar's (must be 0), or of a "
-                  "lossy one (`N lossy`: reported, not a failure)", style="dim")
+    unchecked = sorted({f"{r['decoder']} ({r['lossless_check'].partition(': ')[2]})" for r in rows
+                        if str(r.get("lossless_check") or "").startswith("unchecked")})
+    console.print(f"{speed.replace('vs ar', f'vs {ref}')}; ≠{ref}: greedy outputs of a lossless decoder that differ "
+                  f"from the reference's (must be 0), or of a lossy one (`N lossy`: reported, not a failure); "
+                  "`unchecked`: a lossless decoder with no lossless reference to be checked against", style="dim")
+    if unchecked:
+        console.print(f"[bold yellow]lossless check not done for: {', '.join(unchecked)}[/bold yellow]")
     return console
 
 
@@ -182,16 +196,17 @@ def _run_embedded(tasks, out, limit, device, seed, decoder_arg, allow_code_exec,
         out = Path("runs") / time.strftime("embedded-%Y%m%d-%H%M%S")
     dev = "cpu" if device == "auto" else device
     from ..compiled import normalize
+    from ..provenance import portable_path
 
     result = run_embedded(out, task_list, limit, dev, seed, allow_code_exec, list(decoder_arg or []), normalize(compile))
     info, rows = result["info"], result["rows"]
-    console = _print_table(rows, f"tidar-bench run (embedded suite) -> {out}  (batch 1, seed {seed}; "
+    console = _print_table(rows, f"tidar-bench run (embedded suite) -> {portable_path(out)}  (batch 1, seed {seed}; "
                                  "speedup and ≠ar vs the ar of the same checkpoint)")
     if "mini_code" not in info["identity"]["tasks"]:
         console.print("mini_code skipped: it executes generated code; add --allow-code-exec to include it")
     over = [r["overhead_fraction"] for r in info["runs"].values() if r["overhead_fraction"] is not None]
     console.print(f"harness overhead {100 * max(over or [0]):.2f}% of decode time (worst sub-run); "
-                  f"wall {info['wall_s_this_invocation']:.1f} s; commands and environment in {out}/suite.json")
+                  f"wall {info['wall_s_this_invocation']:.1f} s; commands and environment in {portable_path(out)}/suite.json")
     bad = {f"{sub}/{d}": n for sub, r in info["runs"].items() for d, n in r["mismatches_vs_ar"].items() if n}
     if bad:
         console.print(f"[bold red]lossless decoders differ from their checkpoint's ar: {bad}[/bold red]")

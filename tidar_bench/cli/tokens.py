@@ -41,9 +41,11 @@ def tokenize(
         raise UserError(f"{base} has no tokenizer files")
     docs = (doc for d in data for doc in iter_documents(d, field, tokenizer, split=data_split, streaming=streaming,
                                                         max_docs=max_docs, loss_on=loss_on))
-    index = write_shards(docs, tokenizer, out, shard_tokens=shard_tokens,
-                         meta={"loss_on": loss_on, "sources": [str(d) for d in data], "field": field,
-                               "tokenizer": str(base)})
+    from ..provenance import portable_value
+
+    index = write_shards(docs, tokenizer, out, shard_tokens=shard_tokens,  # paths in portable form
+                         meta={"loss_on": loss_on, "sources": [portable_value(str(d)) for d in data], "field": field,
+                               "tokenizer": portable_value(str(base))})
     print(f"wrote {out}: {index['tokens']} tokens of {index['documents']} documents in {len(index['shards'])} shards")
 
 

@@ -124,7 +124,7 @@ def _safe(name: str) -> str:
 
 def speed_stats(records: list[dict]) -> dict:
     """Totals over decoded requests: tokens/s = total new tokens / total decode wall time, and the
-    three counting conventions (README "Counting conventions"): T/NFE = total tokens / total NFE
+    three counting conventions (docs/speed.md, "Three counting conventions"): T/NFE = total tokens / total NFE
     (prefill forwards counted), mean accepted length = EAGLE's tau (tokens committed per decoding
     step, averaged over all steps), accept length = TiDAR's authors' (total tokens / decode forwards,
     prefill forwards excluded; records without `prefill_forwards` had one).
@@ -173,7 +173,27 @@ def lossy_mismatches(records: list[dict], ar_records: list[dict]) -> int | None:
 
 SUMMARY_COLUMNS = ("task", "decoder", "metric", "filter", "score", "stderr", "tokens_per_s", "tokens_per_nfe",
                    "mean_accepted_length", "speedup_vs_ar", "ar_tokens_per_s", "compiled", "ar_compiled", "n",
-                   "mismatches_vs_ar", "batch_size", "accept_length", "lossy_mismatches_vs_ar")
+                   "mismatches_vs_ar", "batch_size", "accept_length", "lossy_mismatches_vs_ar", "reference",
+                   "lossless_check")
+
+
+def _lossless(records: list[dict]) -> bool:
+    return bool(records) and all(r.get("lossless") for r in records)
+
+
+def lossless_check(decoder: str, reference: str, records: list[dict], ref_records: list[dict],
+                   alone: bool) -> tuple[int | None, int | None, str]:
+    """(lossless mismatches, lossy mismatches, status) of one decoder against the run's reference
+    (the first setting); status as `speed.lossless_status`."""
+    from ..speed import lossless_status
+
+    status = lossless_status(decoder, reference, _lossless(records), _lossless(ref_records), alone)
+    if status == "lossy":
+        return None, lossy_mismatches(records, ref_records), status
+    if status != "checked":
+        return None, None, status
+    m = lossless_mismatches(records, ref_records)
+    return (m, None, status) if m is not None else (None, None, "unchecked: no greedy item in common")
 
 
 def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dict]]], decoders: list[str],
@@ -181,19 +201,22 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
     """One row per task x decoder x metric x filter (`metric` is lm-eval's `metric,filter` key,
     `filter` its filter name: gsm8k has strict-match and flexible-extract). `results[decoder]` is lm-eval's result dict,
     `records[decoder][task]` the decoded requests of that task (groups: of their subtasks). At
-    batch_size > 1 tokens/s (and so the speedup over ar at the same batch size) is over the batch."""
+    batch_size > 1 tokens/s (and so the speedup over the reference at the same batch size) is over the batch.
+
+    The reference is the first decoder setting (`ar` in the shipped runs): the `*_vs_ar` and `ar_*`
+    columns are against it, and the `reference` column names it."""
     rows = []
+    reference = decoders[0]
     for dec in decoders:
         res = results[dec]
         for task, metrics in res["results"].items():
             subtasks = res.get("group_subtasks", {}).get(task) or [task]
             recs = [r for t in subtasks for r in records[dec].get(t, [])]
             sp = speed_stats(recs)
-            ar = [r for t in subtasks for r in records.get("ar", {}).get(t, [])]
-            ar_sp = speed_stats(ar) if ar else None
-            ar_tps = ar_sp["tokens_per_s"] if ar else 0.0
-            mism = None if dec == "ar" or not ar else lossless_mismatches(recs, ar)
-            lossy = None if dec == "ar" or not ar else lossy_mismatches(recs, ar)
+            ref = [r for t in subtasks for r in records.get(reference, {}).get(t, [])]
+            ref_sp = speed_stats(ref) if ref else None
+            ref_tps = ref_sp["tokens_per_s"] if ref else 0.0
+            mism, lossy, status = lossless_check(dec, reference, recs, ref, len(decoders) == 1)
             for key, score in metrics.items():
                 if "," not in key or "_stderr," in key or not isinstance(score, (int, float)):
                     continue
@@ -204,12 +227,13 @@ def summary_rows(results: dict[str, dict], records: dict[str, dict[str, list[dic
                     "stderr": stderr if isinstance(stderr, (int, float)) else None,
                     "tokens_per_s": sp["tokens_per_s"], "tokens_per_nfe": sp["tokens_per_nfe"],
                     "mean_accepted_length": sp["mean_accepted_length"],
-                    "speedup_vs_ar": sp["tokens_per_s"] / ar_tps if ar_tps > 0 else None,
+                    "speedup_vs_ar": sp["tokens_per_s"] / ref_tps if ref_tps > 0 else None,
                     # every speedup comes with its baseline's own tokens/s and compile mode
-                    "ar_tokens_per_s": ar_tps if ar else None, "compiled": sp["compiled"],
-                    "ar_compiled": ar_sp["compiled"] if ar else None,
+                    "ar_tokens_per_s": ref_tps if ref else None, "compiled": sp["compiled"],
+                    "ar_compiled": ref_sp["compiled"] if ref else None,
                     "n": sp["n"], "mismatches_vs_ar": mism, "batch_size": batch_size,
                     "accept_length": sp["accept_length"], "lossy_mismatches_vs_ar": lossy,
+                    "reference": reference, "lossless_check": status,
                 })
     return rows
 

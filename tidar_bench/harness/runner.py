@@ -3,14 +3,21 @@
 For each decoder, lm-eval builds the same requests (same task configs, few-shot, seeds, limit), and
 `TidarBenchLM` decodes them at batch 1 (one warm-up generate first), or with `--batch-size B` B at a
 time through `batched.generate_batch` (one untimed warm-up call), caching each decoded
-request in `cache/<decoder>/<task>.jsonl`. The run folder then gets (`<decoder>` as in --decoders, with
-`%`, `/` and backslash percent-encoded, so `dflash(draft=/a/b)` stays one file name, see `file_label`):
+request in `cache/<decoder>/<task>.jsonl`. The run folder then gets (`<decoder>` the setting's label,
+`registry.parse_settings`: as in --decoders, a path option shown relative to the working folder or as
+`<name>-<hash>` (`provenance.portable_path`), with `%`, `/` and backslash percent-encoded so
+`dflash(draft=ckpt/dflash)` stays one file name, see `file_label`):
 
     run_spec.json                    identity of the command (written first; guards the folder)
     results_<decoder>.json           lm-eval results
     samples_<decoder>_<task>.jsonl   per-sample output + decode stats
     summary.csv                      task, decoder, metric, score, ..., speedup_vs_ar, n
-    run.json                         command, environment, options, overhead, lossless mismatches
+    run.json                         command, environment, options, checkpoints (portable path + sha256
+                                     of the weights), overhead, lossless mismatches
+
+No output holds this machine's absolute paths: every path written (commands, identity, options, lm-eval
+results) goes through `provenance.portable_path` (relative to the working folder, `~/...`, or a short
+name with a hash).
 
 Resume: re-running the same command into the same folder answers every decoded request from the
 cache. Sharding (`torchrun --nproc_per_node N tidar-bench run ...`): rank r decodes every N-th
@@ -27,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..provenance import environment
-from .results import (SampleCache, lossless_mismatches, lossy_mismatches, speed_stats, summary_rows, write_csv, write_json,
+from ..provenance import checkpoint_record, environment, is_path_value, portable_path, portable_value
+from .results import (SampleCache, lossless_check, speed_stats, summary_rows, write_csv, write_json,
                       write_jsonl)
 
 SPEC_FILE = "run_spec.json"
@@ -39,16 +46,30 @@ LM_EVAL_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed
 
 
 def file_label(decoder: str) -> str:
-    """The decoder label as one file-name part: `%`, `/` and `\\` percent-encoded (a decoder option may
-    hold a path, e.g. `dflash(draft=/ckpt/dflash)`, which would otherwise nest folders); other labels
+    """The decoder label as one file-name part: `%`, `/` and `\\` percent-encoded (a label may hold a
+    relative path, e.g. `dflash(draft=ckpt/dflash)`, which would otherwise nest folders); other labels
     are unchanged, so existing run folders and caches keep their names."""
     return decoder.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+
+
+def setting_text(setting, value=lambda v: v) -> str:
+    """A parsed decoder setting written back as `name(k=v,...)`, each option value through `value`:
+    unchanged = the setting as typed (the label of versions before labels were portable, and the cache
+    keys' decoder); `portable_value` = as commands record it."""
+    opts = ",".join(f"{k}={value(v)}" for k, v in setting.options)
+    return setting.name + (f"({opts})" if opts else "")
+
+
+def _portable_arg(arg: str) -> str:
+    """A `--decoder-arg` as outputs record it: a path value (`dflash.draft=/x`) as portable_path."""
+    key, eq, value = arg.partition("=")
+    return f"{key}={portable_value(value.strip())}" if eq and is_path_value(value.strip()) else arg
 
 
 @dataclass
 class RunSpec:
     model: Path
-    decoders: list[str]
+    decoders: list[str]  # the settings as given (`tidar(block_size=4)`, `dflash(draft=/ckpt)`); labels: labels()
     tasks: list[str]
     out: Path
     draft: Path | None = None
@@ -56,7 +77,7 @@ class RunSpec:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    decoder_args: list[str] = field(default_factory=list)  # "key=value" (every decoder having it) or "decoder.key=value"
+    decoder_args: list[str] = field(default_factory=list)  # "decoder.key=value" (bare "key=value": one decoder)
     allow_code_exec: bool = False
     hub_datasets: bool = False
     include_path: Path | None = None  # extra lm-eval task YAMLs instead of the shipped tasks
@@ -67,31 +88,61 @@ class RunSpec:
     compile: str = "auto"  # --compile: default of every decoder's `compile` option (settings override it)
     batch_size: int = 1  # --batch-size: sequences in flight per decoder (batched.generate_batch)
 
+    def settings(self) -> list:
+        """--decoders parsed (registry.parse_settings): each setting's label and options as given."""
+        from ..registry import parse_settings
+
+        return parse_settings(",".join(self.decoders))
+
+    def labels(self) -> list[str]:
+        """The settings' labels (a path option relative to the working folder or `<name>-<hash>`): the
+        keys of results, rows, file names and run.json."""
+        return [st.label for st in self.settings()]
+
     def identity(self) -> dict:
         """What makes two invocations 'the same command' (the folder's own path, so a moved folder
-        still resumes, and sharding excluded). Batch 1 leaves batch_size out, so folders of versions
+        still resumes, and sharding excluded), with every path in portable form (provenance.portable_path
+        of the resolved path; decoder labels): a committed folder resumes on the same machine layout, and
+        run_spec.json holds no absolute path. Batch 1 leaves batch_size out, so folders of versions
         before --batch-size still resume."""
+        d = self._identity()
+        for k in ("model", "draft", "include_path"):
+            d[k] = portable_path(Path(d[k]).resolve()) if d[k] is not None else None
+        d["decoders"] = self.labels()
+        d["decoder_args"] = [_portable_arg(a) for a in self.decoder_args]
+        return d
+
+    def legacy_identity(self) -> dict:
+        """The identity as versions before portable paths wrote it (absolute resolved paths, labels as
+        typed): their run folders still resume (check_out_folder)."""
+        d = self._identity()
+        for k in ("model", "draft", "include_path"):
+            d[k] = str(Path(d[k]).resolve()) if d[k] is not None else None
+        d["decoders"] = [setting_text(st) for st in self.settings()]
+        return d
+
+    def _identity(self) -> dict:
         d = asdict(self)
         del d["out"]
         if d["batch_size"] == 1:
             del d["batch_size"]
-        for k in ("model", "draft", "include_path"):
-            d[k] = str(Path(d[k]).resolve()) if d[k] is not None else None
         d["lm_eval_seeds"] = dict(LM_EVAL_SEEDS)  # folders of older versions (few-shot seed = --seed) differ
         return d
 
     def command_line(self) -> str:
-        parts = ["tidar-bench", "run", "--model", str(self.model), "--decoders", ",".join(self.decoders),
-                 "--tasks", ",".join(self.tasks), "--out", str(self.out), "--device", self.device,
+        """The command as outputs record it: paths in portable form (provenance.portable_path)."""
+        parts = ["tidar-bench", "run", "--model", portable_path(self.model),
+                 "--decoders", ",".join(setting_text(st, portable_value) for st in self.settings()),
+                 "--tasks", ",".join(self.tasks), "--out", portable_path(self.out), "--device", self.device,
                  "--dtype", self.dtype, "--seed", str(self.seed)]
         if self.draft:
-            parts += ["--draft", str(self.draft)]
+            parts += ["--draft", portable_path(self.draft)]
         if self.limit is not None:
             parts += ["--limit", str(self.limit)]
         for a in self.decoder_args:
-            parts += ["--decoder-arg", a]
+            parts += ["--decoder-arg", _portable_arg(a)]
         if self.include_path:
-            parts += ["--include-path", str(self.include_path)]
+            parts += ["--include-path", portable_path(self.include_path)]
         parts += ["--compile", self.compile]
         if self.batch_size != 1:
             parts += ["--batch-size", str(self.batch_size)]
@@ -125,55 +176,25 @@ class Plan:
     task_manager: object
     confirm_unsafe_code: bool
     resolved: dict[str, dict] = field(default_factory=dict)  # label -> decoder.options() once built (run.json)
+    labels: list[str] = field(default_factory=list)  # the decoder setting labels, in --decoders order
+    typed: dict[str, str] = field(default_factory=dict)  # label -> the setting as typed (cache keys, old names)
 
 
 # ----------------------------------------------------------------------------- validation
 
 
 def _decoder_options(spec: RunSpec) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
-    """Per decoder setting of --decoders (`tidar`, `tidar(block_size=4)`, ...): (full options,
-    given options, registered name). Precedence: the setting's own options, then --decoder-arg
-    (`decoder.key=value` for every setting of that decoder, `key=value` for every decoder having
-    it), then --compile for every decoder with a `compile` option."""
-    from ..compiled import normalize
-    from ..registry import decoders, parse_options, parse_settings
+    """Per decoder setting of --decoders: (full options, given options, registered name), from the
+    one settings resolver (`registry.resolve_settings`, shared with `speed` and `generate`)."""
+    from ..registry import decoders, resolve_settings
 
+    settings = resolve_settings(",".join(spec.decoders), spec.decoder_args, spec.compile)
     specs = decoders()
-    settings = parse_settings(",".join(spec.decoders))
-    labels = [st.label for st in settings]
-    names = {st.label: st.name for st in settings}
     for st in settings:
         if specs[st.name].needs_draft and spec.draft is None:
             raise UserError(f"decoder {st.name!r} needs a draft model: pass --draft DIR")
-    raw: dict[str, dict[str, str]] = {lab: {} for lab in labels}
-    for item in spec.decoder_args:
-        if "=" not in item:
-            raise UserError(f"--decoder-arg expects key=value or decoder.key=value, got {item!r}")
-        k, v = (s.strip() for s in item.split("=", 1))
-        scope, _, key = k.rpartition(".")
-        if scope:
-            targets = [lab for lab in labels if scope in (lab, names[lab])]
-            if not targets:
-                raise UserError(f"--decoder-arg {item!r} names decoder {scope!r}, which is not in --decoders")
-        else:
-            targets = [lab for lab in labels if key in specs[names[lab]].option_types()]
-            if not targets:
-                raise UserError(f"no decoder in --decoders has option {key!r}")
-        for lab in targets:
-            raw[lab][key] = v
-    for st in settings:
-        raw[st.label].update(dict(st.options))
-    given = {lab: parse_options(specs[names[lab]], raw[lab]) for lab in labels}
-    compile = normalize(spec.compile)
-    full = {}
-    for lab in labels:
-        params = inspect.signature(specs[names[lab]].factory).parameters
-        defaults = {n: p.default for n, p in params.items()
-                    if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
-        if "compile" in defaults:  # --compile is the default of every decoder's compile option
-            defaults["compile"] = compile
-        full[lab] = {**defaults, **given[lab]}
-    return full, given, names
+    return ({st.label: st.options for st in settings}, {st.label: st.given for st in settings},
+            {st.label: st.name for st in settings})
 
 
 def _resolve_tasks(spec: RunSpec) -> tuple[list[str], object, bool]:
@@ -207,8 +228,9 @@ def _resolve_tasks(spec: RunSpec) -> tuple[list[str], object, bool]:
     return lm_names, ours.task_manager(builtins=not all(n.startswith("tb_") for n in lm_names)), needs
 
 
-def check_out_folder(out: Path, identity: dict) -> None:
-    """A new/empty folder, or a run folder of the same command; never a foreign folder."""
+def check_out_folder(out: Path, identity: dict, also: list[dict] | tuple = ()) -> None:
+    """A new/empty folder, or a run folder of the same command (`identity`, or one of `also`: the same
+    command as an older version recorded it); never a foreign folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -221,7 +243,7 @@ def check_out_folder(out: Path, identity: dict) -> None:
         old = json.loads(marker.read_text())["identity"]
     except (json.JSONDecodeError, KeyError):
         raise UserError(f"--out {out}: {SPEC_FILE} is unreadable; choose another --out")
-    if old != identity:
+    if old != identity and old not in also:
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         raise UserError(f"--out {out} holds a run of a different command (differs in: {', '.join(diff)}); "
                         "choose another --out")
@@ -262,9 +284,29 @@ def prepare(spec: RunSpec) -> Plan:
         read_config(spec.draft)
     resolve_dtype(spec.dtype, resolve_device(spec.device))
     options, given, names = _decoder_options(spec)
-    check_out_folder(spec.out, spec.identity())
+    check_out_folder(spec.out, spec.identity(), [spec.legacy_identity()])
     lm_tasks, tm, unsafe = _resolve_tasks(spec)
-    return Plan(spec, options, given, names, lm_tasks, tm, unsafe)
+    settings = spec.settings()
+    return Plan(spec, options, given, names, lm_tasks, tm, unsafe, labels=[st.label for st in settings],
+                typed={st.label: setting_text(st) for st in settings})
+
+
+def _adopt_old_names(out: Path, plan: Plan) -> None:
+    """A run folder written while labels held the path as typed (`dflash(draft=%2Fckpt%2Fdflash)`): its
+    cache, results and samples files take the label's current name, so the run resumes from them."""
+    if not out.is_dir():
+        return
+    for label, typed in plan.typed.items():
+        old, new = file_label(typed), file_label(label)
+        if old == new:
+            continue
+        moves = [(out / "cache" / old, out / "cache" / new),
+                 (out / f"results_{old}.json", out / f"results_{new}.json")]
+        moves += [(f, out / f"samples_{new}_{f.name[len(f'samples_{old}_'):]}") for f in out.iterdir()
+                  if f.name.startswith(f"samples_{old}_")]
+        for src, dst in moves:
+            if src.exists() and not dst.exists():
+                os.replace(src, dst)
 
 
 # ----------------------------------------------------------------------------- running
@@ -317,6 +359,8 @@ def _evaluate(plan: Plan, decoder: str, ctx, store: SampleCache, shard: tuple[in
     lm = TidarBenchLM(ctx, decoder, given, seed=plan.spec.seed, store=store, shard=shard, progress=progress,
                       decoder_factory=lambda: build_decoder(name, ctx, full), batch_size=plan.spec.batch_size)
     lm.key_info["options"] = plan.options[decoder]
+    # the setting as typed, as every version has keyed the cache (a label's path form would re-key it)
+    lm.key_info["decoder"] = plan.typed.get(decoder, decoder)
     spec = plan.spec
     res = lm_eval.simple_evaluate(model=lm, tasks=list(plan.lm_tasks), task_manager=plan.task_manager,
                                   limit=spec.limit, log_samples=True, bootstrap_iters=1000, **LM_EVAL_SEEDS,
@@ -346,6 +390,7 @@ def run(spec: RunSpec) -> dict:
         if dist.rank == 0:
             try:
                 plan = prepare(spec)
+                _adopt_old_names(Path(spec.out), plan)
                 write_json(Path(spec.out) / SPEC_FILE, {"identity": spec.identity(), "command": spec.command_line()})
             except UserError as e:
                 err = str(e)
@@ -365,7 +410,7 @@ def run(spec: RunSpec) -> dict:
         decoded: dict[str, int] = {}
         if dist.world > 1:  # shard pass: decode this rank's share
             with _progress() as progress:
-                for d in spec.decoders:
+                for d in plan.labels:
                     store = SampleCache(cache_dir / file_label(d), suffix=f".rank{dist.rank}")
                     _, lm = _evaluate(plan, d, ctx, store, (dist.rank, dist.world), progress)
                     decoded[d] = lm.decoded
@@ -373,11 +418,11 @@ def run(spec: RunSpec) -> dict:
             dist.barrier()
             if dist.rank != 0:
                 return None
-            for d in spec.decoders:
+            for d in plan.labels:
                 SampleCache.merge_shards(cache_dir / file_label(d))
         results, records, lms = {}, {}, {}
         with _progress() as progress:
-            for d in spec.decoders:
+            for d in plan.labels:
                 res, lm = _evaluate(plan, d, ctx, SampleCache(cache_dir / file_label(d)), (0, 1), progress)
                 results[d], lms[d] = res, lm
                 records[d] = {}
@@ -421,17 +466,17 @@ def _sample_rows(res: dict, task: str, records: list[dict]) -> list[dict]:
 
 def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_s: float) -> dict:
     spec, out = plan.spec, Path(plan.spec.out)
-    decoders = spec.decoders
+    decoders = plan.labels
     for d in decoders:
         res = results[d]
-        write_json(out / f"results_{file_label(d)}.json", {k: v for k, v in res.items() if k != "samples"})
+        write_json(out / f"results_{file_label(d)}.json", portable_value({k: v for k, v in res.items() if k != "samples"}))
         for task in res.get("samples", {}):
             write_jsonl(out / f"samples_{file_label(d)}_{task}.jsonl", _sample_rows(res, task, records[d].get(task, [])))
     rows = summary_rows(results, records, decoders, spec.batch_size)
     write_csv(out / "summary.csv", rows)
     all_recs = {d: [r for rs in records[d].values() for r in rs] for d in decoders}
-    ar = all_recs.get("ar")
-    mismatches = {d: (lossless_mismatches(all_recs[d], ar) if ar and d != "ar" else None) for d in decoders}
+    reference = decoders[0]  # the first setting: every speedup and lossless check is against it
+    checks = {d: lossless_check(d, reference, all_recs[d], all_recs[reference], len(decoders) == 1) for d in decoders}
     speed = {d: speed_stats(all_recs[d]) for d in decoders}
     decode_s = sum(s["decode_s"] for s in speed.values())
     harness_s = sum(s["harness_s"] for s in speed.values())
@@ -448,13 +493,20 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
         "limit": spec.limit,
         "tasks": spec.tasks,
         "lm_eval_tasks": plan.lm_tasks,
-        "decoders": {d: {"options": plan.options[d], "given": plan.given[d], "resolved": plan.resolved.get(d),
+        # every checkpoint measured: its resolved path (portable form) and the sha256 of its weights
+        "checkpoints": _checkpoints(plan),
+        "decoders": {d: {"options": portable_value(plan.options[d]), "given": portable_value(plan.given[d]),
+                         "resolved": portable_value(plan.resolved.get(d)),
                          "lossless": bool(all_recs[d] and all(r.get("lossless") for r in all_recs[d])),
                          "decoded_this_invocation": decoded.get(d, 0), **speed[d]} for d in decoders},
-        "mismatches_vs_ar": mismatches,
-        # lossy decoders' greedy outputs that differ from ar's: reported, not a failure
-        "lossy_mismatches_vs_ar": {d: (lossy_mismatches(all_recs[d], ar) if ar and d != "ar" else None)
-                                   for d in decoders},
+        "reference": reference,
+        # lossless decoders' greedy outputs that differ from the reference's (must be 0); the key keeps
+        # its name from when the reference was always `ar`
+        "mismatches_vs_ar": {d: c[0] for d, c in checks.items()},
+        # lossy decoders' greedy outputs that differ from the reference's: reported, not a failure
+        "lossy_mismatches_vs_ar": {d: c[1] for d, c in checks.items()},
+        # checked / reference / lossy / unchecked: <why> (a lossless decoder never passes unchecked silently)
+        "lossless_check": {d: c[2] for d, c in checks.items()},
         # per-request bookkeeping outside decoder.generate (tokenising, hashing, cache fsync, progress)
         "harness_s": harness_s,
         "decode_s": decode_s,
@@ -464,3 +516,17 @@ def _write_outputs(plan: Plan, results, records, lms, decoded, world: int, wall_
     }
     write_json(out / "run.json", info)
     return {"info": info, "rows": rows}
+
+
+def _checkpoints(plan: Plan) -> dict:
+    """model, draft and every decoder option naming a checkpoint folder (`dflash(draft=DIR)`, keyed
+    `<label>.<option>`) -> {"path": portable form of the resolved path, "sha256": of its weights}."""
+    spec = plan.spec
+    out = {"model": checkpoint_record(spec.model)}
+    if spec.draft is not None:
+        out["draft"] = checkpoint_record(spec.draft)
+    for d in plan.labels:
+        for k, v in {**(plan.resolved.get(d) or {}), **plan.given[d]}.items():
+            if is_path_value(v) and (Path(v) / "config.json").is_file():
+                out[f"{d}.{k}"] = checkpoint_record(v)
+    return out

@@ -69,17 +69,17 @@ def run_embedded(out: Path, tasks: list[str] | None = None, limit: int | None = 
     check_out_folder(out, identity)
     out = Path(out)
     t0 = time.perf_counter()
-    from ..registry import decoders as registered
+    from ..registry import decoders as registered, split_decoder_arg
 
     options = {d: registered()[d].option_types() for *_, names in GROUPS for d in names}
 
     def takes(arg: str, names: tuple[str, ...]) -> bool:
-        key = arg.split("=", 1)[0].strip()
-        if "." in key:
-            return key.split(".", 1)[0] in names
-        return any(key in options[d] for d in names)
+        return split_decoder_arg(arg, list(options))[0] in names
 
     for a in decoder_args or []:
+        if split_decoder_arg(a, list(options))[0] is None:
+            raise UserError(f"--decoder-arg {a!r}: the embedded suite runs several decoders ({', '.join(options)}); "
+                            "write DECODER.key=value")
         if not any(takes(a, names) for *_, names in GROUPS):
             raise UserError(f"--decoder-arg {a!r}: no decoder of the embedded suite takes it "
                             f"(decoders: {', '.join(options)})")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -50,6 +51,8 @@ from torch import nn
 
 from ..errors import UserError
 from .data import PackedDataset
+
+log = logging.getLogger(__name__)
 
 SHARD_MODES = ("auto", "ddp", "fsdp")
 CHECKPOINT_FORMATS = ("full", "sharded")
@@ -571,7 +574,7 @@ def _resume(run: _Runner, opt, ckpt: Path, trainer: dict) -> tuple[int, list[dic
     if extended:
         line = cfg.replan(saved["step"], saved["steps"])
         if run.rank == 0:
-            print(line)
+            log.info(line)
     if (ckpt / DCP_DIR).is_dir():  # sharded: each rank reads what it holds, whatever world size wrote it
         import torch.distributed.checkpoint as dcp
 
@@ -587,7 +590,7 @@ def _resume(run: _Runner, opt, ckpt: Path, trainer: dict) -> tuple[int, list[dic
         set_optimizer_state_dict(run.module, opt, optim_state, options=run._options(load=True))
     _set_rng(load_file(str(ckpt / "rng.safetensors")), run)
     if run.rank == 0:
-        print(f"resuming from {ckpt} (step {saved['step']} of {trainer['steps']})")
+        log.info(f"resuming from {ckpt} (step {saved['step']} of {trainer['steps']})")
     return saved["step"], saved["history"], saved["evals"]
 
 
