@@ -15,7 +15,7 @@ import torch
 
 from tidar_bench.compiled import steps_for
 from tidar_bench.decoding import next_token
-from tidar_bench.engine import Row, RowDecoder
+from tidar_bench.engine import Row, RowDecoder, Step
 from tidar_bench.registry import DecoderContext, register_decoder
 
 
@@ -50,21 +50,19 @@ class ARDecoder(RowDecoder):
         self._host = torch.empty(batch, dtype=torch.long, pin_memory=self._ahead)
         self._copied = torch.cuda.Event() if self._ahead else None
 
-    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> Step:
         ids = torch.tensor([prompt], device=self.model.device)
         logits = self.model(ids, cache=caches["target"], logits_index=slice(-1, None)).logits[0, -1]
-        row.stats.nfe, row.stats.tokens_fed = 1, [len(prompt)]
-        row.length = len(prompt)
         tok = next_token(logits, self._sp, row.gen)
         self._tok[row.slot, 0] = tok
-        self._pos[row.slot] = row.length
+        self._pos[row.slot] = len(prompt)
         if self._ahead:
             row.state = "prefill"  # its token is read back by the first step, after that step is launched
-            return []
-        return [int(tok)]
+            return Step([], fed=len(prompt), advance=len(prompt))
+        return Step([int(tok)], fed=len(prompt), advance=len(prompt))
 
-    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
-        sp, cache = self._sp, self.caches["target"]
+    def step(self, rows: list[Row | None], caches: dict) -> list[Step | None]:
+        sp, cache = self._sp, caches["target"]
         starts = [r.length if r is not None else 0 for r in rows]
         if None in rows:  # an empty slot (no prompt left to refill it) stays at slot 0, as its start says:
             self._pos[[s for s, r in enumerate(rows) if r is None]] = 0  # else it drifts past window and cache
@@ -76,13 +74,9 @@ class ARDecoder(RowDecoder):
             self._copied.synchronize()  # waits for the copy only, not for the step just launched
             self._pos += 1
             self._tok = nxt
-            if row.state != "prefill":  # the token read now was made by the previous step's forward
-                row.stats.nfe += 1
-                row.stats.tokens_fed.append(1)
-                row.stats.accepted_lengths.append(1)
-            row.state = None
-            row.length += 1
-            return [[int(self._host[0])]]
+            # the token read now was made by the previous step's forward (the prefill's: booked there)
+            first, row.state = row.state == "prefill", None
+            return [Step([int(self._host[0])], fed=1, accepted=1, advance=1, forwards=0 if first else 1)]
         if sp.greedy:
             nxt = self.greedy_steps(self._tok, self._pos.view(-1, 1), cache=cache, start=self._pos, starts=starts)
         else:
@@ -92,17 +86,8 @@ class ARDecoder(RowDecoder):
         self._pos += 1
         self._tok = nxt
         toks = nxt.view(-1).tolist()
-        out: list[list[int] | None] = []
-        for s, row in enumerate(rows):
-            if row is None:
-                out.append(None)
-                continue
-            row.length += 1
-            row.stats.nfe += 1
-            row.stats.tokens_fed.append(1)
-            row.stats.accepted_lengths.append(1)
-            out.append([toks[s]])
-        return out
+        return [Step([toks[s]], fed=1, accepted=1, advance=1) if row is not None else None
+                for s, row in enumerate(rows)]
 
 
 @register_decoder("ar", help="autoregressive, one token per forward (our model core, static KV cache; "

@@ -80,13 +80,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from tidar_bench.compiled import steps_for
 from tidar_bench.decoding import GenerationConfig, sample, warp_probs
-from tidar_bench.engine import Row, RowDecoder
+from tidar_bench.engine import Row, RowDecoder, Step
 from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step
 from tidar_bench.registry import DecoderContext, register_decoder
@@ -100,11 +99,42 @@ FAST_DLLM_MASK_ID = 151665
 FAST_DLLM_SUB_BLOCK = 8
 
 
+# ----------------------------------------------------------------------------- the unmasking rule (shared)
+
+
+def pick(logits: torch.Tensor, sp, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token per row (argmax when greedy, else a sample) and its probability (the confidence)."""
+    if sp.greedy:
+        probs = logits.softmax(-1)
+        tokens = probs.argmax(-1)
+    else:
+        probs = warp_probs(logits, sp)
+        tokens = sample(probs, gen)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def unmask_count(masked: int, steps: int, step: int) -> int:
+    """A fixed-steps schedule: positions to unmask at `step` (0-based) of `steps`, `masked` left."""
+    return math.ceil(masked / (steps - step))
+
+
+def unmask_top(logits: torch.Tensor, block: torch.Tensor, eligible: torch.Tensor, u: int, sp, gen,
+               score: torch.Tensor | None = None) -> torch.Tensor:
+    """The fixed-steps rule (`steps=N`; also `tidar(mode=diffusion)`): a token per position (`pick`),
+    then the u `eligible` positions with the highest `score` (default: the token's confidence,
+    `remasking=low_confidence`; a random score is `remasking=random`) take theirs, in `block` in
+    place. Returns their indices (a device tensor: no host read)."""
+    tokens, conf = pick(logits, sp, gen)
+    idx = (conf if score is None else score).masked_fill(~eligible, -1.0).topk(u).indices
+    block[idx] = tokens[idx]
+    return idx
+
+
 @dataclass
 class _BlockRow:
     """One row's decoding state: what its next forward feeds, and the block being denoised."""
 
-    ids: torch.Tensor  # the committed ids (recomputed without the cache; `on_step` reports them)
+    ids: torch.Tensor  # the committed ids (recomputed without the cache)
     pending: torch.Tensor  # tokens the next forward commits (prompt blocks, or a finished block)
     block: torch.Tensor  # [B] the block being denoised (mask id where unknown)
     known: list[bool]
@@ -161,8 +191,6 @@ class BlockDiffusionDecoder(RowDecoder):
         # SDAR's per-step counts: B // steps each, the remainder to the first steps
         self.step_counts = [block_size // steps + (i < block_size % steps) for i in range(steps)] if steps else []
         self.step_rows = 3 * block_size  # cache headroom: a row feeds at most [finished block | block]
-        # tests observe the committed state after every forward at batch 1: on_step(cache, committed ids)
-        self.on_step: Callable | None = None
         # compiled mode: the block steps (B or 2B tokens at a block-aligned offset) are fixed shapes,
         # one graph per (batch, width); the first forward (prompt blocks + block) and the no-cache
         # setting stay eager
@@ -191,7 +219,7 @@ class BlockDiffusionDecoder(RowDecoder):
         block[: len(head)] = torch.as_tensor(head, dtype=torch.long, device=self.model.device)
         return block, [i < len(head) for i in range(self.B)]
 
-    def prefill(self, row: Row, prompt: list[int], caches: dict) -> list[int]:
+    def prefill(self, row: Row, prompt: list[int], caches: dict) -> Step:
         """The first forward, eager at batch 1 (as Fast-dLLM v2): the prompt's full blocks are
         committed, its last partial block is the head of the first block. SDAR (separate_commit)
         prefills the full blocks alone; with token shift and no partial block, that forward is the
@@ -207,9 +235,8 @@ class BlockDiffusionDecoder(RowDecoder):
             rgen = torch.Generator(device=dev).manual_seed(sp.seed if sp.seed is not None else 0)
         commit = bool(base) and (self.separate_commit or (self.token_shift and base == L))
         row.state = _BlockRow(ids, prompt_t[:base], block, known, L - base, commit, rgen=rgen)
-        row.length = 0
         logits = self._forward1(row, caches.get("target"), first=True)
-        return self._advance(row, logits)
+        return self._advance(row, logits)  # row.length is 0 until the engine books this
 
     def _forward1(self, row: Row, cache, first: bool = False) -> torch.Tensor:
         """The row's forward at batch 1 (the logits of the rows `_advance` reads): fed [pending |
@@ -235,7 +262,7 @@ class BlockDiffusionDecoder(RowDecoder):
             out = self.model(ids[None], mask=mask, logits_index=slice(P + rows.start, P + rows.stop)).logits[0]
         return out
 
-    def _forward_rows(self, rows: list[Row | None]) -> torch.Tensor:
+    def _forward_rows(self, rows: list[Row | None], cache) -> torch.Tensor:
         """One forward of B > 1 rows, each its own [pending | block] (or pending alone) at its own
         offset, padded to the widest (padding and empty slots see only themselves; nobody reads
         them): logits [B, block, V] of each row's block (its committed block's when committing)."""
@@ -263,7 +290,7 @@ class BlockDiffusionDecoder(RowDecoder):
             return self.model(ids, mask=local[:, None], logits_index=idx).logits
         start = torch.tensor(starts, dtype=torch.long, device=dev)
         pos = start[:, None] + self._arange(0, T)[None]
-        return self.runner(ids, pos, cache=self.caches["target"], local_mask=local, logits_index=idx, start=start,
+        return self.runner(ids, pos, cache=cache, local_mask=local, logits_index=idx, start=start,
                            starts=starts).logits
 
     def _row_local(self, n: int, T: int) -> torch.Tensor:
@@ -283,27 +310,23 @@ class BlockDiffusionDecoder(RowDecoder):
             self._local[key] = torch.arange(lo, lo + n, device=self.model.device)
         return self._local[key]
 
-    def step(self, rows: list[Row | None]) -> list[list[int] | None]:
+    def step(self, rows: list[Row | None], caches: dict) -> list[Step | None]:
         if len(rows) == 1:
-            return [self._advance(rows[0], self._forward1(rows[0], self.caches.get("target")))]
-        logits = self._forward_rows(rows)
+            return [self._advance(rows[0], self._forward1(rows[0], caches.get("target")))]
+        logits = self._forward_rows(rows, caches.get("target"))
         return [None if r is None else self._advance(r, logits[s]) for s, r in enumerate(rows)]
 
-    def _advance(self, row: Row, logits: torch.Tensor) -> list[int]:
-        """After a forward of the row: its pending tokens are committed; a commit forward (token
-        shift) gives the next block's head, a denoising forward unmasks by the rule; a finished
-        block becomes the next forward's pending. Returns the tokens the row newly emits."""
+    def _advance(self, row: Row, logits: torch.Tensor) -> Step:
+        """After a forward of the row: its pending tokens are committed (the fed block's KV past
+        them is evicted: overwritten by the next step); a commit forward (token shift) gives the
+        next block's head, a denoising forward unmasks by the rule; a finished block becomes the
+        next forward's pending. Returns the row's Step (tokens: those it newly emits)."""
         st, B, sp = row.state, self.B, self._sp
         p = st.pending.shape[0]
-        row.stats.nfe += 1
-        row.stats.tokens_fed.append(p if st.commit else p + B)
+        fed = p if st.commit else p + B
         if p:
             st.ids[row.length : row.length + p] = st.pending
-            row.length += p
             st.pending = st.pending[:0]
-        cache = self.caches.get("target") if self._batch == 1 else None
-        if cache is not None:
-            cache.length = row.length  # the fed block's KV is evicted (overwritten by the next step)
         logits[:, self.mask_id] = float("-inf")  # the mask token is never an output
         out: list[int] = []
         if st.commit:
@@ -314,13 +337,13 @@ class BlockDiffusionDecoder(RowDecoder):
                 st.known[0] = True
                 st.emitted = 1
                 out = [head]
-            row.stats.accepted_lengths.append(len(out))
+            accepted = len(out)
         else:
             if self.token_shift:  # output j-1 predicts position j (row 0 unused: always known)
                 logits = torch.cat([logits[:1], logits[:-1]])
             idx = self._unmask(logits, st.block, st.known, st.step, sp, row.gen, st.rgen)
             st.step += 1
-            row.stats.accepted_lengths.append(len(idx))
+            accepted = len(idx)
             first_unknown = st.known.index(False) if not all(st.known) else B
             if first_unknown > st.emitted:
                 out = st.block[st.emitted : first_unknown].tolist()
@@ -330,23 +353,11 @@ class BlockDiffusionDecoder(RowDecoder):
                 st.block, st.known = self._new_block([])
                 st.emitted, st.step = 0, 0
                 st.commit = self.token_shift or self.separate_commit
-        if self.on_step is not None:
-            self.on_step(cache, st.ids[: row.length].tolist())
-        return out
-
+        return Step(out, fed=fed, accepted=accepted, advance=p)
 
     # ------------------------------------------------------------------------- unmasking rule
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, sp, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token per row (argmax when greedy, else a sample) and its probability (the confidence)."""
-        if sp.greedy:
-            probs = logits.softmax(-1)
-            tokens = probs.argmax(-1)
-        else:
-            probs = warp_probs(logits, sp)
-            tokens = sample(probs, gen)
-        return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+    _pick = staticmethod(pick)
 
     def _unmask(self, logits, block, known: list[bool], step: int, sp, gen, rgen) -> list[int]:
         """Finalise some masked positions of `block` in place (and in `known`); returns them."""
@@ -356,6 +367,10 @@ class BlockDiffusionDecoder(RowDecoder):
             s = (known.index(False) // self.sub_block) * self.sub_block
             eligible = [e and s <= i < s + self.sub_block for i, e in enumerate(eligible)]
         elig = torch.tensor(eligible, device=block.device)
+        if self.steps is not None and self.remasking not in SDAR_REMASKING:  # ceil(masked / steps left)
+            score = torch.rand(B, generator=rgen, device=block.device) if self.remasking == "random" else None
+            idx = unmask_top(logits, block, elig, unmask_count(sum(eligible), self.steps, step), sp, gen, score)
+            return self._known(known, idx)
         tokens, conf = self._pick(logits, sp, gen)
         if self.remasking in SDAR_REMASKING:
             # SDAR's count for this step, capped at the masked positions (see the module docstring)
@@ -369,19 +384,16 @@ class BlockDiffusionDecoder(RowDecoder):
                     idx = high.nonzero().flatten()
                 else:
                     idx = conf.topk(n).indices
-        elif self.steps is not None:
-            u = math.ceil(sum(eligible) / (self.steps - step))
-            if self.remasking == "random":
-                score = torch.rand(B, generator=rgen, device=block.device)
-            else:
-                score = conf
-            idx = score.masked_fill(~elig, -1.0).topk(u).indices
         else:
             conf = conf.masked_fill(~elig, -1.0)
             chosen = conf >= self.threshold
             chosen[conf.argmax()] = True
             idx = chosen.nonzero().flatten()
         block[idx] = tokens[idx]
+        return self._known(known, idx)
+
+    @staticmethod
+    def _known(known: list[bool], idx: torch.Tensor) -> list[int]:
         out = idx.tolist()
         for i in out:
             known[i] = True

@@ -1,4 +1,4 @@
-"""Compare our DFlash drafter (baselines/dflash.py) with the reference implementation on the same
+"""Compare our DFlash drafter (baselines/dflash_drafter.py) with the reference implementation on the same
 weights: one forward, and the same forward split over two cached steps (context absorbed, block
 cropped, more context + a new block), as the decoders run it.
 
@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import DynamicCache, Qwen3Config
 
     from test_dflash import _official_layout
-    from tidar_bench.baselines.dflash import DFlashConfig, DFlashDrafter
+    from tidar_bench.baselines.dflash_drafter import DFlashConfig, DFlashDrafter
 
     cfg, sd = _official_layout()
     hc = Qwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "dtype")})

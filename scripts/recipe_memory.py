@@ -4,8 +4,8 @@ fp32 gradients and the two AdamW moments, over 1 and 8 GPUs; bf16 sizes of what 
 once), plus the 8K-context activations named in docs/training.md. Computed, not measured.
 
 Qwen3-1.7B shape: hidden 2048, intermediate 6144, 16 heads / 8 KV heads, head_dim 128, rope_theta
-1e6, vocabulary 151936, tied embeddings (../shared/reference/checkpoint-layouts.md); 28 layers is
-Qwen3-1.7B's config.json value, not in the shared references (stated, not verified here).
+1e6, vocabulary 151936, tied embeddings, 28 layers: the values of Qwen3-1.7B's published config.json
+(stated, not read here: no hub access).
 Usage: python scripts/recipe_memory.py
 """
 

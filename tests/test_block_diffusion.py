@@ -127,9 +127,11 @@ def test_threshold_one_equals_reference_and_cache_is_exact(ckpt, shift):
     dec = BlockDiffusionDecoder(model, mask_token_id=MASK, block_size=B, threshold=1.0, token_shift=shift)
     checked = []
 
-    def on_step(cache, committed):
+    def on_step(caches, history):  # the engine's hook: prompt + emitted tokens; the cache holds a prefix
+        cache = caches["target"]
+        committed = history[: cache.length]
         n = len(committed)
-        assert cache.length == n and n % B == 0
+        assert n == cache.length and n % B == 0
         if n:
             fresh = model.new_cache(n)
             model(torch.tensor([committed]), mask=block_causal(n, B), cache=fresh)
@@ -343,9 +345,11 @@ def test_sdar_separate_commit_same_tokens_more_forwards(sdar):
     dec = build_decoder("bd", ctx, {"steps": "1", "separate_commit": "true"})
     seen = []
 
-    def on_step(cache, committed):
+    def on_step(caches, history):
+        cache = caches["target"]
+        committed = history[: cache.length]
         n = len(committed)
-        assert cache.length == n and n % 4 == 0
+        assert n == cache.length and n % 4 == 0
         if n:
             fresh = model.new_cache(n)
             model(torch.tensor([committed]), mask=block_causal(n, 4), cache=fresh)

@@ -12,7 +12,8 @@ import torch
 from tidar_bench import masks
 from tidar_bench.baselines.ar import ARDecoder
 from tidar_bench.baselines.block_diffusion import BlockDiffusionDecoder
-from tidar_bench.baselines.eagle import EagleDecoder, EagleHead
+from tidar_bench.baselines.eagle import EagleDecoder
+from tidar_bench.baselines.eagle_head import EagleHead
 from tidar_bench.compiled import Steps, normalize, resolve, unavailable_reason
 from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError

@@ -13,7 +13,8 @@ import torch
 
 import tidar_bench.baselines.dflash as dflash_mod
 from tidar_bench.baselines.ar import ARDecoder
-from tidar_bench.baselines.dflash import DFlashDecoder, DFlashDrafter, load_dflash_drafter, target_context
+from tidar_bench.baselines.dflash import DFlashDecoder
+from tidar_bench.baselines.dflash_drafter import DFlashDrafter, load_dflash_drafter, target_context
 from tidar_bench.cli import main
 from tidar_bench.compiled import unavailable_reason
 from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
@@ -116,7 +117,8 @@ def test_caches_equal_fresh_prefill_after_every_step(targets, tmp_path):
             dec = DFlashDecoder(model, drafter, draft_sample=ds)
             checked = []
 
-            def on_step(cache, history):
+            def on_step(caches, history):
+                cache = caches["target"]
                 assert cache.length == len(history) - 1
                 with torch.no_grad():
                     fresh = model.new_cache(len(history))
@@ -124,7 +126,7 @@ def test_caches_equal_fresh_prefill_after_every_step(targets, tmp_path):
                     for got, want in zip(cache.snapshot(), fresh.snapshot()):
                         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
                     # drafter cache: the context entries of the first dcache.length committed positions
-                    dc = dec._dcache
+                    dc = caches["draft"]
                     n = dc.length
                     assert n < len(history) - 1  # this step's accepted features are still pending
                     fresh_d = drafter.new_cache(n + 1)

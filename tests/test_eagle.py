@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import tidar_bench.baselines.eagle as eagle_mod
 from tidar_bench.baselines.ar import ARDecoder
-from tidar_bench.baselines.eagle import EagleDecoder, EagleHead, load_eagle_head, target_features
+from tidar_bench.baselines.eagle import EagleDecoder
+from tidar_bench.baselines.eagle_head import EagleHead, load_eagle_head, target_features
 from tidar_bench.cli import main
 from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
@@ -136,7 +137,8 @@ def test_caches_equal_fresh_prefill_after_every_step(targets, form, tmp_path):
             dec = EagleDecoder(model, head, **opts)
             checked = []
 
-            def on_step(cache, history):
+            def on_step(caches, history):
+                cache = caches["target"]
                 assert cache.length == len(history) - 1
                 with torch.no_grad():
                     fresh = model.new_cache(len(history))
@@ -144,7 +146,7 @@ def test_caches_equal_fresh_prefill_after_every_step(targets, form, tmp_path):
                     for got, want in zip(cache.snapshot(), fresh.snapshot()):
                         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
                     # head cache: the committed pairs (feature i, token i+1) before this step's path
-                    hc = dec._hcache
+                    hc = caches["head"]
                     n = hc.length
                     fresh_h = head.new_cache(n)
                     feats = target_features(model, out.hidden_states, head.form)[:, :n]

@@ -66,11 +66,11 @@ def test_default_run_without_model(tmp_path, capsys):
     out = tmp_path / "emb"
     assert main(["run", "--tasks", "mini_gsm", "--limit", "2", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for name in ("hf", "eagle", "dflash", "tidar", "bd"):
+    for name in ("hf", "eagle", "dflash", "lookup", "tidar", "bd"):
         assert name in table
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert {(r["model"], r["decoder"]) for r in rows} == {("base", "ar"), ("base", "hf"), ("base", "eagle"),
-                                                          ("base", "dflash"), ("tidar", "ar"), ("tidar", "tidar"), ("bd", "ar"),
+                                                          ("base", "dflash"), ("base", "lookup"), ("tidar", "ar"), ("tidar", "tidar"), ("bd", "ar"),
                                                           ("bd", "bd")}
     assert all(r["n"] == "2" for r in rows)
     by = {(r["model"], r["decoder"]): r for r in rows}

@@ -13,8 +13,10 @@ import torch
 
 import tidar_bench.baselines.dflash as dflash_mod
 from tidar_bench.baselines.ar import ARDecoder
-from tidar_bench.baselines.dflash import DFlashConfig, DFlashDecoder, DFlashDrafter, load_dflash_drafter
-from tidar_bench.baselines.eagle import EagleDecoder, load_eagle_head
+from tidar_bench.baselines.dflash import DFlashDecoder
+from tidar_bench.baselines.dflash_drafter import DFlashConfig, DFlashDrafter, load_dflash_drafter
+from tidar_bench.baselines.eagle import EagleDecoder
+from tidar_bench.baselines.eagle_head import load_eagle_head
 from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.formats import detect

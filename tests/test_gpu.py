@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tidar_bench.baselines.ar import ARDecoder
-from tidar_bench.baselines.eagle import EagleDecoder, EagleHead
+from tidar_bench.baselines.eagle import EagleDecoder
+from tidar_bench.baselines.eagle_head import EagleHead
 from tidar_bench.decoding import GenerationConfig
 from tidar_bench.model import load_model
 from tidar_bench.testing import FAMILIES, make_hf_model

@@ -24,8 +24,10 @@ import pytest
 import torch
 
 from tidar_bench.baselines.ar import ARDecoder
-from tidar_bench.baselines.dflash import DFlashDecoder, load_dflash_drafter, target_context
-from tidar_bench.baselines.eagle import EagleDecoder, load_eagle_head, target_features
+from tidar_bench.baselines.dflash import DFlashDecoder
+from tidar_bench.baselines.dflash_drafter import load_dflash_drafter, target_context
+from tidar_bench.baselines.eagle import EagleDecoder
+from tidar_bench.baselines.eagle_head import load_eagle_head, target_features
 from tidar_bench.decoding import GenerationConfig
 from tidar_bench.model import load_model
 from tidar_bench.testing import make_hf_model

@@ -21,6 +21,7 @@ from tidar_bench.masks import tidar_first_step, tidar_step
 from tidar_bench.model import load_model
 from tidar_bench.testing import make_hf_model
 from tidar_bench.tidar import TidarDecoder
+from tidar_bench.tidar_authors import penalised
 
 V = 96
 MASK = V - 2
@@ -150,9 +151,7 @@ def test_repetition_penalty_equals_transformers():
         ids = torch.tensor(ctx)
         assert torch.equal(repetition_penalty(logits[0], ids, 1.2), proc(ids[None], logits[:1].clone())[0])
     # the block-sequential use (variant C): row o penalised for the offset-0 token + earlier picks
-    d = TidarDecoder.__new__(TidarDecoder)
-    d.draft_penalty = 1.2
-    got = d._penalised(logits, first=9)
+    got = penalised(logits, first=9, penalty=1.2)
     ctx = [9]
     for o in range(logits.shape[0]):
         want = proc(torch.tensor([ctx]), logits[o : o + 1].clone())[0]
@@ -358,7 +357,7 @@ class _ConventionStub:
 
 @pytest.mark.parametrize("shifted", [False, True])
 def test_convention_check_tells_a_shifted_checkpoint(shifted):
-    from tidar_bench.tidar import convention_check
+    from tidar_bench.checkpoint import convention_check
 
     out = convention_check(_ConventionStub(shifted), MASK, 4, _prompts(3))
     assert out["verdict"] == ("looks shifted by one position" if shifted else "unshifted")

@@ -78,7 +78,8 @@ def test_cache_equals_fresh_prefill_after_every_step(models):
         td = TidarDecoder(model, mask_token_id=MASK, block_size=k, max_blocks=max_blocks)
         checked = []
 
-        def on_step(cache, history):
+        def on_step(caches, history):
+            cache = caches["target"]
             assert cache.length == len(history) - 1
             fresh = model.new_cache(len(history))
             model(torch.tensor([history[:-1]]), cache=fresh)
@@ -89,7 +90,7 @@ def test_cache_equals_fresh_prefill_after_every_step(models):
         td.on_step = on_step
         for p in _prompts(3, seed=11):
             g = td.generate(p, GenerationConfig(max_new_tokens=16, sampling=sp))
-            assert checked[-1] == len(p) + 1 + sum(g.stats.accepted_lengths[:-1])  # the last step's input
+            assert checked[-1] == len(p) + 1 + sum(g.stats.accepted_lengths)  # after the last step
         assert len(checked) >= 3 * 5
 
 
@@ -235,3 +236,65 @@ def test_registry_build_and_option_errors(models):
             build_decoder("tidar", ctx, bad)
     with pytest.raises(UserError):
         build_decoder("tidar", DecoderContext(models["llama"][0].parent, device="cpu"), {})
+
+
+def test_factory_options_are_the_options_dataclass():
+    """`tidar`'s factory takes exactly TidarOptions' fields (mask_token_id comes from the checkpoint) plus
+    preset, with the dataclass's defaults but for block_size (the checkpoint's) and compile (auto)."""
+    import dataclasses
+    import inspect
+
+    from tidar_bench.tidar_options import TidarOptions
+
+    params = inspect.signature(tidar_mod.build).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(TidarOptions)}
+    assert set(params) - {"ctx"} == set(fields) - {"mask_token_id"} | {"preset"}
+    differ = {n for n, f in fields.items() if n in params and params[n].default != f}
+    assert differ == {"block_size", "compile"}
+    with pytest.raises(UserError, match="rule must be one of exact, authors, authors-greedy"):
+        TidarOptions(mask_token_id=0, rule="sglang")
+    o = TidarOptions(mask_token_id=0, rule="authors", first_token="ar")
+    assert (o.first_token, o.prefill, o.accept, o.offset0, o.lossless) == ("ar", "two", "ratio", 1, False)
+
+
+def test_padded_layout_is_the_hand_built_one():
+    """`masks.tidar_padded_step`: k causal slots, then n_blocks blocks (block b serves outcomes[b], the
+    rest see x and themselves), as the decoder used to build it by hand."""
+    from tidar_bench.masks import tidar_padded_step, tidar_step
+
+    for k, nb, outcomes in ((4, 4, (0, 1, 2, 3)), (4, 2, (1, 3)), (5, 3, (2,)), (1, 1, (0,))):
+        n = k + nb * k
+        local = torch.zeros(n, n, dtype=torch.bool)
+        local[:k, :k] = torch.ones(k, k, dtype=torch.bool).tril()
+        pos = torch.zeros(n, dtype=torch.long)
+        pos[:k] = torch.arange(k)
+        for b in range(nb):
+            s, j = k + b * k, outcomes[b] if b < len(outcomes) else 0
+            local[s : s + k, : j + 1] = True
+            local[s : s + k, s : s + k] = True
+            pos[s : s + k] = torch.arange(j + 1, j + 1 + k)
+        lay = tidar_padded_step(k, nb, outcomes)
+        assert lay.n_fed == n and lay.n_causal == k
+        assert [lay.block_start(b) for b in range(nb)] == [k + b * k for b in range(nb)]
+        assert torch.equal(tidar_step(lay), local) and torch.equal(lay.positions(), pos)
+
+
+def test_diffusion_mode_is_its_own_decoder_with_bds_unmasking(models, monkeypatch):
+    from tidar_bench import tidar_diffusion
+    from tidar_bench.baselines import block_diffusion
+
+    model = models["llama"][1]
+    td = TidarDecoder(model, mask_token_id=MASK, block_size=4, mode="diffusion", steps=2)
+    assert isinstance(td, tidar_diffusion.TidarDiffusionDecoder) and not isinstance(td, TidarDecoder)
+    assert tidar_diffusion.unmask_top is block_diffusion.unmask_top
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(a[3])
+        return block_diffusion.unmask_top(*a, **kw)
+
+    monkeypatch.setattr(tidar_diffusion, "unmask_top", spy)
+    g = td.generate([5, 9], GenerationConfig(max_new_tokens=8))
+    assert len(g.tokens) == 8 and calls == [2, 2, 2, 2]  # two blocks, two forwards of 2 positions each
+    with pytest.raises(UserError, match="apply to mode=tidar only"):
+        TidarDecoder(model, mask_token_id=MASK, block_size=4, mode="diffusion", rule="authors")

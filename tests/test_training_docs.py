@@ -158,7 +158,7 @@ def test_tidar_ar_and_block_diffusion_packed_loss_equals_documents_alone(base):
 def test_eagle_and_dflash_stay_within_documents(base):
     """EAGLE: the packed loss of each TTT step equals the per-document losses (weighted by their
     counted pairs). DFlash: anchors only where the block fits one document, context only from it."""
-    from tidar_bench.baselines.eagle import EagleHead
+    from tidar_bench.baselines.eagle_head import EagleHead
     from tidar_bench.training.dflash import block_mask, sample_anchors
     from tidar_bench.training.eagle_head import EagleHeadObjective
 

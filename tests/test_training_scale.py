@@ -115,7 +115,7 @@ def _objective(kind, base, tok):
         return TidarObjective.from_checkpoint(base / "ckpt", tok, "cpu", block_size=4)
     if kind == "block_diffusion":  # random noise per step: the RNG state must be restored
         return BlockDiffusionObjective(load_model(base / "ckpt", "float32", "cpu").requires_grad_(True), tok, block_size=4)
-    from tidar_bench.baselines.eagle import EagleHead
+    from tidar_bench.baselines.eagle_head import EagleHead
 
     target = load_model(base / "ckpt", "float32", "cpu")
     return EagleHeadObjective(target, EagleHead.from_target(target, "eagle3", seed=1), ttt_steps=2)

@@ -17,7 +17,7 @@ Shared here so that AR, TiDAR, EAGLE and block diffusion apply them identically:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -96,21 +96,10 @@ class DecodeStats:
         return sum(a) / len(a) if a else 0.0
 
     def as_dict(self) -> dict:
-        return {
-            "nfe": self.nfe,
-            "new_tokens": self.new_tokens,
-            "wall_time_s": self.wall_time_s,
-            "prefill_time_s": self.prefill_time_s,
-            "tokens_per_nfe": self.tokens_per_nfe,
-            "tokens_per_s": self.tokens_per_s,
-            "mean_accepted_length": self.mean_accepted_length,
-            "accept_length": self.accept_length,
-            "prefill_forwards": self.prefill_forwards,
-            "accepted_lengths": list(self.accepted_lengths),
-            "tokens_fed": list(self.tokens_fed),
-            "draft_forwards": self.draft_forwards,
-            "compile_s": self.compile_s,
-        }
+        """Every field (lists copied) and every derived rate above."""
+        return {**asdict(self), **{name: getattr(self, name) for name in self.DERIVED}}
+
+    DERIVED = ("tokens_per_nfe", "tokens_per_s", "mean_accepted_length", "accept_length")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Which ecosystem a draft checkpoint comes from, read from what its config.json says.
 
 Drafters for the same algorithm are published in several layouts whose config keys, tensor names and
-layer-id meanings differ (../shared/reference/checkpoint-layouts.md; docs/checkpoints.md "Draft checkpoint
-formats"). The loaders (`baselines/eagle.py`, `baselines/dflash.py`) ask `detect` once and then
+layer-id meanings differ (docs/checkpoints.md "Draft checkpoint
+formats"). The loaders (`baselines/eagle_head.py`, `baselines/dflash_drafter.py`) ask `detect` once and then
 read one normalised, flat config (`flat_config`), so every difference is handled in one visible
 place and anything unknown is refused by name rather than approximated.
 

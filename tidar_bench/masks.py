@@ -90,7 +90,7 @@ class TidarStepLayout:
     cached: int  # P: cache length before this step
     n_drafts: int  # m
     block_size: int  # k
-    outcomes: tuple[int, ...]  # which j get a pre-draft block, ascending, subset of 0..m
+    outcomes: tuple[int, ...]  # which j get a pre-draft block, ascending, subset of 0..m (`tidar_padded_step`: padded)
 
     @property
     def n_causal(self) -> int:
@@ -123,6 +123,19 @@ def tidar_step(layout: TidarStepLayout, device: torch.device | str = "cpu") -> t
         m[s : s + k, P : P + j + 1] = True  # x and the first j drafts
         m[s : s + k, P + s : P + s + k] = True  # own block, bidirectional
     return m
+
+
+def tidar_padded_step(block_size: int, n_blocks: int, outcomes: tuple[int, ...]) -> TidarStepLayout:
+    """The fixed-shape step (compiled, and every row at B > 1): always k causal slots (x, the m
+    drafts, then padding that no real row attends to and nothing verifies) and `n_blocks` blocks of
+    k. Block b serves outcomes[b] exactly as in `tidar_step`; the unused blocks (outcome 0: they see
+    x and themselves) are ignored. So every step has one shape and only the mask and positions
+    change. A `TidarStepLayout` with m = k-1 and `n_blocks` outcomes (not ascending: the padding
+    blocks come last), so `tidar_step` and `positions` give its mask and positions."""
+    if len(outcomes) > n_blocks:
+        raise ValueError(f"{len(outcomes)} outcomes do not fit in {n_blocks} blocks")
+    padded = tuple(outcomes) + (0,) * (n_blocks - len(outcomes))
+    return TidarStepLayout(cached=0, n_drafts=block_size - 1, block_size=block_size, outcomes=padded)
 
 
 def tidar_first_step(prompt_len: int, block_size: int, device: torch.device | str = "cpu") -> TidarStepLayout:

@@ -24,6 +24,7 @@ DECODER_MODULES = (
     "tidar_bench.baselines.block_diffusion",
     "tidar_bench.baselines.eagle",
     "tidar_bench.baselines.dflash",
+    "tidar_bench.baselines.lookup",
 )
 
 

@@ -207,7 +207,7 @@ def speculators_drafter(c, kind: str = "dspark", *, block_size: int = 4, draft_v
                         n_layers: int = 2, sliding: int | None = 3, seed: int = 1, aux=(1, 3), **top):
     """A speculators DFlash/DSpark config (nested; `sliding`: all layers but the last sliding-window, as
     rasyosef/Qwen3-1.7B-DSpark) and a random drafter of that config: (raw config, DFlashDrafter)."""
-    from tidar_bench.baselines.dflash import DFlashConfig, DFlashDrafter
+    from tidar_bench.baselines.dflash_drafter import DFlashConfig, DFlashDrafter
     from tidar_bench.formats import flat_config
     from tidar_bench.model import init_weights
 

@@ -263,7 +263,7 @@ def speed_cmd(
     compiled = {n: bool(d.options().get("compile", False)) for n, d in zip(labels, decs)}
     ref_tps = sums[labels[0]].tokens_per_s
     t = Table(title=f"speed: {source}, up to {max_new_tokens} new tokens, "
-                    f"{'random ' + config if config else path}, {dev_name or dev}, {ctx.model.dtype}, "
+                    f"{'random ' + config if config else portable_path(path)}, {dev_name or dev}, {ctx.model.dtype}, "
                     f"{torch.get_num_threads()} threads")
     cols = ["decoder", "compiled", "tokens/s", "T/NFE", "τ", "acc.len", "e2e s / TPOT ms (median)",
             f"vs {labels[0]} (total)", "paired ratio median [min-max]", "compile s", f"≠{labels[0]}"]
@@ -358,6 +358,7 @@ def _speed_batched(decs: dict, prompts: list, cfg, batch_sizes: list[int], round
     from rich.table import Table
 
     from ..batched import speed_batch, supports_batch
+    from ..provenance import portable_path
 
     for label, d in decs.items():
         why = supports_batch(d)
@@ -370,7 +371,7 @@ def _speed_batched(decs: dict, prompts: list, cfg, batch_sizes: list[int], round
     ref = res["reference"]
     dev = ctx.model.device
     t = Table(title=f"batched speed: {source}, up to {max_new_tokens} new tokens, "
-                    f"{'random ' + config if config else model}, {dev}, {ctx.model.dtype}, {torch.get_num_threads()} threads, "
+                    f"{'random ' + config if config else portable_path(model)}, {dev}, {ctx.model.dtype}, {torch.get_num_threads()} threads, "
                     f"{rounds} paired rounds per batch size")
     for col in ("batch", "decoder", "tokens/s (batch)", "T/NFE", "per-seq latency s: median [q1-q3]",
                 f"speedup vs {ref}", "paired ratio median [min-max]", "lossless mismatches"):

@@ -52,7 +52,7 @@ def train_dflash(
     scale: dict | None = None,
 ) -> None:
     """DFlash drafter (block diffusion conditioned on the target's features) trained on the target's outputs."""
-    from tidar_bench.baselines.dflash import DFlashDrafter
+    from tidar_bench.baselines.dflash_drafter import DFlashDrafter
     from ..model import load_model
     from ..training.dflash import LABELS, DFlashObjective
 

@@ -36,7 +36,7 @@ def train_eagle(
     """EAGLE draft head (EAGLE-3 or EAGLE-1 style) trained on the target's own features and distributions."""
     import torch
 
-    from tidar_bench.baselines.eagle import FORMS, EagleHead
+    from tidar_bench.baselines.eagle_head import FORMS, EagleHead
     from ..model import load_model
     from ..training.data import read_texts
     from ..training.eagle_head import EagleHeadObjective, frequent_tokens

@@ -27,7 +27,7 @@ from .tasks import MINI_TASKS
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
 GROUPS = (  # sub-folder, checkpoint, draft head, decoders
-    ("base", "base", "eagle", ("ar", "hf", "eagle", "dflash")),
+    ("base", "base", "eagle", ("ar", "hf", "eagle", "dflash", "lookup")),
     ("tidar", "tidar", None, ("ar", "tidar")),
     ("bd", "bd", None, ("ar", "bd")),
 )

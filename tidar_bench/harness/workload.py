@@ -1,4 +1,4 @@
-"""The TiDAR authors' benchmark workload (../shared/reference/tidar-official.md section 5), built
+"""The TiDAR authors' benchmark workload (docs/speed.md, "The authors' workload"), built
 offline from the shipped task data: `speed --workload authors`.
 
 Their client sends, per task, lm-eval's few-shot context of each test document as raw text (no chat

@@ -1,4 +1,4 @@
-"""DFlash drafter objective: train `tidar_bench.baselines.dflash.DFlashDrafter` on a frozen target.
+"""DFlash drafter objective: train `tidar_bench.baselines.dflash_drafter.DFlashDrafter` on a frozen target.
 
 Per batch x [B, S] the frozen target runs once (no grad) and gives, at every position, the
 drafter's context features (its hidden states at `target_layer_ids`) and its next-token
@@ -96,7 +96,7 @@ class DFlashObjective:
         return self.drafter
 
     def loss(self, trainable, batch):
-        from tidar_bench.baselines.dflash import target_context
+        from tidar_bench.baselines.dflash_drafter import target_context
 
         batch, doc, _ = unpack(batch)  # the labels are the target's (or the data's) own: no loss mask
         B, S = batch.shape

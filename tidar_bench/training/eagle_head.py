@@ -1,4 +1,4 @@
-"""EAGLE draft-head objective: train `tidar_bench.baselines.eagle.EagleHead` on a frozen target.
+"""EAGLE draft-head objective: train `tidar_bench.baselines.eagle_head.EagleHead` on a frozen target.
 
 Per batch x [B, S] the frozen target runs once (no grad) and gives, at every position, the head's
 input features (`target_features`: EAGLE-3 low/mid/high taps or EAGLE-1's last normed state) and
@@ -89,7 +89,7 @@ class EagleHeadObjective:
         return self._masks[key]
 
     def loss(self, trainable, batch):
-        from tidar_bench.baselines.eagle import target_features
+        from tidar_bench.baselines.eagle_head import target_features
 
         batch, doc, _ = unpack(batch)  # the labels are the target's own distributions: no loss mask
         B, S = batch.shape
