@@ -10,11 +10,14 @@ two values are constants of the authors' server code, provided here as the prese
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 TIDAR_CONFIG = "tidar_config.json"
 
@@ -133,15 +136,12 @@ def _check_prompts(tokenizer, vocab: int, mask_id: int) -> list[list[int]]:
 def check_preset(model, tokenizer, cfg: TidarConfig, source: str, model_path) -> dict | None:
     """`convention_check` of a preset checkpoint (someone else's: is its diffusion convention ours?),
     with a warning on stderr when it looks shifted; None for our own checkpoints (tidar_config.json)."""
-    import sys
-
     if not source.startswith("preset"):
         return None
     check = convention_check(model, cfg.mask_token_id, cfg.block_size,
                              _check_prompts(tokenizer, model.config.vocab_size, cfg.mask_token_id))
     if check["verdict"] != "unshifted":
-        print(f"warning: {model_path}: the prefill block's offset-0 argmax agrees with the AR argmax one position "
+        log.warning(f"warning: {model_path}: the prefill block's offset-0 argmax agrees with the AR argmax one position "
               f"later ({check['offset0_agrees_with_ar_next_position']:.0%}) more than at its own position "
-              f"({check['offset0_agrees_with_ar_same_position']:.0%}): the checkpoint looks shifted by one",
-              file=sys.stderr)
+              f"({check['offset0_agrees_with_ar_same_position']:.0%}): the checkpoint looks shifted by one")
     return check

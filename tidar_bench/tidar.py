@@ -35,7 +35,7 @@ with each row's own generator), read back once per step (`_verify`).
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,8 @@ from .masks import TidarStepLayout, tidar_first_step, tidar_padded_step
 from .registry import DecoderContext, register_decoder
 from .tidar_base import StepShape, TidarBase
 from .tidar_diffusion import TidarDiffusionDecoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -281,7 +283,7 @@ def build(ctx: DecoderContext, *, block_size: int | None = None, beta: float = 1
     options = dict(locals())  # every keyword option but preset is a TidarOptions field
     del options["ctx"], options["preset"]
     cfg, source = TidarConfig.resolve(ctx.model_path, preset)
-    print(f"tidar: mask_token_id {cfg.mask_token_id}, block_size {cfg.block_size} from {source}", file=sys.stderr)
+    log.info(f"tidar: mask_token_id {cfg.mask_token_id}, block_size {cfg.block_size} from {source}")
     check = check_preset(ctx.model, ctx.tokenizer, cfg, source, ctx.model_path)
     if block_size is None:
         options["block_size"] = cfg.block_size
