@@ -77,19 +77,19 @@ SDAR's own code: scripts/reference/sdar_check.py, results/reference/sdar.txt.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tidar_bench.compiled import steps_for
-from tidar_bench.decoding import GenerationConfig, sample, warp_probs
+from tidar_bench.decoding import GenerationConfig
 from tidar_bench.engine import Row, RowDecoder, Step
 from tidar_bench.errors import UserError
 from tidar_bench.masks import block_causal, block_diffusion_step
 from tidar_bench.registry import DecoderContext, register_decoder
 from tidar_bench.training.block_diffusion import BDConfig
+from tidar_bench.unmasking import pick, unmask_count, unmask_top
 
 SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "sequential")
 REMASKING = ("low_confidence", "random") + SDAR_REMASKING
@@ -97,37 +97,6 @@ FAST_DLLM_MODEL_TYPE = "Fast_dLLM_Qwen"
 SDAR_MODEL_TYPE = "sdar"
 FAST_DLLM_MASK_ID = 151665
 FAST_DLLM_SUB_BLOCK = 8
-
-
-# ----------------------------------------------------------------------------- the unmasking rule (shared)
-
-
-def pick(logits: torch.Tensor, sp, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token per row (argmax when greedy, else a sample) and its probability (the confidence)."""
-    if sp.greedy:
-        probs = logits.softmax(-1)
-        tokens = probs.argmax(-1)
-    else:
-        probs = warp_probs(logits, sp)
-        tokens = sample(probs, gen)
-    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def unmask_count(masked: int, steps: int, step: int) -> int:
-    """A fixed-steps schedule: positions to unmask at `step` (0-based) of `steps`, `masked` left."""
-    return math.ceil(masked / (steps - step))
-
-
-def unmask_top(logits: torch.Tensor, block: torch.Tensor, eligible: torch.Tensor, u: int, sp, gen,
-               score: torch.Tensor | None = None) -> torch.Tensor:
-    """The fixed-steps rule (`steps=N`; also `tidar(mode=diffusion)`): a token per position (`pick`),
-    then the u `eligible` positions with the highest `score` (default: the token's confidence,
-    `remasking=low_confidence`; a random score is `remasking=random`) take theirs, in `block` in
-    place. Returns their indices (a device tensor: no host read)."""
-    tokens, conf = pick(logits, sp, gen)
-    idx = (conf if score is None else score).masked_fill(~eligible, -1.0).topk(u).indices
-    block[idx] = tokens[idx]
-    return idx
 
 
 @dataclass

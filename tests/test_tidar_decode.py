@@ -280,18 +280,18 @@ def test_padded_layout_is_the_hand_built_one():
 
 
 def test_diffusion_mode_is_its_own_decoder_with_bds_unmasking(models, monkeypatch):
-    from tidar_bench import tidar_diffusion
+    from tidar_bench import tidar_diffusion, unmasking
     from tidar_bench.baselines import block_diffusion
 
     model = models["llama"][1]
     td = TidarDecoder(model, mask_token_id=MASK, block_size=4, mode="diffusion", steps=2)
     assert isinstance(td, tidar_diffusion.TidarDiffusionDecoder) and not isinstance(td, TidarDecoder)
-    assert tidar_diffusion.unmask_top is block_diffusion.unmask_top
+    assert tidar_diffusion.unmask_top is block_diffusion.unmask_top is unmasking.unmask_top
     calls = []
 
     def spy(*a, **kw):
         calls.append(a[3])
-        return block_diffusion.unmask_top(*a, **kw)
+        return unmasking.unmask_top(*a, **kw)
 
     monkeypatch.setattr(tidar_diffusion, "unmask_top", spy)
     g = td.generate([5, 9], GenerationConfig(max_new_tokens=8))

@@ -1,5 +1,5 @@
 """The LOSSY rules `tidar` can decode by: the TiDAR authors' own (their SGLang worker,
-../shared/reference/tidar-official.md sections 3-4 and 6), and our probability mix `beta`. Every
+as docs/decoders.md "TiDAR: the authors' rules" describes it), and our probability mix `beta`. Every
 function here is LOSSY: greedy outputs are not `ar`'s. Each is off by default; `TidarDecoder` calls
 them only when its options (`tidar_options.TidarOptions`) turn them on, and the exact path never
 touches this module.

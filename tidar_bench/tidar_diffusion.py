@@ -3,7 +3,7 @@
 Block by block, iterative denoising with the diffusion rows only. Each block of k masks (seeing
 every committed token before it, as in training) takes `steps` forwards; each unmasks the most
 confident still-masked positions, ceil(remaining / steps left) of them: `bd`'s fixed-steps rule
-(`baselines.block_diffusion.unmask_top`, `remasking=low_confidence`). The forward that starts block
+(`unmasking.unmask_top`, `bd`'s rule with `remasking=low_confidence`). The forward that starts block
 b+1 also writes block b's KV causally (TiDAR's one-step layout with m = k-1 and one block). Per row, a
 step is one of those forwards; a finished block is committed to the output at once.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .baselines.block_diffusion import unmask_count, unmask_top
+from .unmasking import unmask_count, unmask_top
 from .decoding import GenerationConfig
 from .engine import Row, Step
 from .masks import TidarStepLayout, tidar_first_step

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..decoding import accepted_prefix
 from ..errors import UserError
 from ..masks import ar_mod, dense, doc_positions
 from .data import unpack
@@ -135,7 +136,7 @@ class DFlashObjective:
         loss = (ce * w).sum() / (w.sum() * B)
         with torch.no_grad():
             hit = (logp.argmax(-1) == label_top).view(B, N, k - 1)
-            run = hit.int().cumprod(-1).sum(-1).float()
+            run = accepted_prefix(hit).float()  # the chain's accepted drafts, as decoding counts them
             metrics = {"ce": ce.mean(), "acc": hit.float().mean(), "tau": 1 + run.mean()}
             if self.labels == "target":  # CE minus the label's entropy: the part the drafter can still learn
                 metrics["kl"] = (ce + (probs * probs.clamp_min(1e-12).log()).sum(-1)).mean()
