@@ -17,11 +17,11 @@ from tidar_bench.baselines.dflash import DFlashDecoder
 from tidar_bench.baselines.dflash_drafter import DFlashDrafter, load_dflash_drafter, target_context
 from tidar_bench.cli import main
 from tidar_bench.compiled import unavailable_reason
-from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
+from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model
+from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model, always_accept_chain
 from test_eagle import _functional_target, _prompts
 
 
@@ -178,11 +178,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         assert accept_rate > 0.15, ds  # token 2 often is an accepted draft
         assert p > 1e-3, ds
 
-    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
-        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
-        gens = generators if isinstance(generators, list) else [generators] * len(nv)
-        return (torch.tensor(nv, device=drafts.device),
-                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+    always_accept = always_accept_chain  # WRONG: no rejection (tidar_bench.testing)
 
     monkeypatch.setattr(dflash_mod, "verify_chain", always_accept)
     for ds in (True, False):  # 300 samples: with fewer, every cell can fall under 5 expected counts (no test left)
@@ -509,11 +505,7 @@ def test_batched_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         assert accept_rate > 0.08, ds  # drafts are often accepted (token 2 is then a draft)
         assert p_joint > 1e-3 and p_first > 1e-3, ds
 
-    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
-        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
-        gens = generators if isinstance(generators, list) else [generators] * len(nv)
-        return (torch.tensor(nv, device=drafts.device),
-                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+    always_accept = always_accept_chain  # WRONG: no rejection (tidar_bench.testing)
 
     monkeypatch.setattr(dflash_mod, "verify_chain", always_accept)
     for ds in (True, False):  # token 2 is then always the first draft: its marginal shows it at once

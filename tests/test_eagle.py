@@ -19,7 +19,7 @@ from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import CharTok, chi2_pvalue, eagle3_layout, make_hf_model
+from tidar_bench.testing import CharTok, chi2_pvalue, eagle3_layout, make_hf_model, always_accept_chain
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +204,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
             path.append(children[path[-1]][0])
         return path, int(sample(probs[path[-1]], generator))
 
-    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
-        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
-        gens = generators if isinstance(generators, list) else [generators] * len(nv)
-        return (torch.tensor(nv, device=drafts.device),
-                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+    always_accept = always_accept_chain  # WRONG: no rejection (tidar_bench.testing)
 
     monkeypatch.setattr(eagle_mod, "tree_sample_walk", first_child)
     monkeypatch.setattr(eagle_mod, "verify_chain", always_accept)

@@ -17,11 +17,11 @@ from tidar_bench.baselines.dflash import DFlashDecoder
 from tidar_bench.baselines.dflash_drafter import DFlashConfig, DFlashDrafter, load_dflash_drafter
 from tidar_bench.baselines.eagle import EagleDecoder
 from tidar_bench.baselines.eagle_head import load_eagle_head
-from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
+from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
 from tidar_bench.formats import detect
 from tidar_bench.model import load_model, save_checkpoint
-from tidar_bench.testing import chi2_pvalue, make_hf_model, save_draft, speculators_drafter, speculators_layer
+from tidar_bench.testing import chi2_pvalue, make_hf_model, save_draft, speculators_drafter, speculators_layer, always_accept_chain
 from test_eagle import _official_layout, _prompts
 
 
@@ -219,11 +219,7 @@ def test_dspark_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
         assert accept_rate > rate, ds  # token 2 often is an accepted draft
         assert p > 1e-3, ds
 
-    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
-        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
-        gens = generators if isinstance(generators, list) else [generators] * len(nv)
-        return (torch.tensor(nv, device=drafts.device),
-                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+    always_accept = always_accept_chain  # WRONG: no rejection (tidar_bench.testing)
 
     monkeypatch.setattr(dflash_mod, "verify_chain", always_accept)
     p, _ = run(True, 300)

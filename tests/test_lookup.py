@@ -13,10 +13,10 @@ import tidar_bench.baselines.lookup as lookup_mod
 from tidar_bench.baselines.ar import ARDecoder
 from tidar_bench.baselines.lookup import LookupDecoder, propose
 from tidar_bench.compiled import unavailable_reason
-from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
+from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.model import load_model
 from tidar_bench.registry import decoders
-from tidar_bench.testing import chi2_pvalue, make_hf_model
+from tidar_bench.testing import chi2_pvalue, make_hf_model, always_accept_chain
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [3, 9, 3, 9, 3, 9, 3], [11, 12, 13, 14, 15, 11, 12], [1, 2, 3, 4], [7],
            [4, 4, 4, 4, 4, 4]]
@@ -102,11 +102,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     assert accept_rate > 0.02  # drafts were accepted: the rejection rule ran
     assert p > 1e-3
 
-    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
-        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
-        gens = generators if isinstance(generators, list) else [generators] * len(nv)
-        return (torch.tensor(nv, device=drafts.device),
-                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+    always_accept = always_accept_chain  # WRONG: no rejection (tidar_bench.testing)
 
     monkeypatch.setattr(lookup_mod, "verify_chain", always_accept)
     assert run(300)[0] < 1e-3

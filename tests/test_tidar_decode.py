@@ -12,11 +12,11 @@ import torch
 from tidar_bench.baselines.ar import ARDecoder
 from tidar_bench import tidar as tidar_mod
 from tidar_bench.checkpoint import TidarConfig
-from tidar_bench.decoding import GenerationConfig, SamplingParams, sample
+from tidar_bench.decoding import GenerationConfig, SamplingParams
 from tidar_bench.errors import UserError
 from tidar_bench.model import load_model
 from tidar_bench.registry import DecoderContext, build_decoder
-from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model
+from tidar_bench.testing import CharTok, chi2_pvalue, make_hf_model, always_accept_chain
 from tidar_bench.tidar import TidarDecoder
 
 V = 96
@@ -172,11 +172,7 @@ def test_sampling_preserves_ar_distribution(tmp_path, monkeypatch):
     assert mean_acc > 1.3  # drafts really were accepted, so their verification is what is tested
     assert min(p12, p3) > 1e-3
 
-    def always_accept(drafts, target, draft_probs=None, n_valid=None, generators=None):  # WRONG: no rejection
-        nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
-        gens = generators if isinstance(generators, list) else [generators] * len(nv)
-        return (torch.tensor(nv, device=drafts.device),
-                torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+    always_accept = always_accept_chain  # WRONG: no rejection (tidar_bench.testing)
 
     monkeypatch.setattr(tidar_mod, "verify_chain", always_accept)
     p12, p3, _ = pvalues(600)

@@ -69,6 +69,20 @@ def make_sdar_replica(path: str | Path, seed: int = 0, vocab_size: int = 96, blo
     return model
 
 
+def always_accept_chain(drafts, target, draft_probs=None, n_valid=None, generators=None):
+    """A deliberately WRONG `decoding.verify_chain` for tests: accepts every draft (no rejection, no
+    residual) and draws the bonus token from the target. A statistical test of a sampling decoder
+    must fail with this patched in, or it cannot tell a wrong rule from the right one."""
+    import torch
+
+    from .decoding import sample
+
+    nv = n_valid if n_valid is not None else [drafts.shape[1]] * drafts.shape[0]
+    gens = generators if isinstance(generators, list) else [generators] * len(nv)
+    return (torch.tensor(nv, device=drafts.device),
+            torch.stack([sample(target[b, v], g) for b, (v, g) in enumerate(zip(nv, gens))]))
+
+
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
     """Pearson chi-square goodness of fit of `counts` to `probs` (the statistical tests of the
     sampling rules). A cell expecting `min_expected` counts or more is its own bin; the others are
