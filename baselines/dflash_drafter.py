@@ -43,7 +43,7 @@ from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.errors import UserError
 from tidar_bench.formats import DFLASH_FORMATS, aux_to_model_core, flat_config
-from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, init_weights, load_state_dict, read_config,
+from tidar_bench.model import (Block, ModelConfig, RMSNorm, apply_rope, copy_weights, init_weights, load_state_dict, read_config,
                                rope_cos_sin, rope_inv_freq, save_checkpoint)
 
 
@@ -375,15 +375,7 @@ def load_dflash_drafter(path: str | Path, target) -> DFlashDrafter:
     drafter = drafter.to_empty(device=target.device)
     sd = load_state_dict(path)
     expected = drafter.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise UserError(f"DFlash drafter {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, p in expected.items():
-            if tuple(sd[name].shape) != tuple(p.shape):
-                raise UserError(f"DFlash drafter {path}: {name} has shape {tuple(sd[name].shape)}, "
-                                f"config implies {tuple(p.shape)}")
-            p.copy_(sd[name].to(p.dtype))
+    copy_weights(expected, sd, f"DFlash drafter {path}")
     drafter.to(dtype=target.dtype)  # floating tensors only: d2t stays long
     drafter.check_target(target)
     drafter.eval().requires_grad_(False)

@@ -36,7 +36,7 @@ from tidar_bench.attention import select_backend
 from tidar_bench.cache import KVCache
 from tidar_bench.errors import UserError
 from tidar_bench.formats import EAGLE_FORMATS, aux_to_model_core, flat_config
-from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, init_weights, load_state_dict, prepare_step,
+from tidar_bench.model import (MLP, Attention, Block, ModelConfig, RMSNorm, copy_weights, init_weights, load_state_dict, prepare_step,
                                read_config, rope_cos_sin, rope_inv_freq, save_checkpoint)
 
 FORMS = ("eagle3", "eagle1")
@@ -326,15 +326,7 @@ def load_eagle_head(path: str | Path, target) -> EagleHead:
         raise UserError(f"draft head {path}: fc.weight has {sd['fc.weight'].shape[0]} outputs, not hidden_size "
                         f"{config.hidden_size} (AngelSlim's early-stop heads are not supported)")
     expected = {k: v for k, v in head.state_dict().items() if not k.startswith("embed_tokens")}
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise UserError(f"draft head {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, p in expected.items():
-            if tuple(sd[name].shape) != tuple(p.shape):
-                raise UserError(f"draft head {path}: {name} has shape {tuple(sd[name].shape)}, "
-                                f"config implies {tuple(p.shape)}")
-            p.copy_(sd[name].to(p.dtype))
+    copy_weights(expected, sd, f"draft head {path}")
     head.to(dtype=target.dtype)  # floating tensors only: d2t/t2d keep long/bool
     head.attach(target)
     if "embed_tokens.weight" in sd:

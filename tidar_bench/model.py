@@ -460,20 +460,28 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
         model.lm_head.weight = model.model.embed_tokens.weight
-    expected = set(model.state_dict().keys())
+    expected = model.state_dict()
     if cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing = sorted(expected - set(sd))
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    for name, p in model.state_dict().items():
-        if name in sd:
-            if tuple(sd[name].shape) != tuple(p.shape):
-                raise UserError(f"checkpoint {path}: {name} has shape {tuple(sd[name].shape)}, config implies {tuple(p.shape)}")
-            p.copy_(sd[name].to(dt))
+        expected.pop("lm_head.weight")
+    copy_weights(expected, sd, f"checkpoint {path}")
     model = model.to(dt).eval()
     model.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def copy_weights(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], what: str) -> None:
+    """Copy every tensor of `expected` (a module's state_dict, or the part of it a checkpoint holds)
+    from the checkpoint's `sd`, in place and cast to the module's dtype; a missing tensor or another
+    shape is a one-line UserError naming `what` (e.g. "checkpoint DIR"). Keys of `sd` that `expected`
+    lacks are ignored."""
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise UserError(f"{what} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    for name, p in expected.items():
+        if tuple(sd[name].shape) != tuple(p.shape):
+            raise UserError(f"{what}: {name} has shape {tuple(sd[name].shape)}, config implies {tuple(p.shape)}")
+        p.copy_(sd[name].to(p.dtype))
 
 
 def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:

@@ -61,7 +61,8 @@ def lossless_status(decoder: str, reference: str, lossless: bool, ref_lossless: 
     nothing to be checked against (never a silent pass)."""
     if decoder == reference:
         # the reference alone is checked by nothing, unless it is AR itself (the definition)
-        return "unchecked: no other decoder" if alone and lossless and not decoder.startswith("ar") else "reference"
+        is_ar = decoder.partition("(")[0] == "ar"  # the label's decoder name
+        return "unchecked: no other decoder" if alone and lossless and not is_ar else "reference"
     if not lossless:
         return "lossy"
     return "checked" if ref_lossless else f"unchecked: reference {reference} is lossy"
